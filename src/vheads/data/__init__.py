@@ -1,0 +1,1 @@
+"""vheads.data."""

@@ -1,1 +1,18 @@
-"""vheads.capture."""
+"""Capture: one attention function that measures readout rows and ablates heads while the model runs."""
+
+from vheads.capture.ablation import MODES as ABLATION_MODES
+from vheads.capture.ablation import ablate
+from vheads.capture.recorder import FIGURES, READOUTS, HeadFigures, HeadRecorder
+from vheads.capture.session import CaptureError, CaptureSession, language_layers
+
+__all__ = [
+    "ABLATION_MODES",
+    "FIGURES",
+    "READOUTS",
+    "CaptureError",
+    "CaptureSession",
+    "HeadFigures",
+    "HeadRecorder",
+    "ablate",
+    "language_layers",
+]

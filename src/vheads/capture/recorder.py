@@ -1,0 +1,215 @@
+"""`HeadRecorder`: per-head attention figures of the readout rows, computed while the model runs."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from vheads import metrics
+from vheads.capture.session import AttentionCall, CaptureError, CaptureSession
+
+READOUTS = ("prompt", "first-generated", "generated")
+FIGURES = ("visual_weight", "concentration", "region_weight", "text_weight", "sink_weight")
+
+
+@dataclass
+class HeadFigures:
+    """Per-sample, per-head figures: float32 arrays [batch, layers, heads], NaN where undefined.
+
+    `image_token_count` [batch] counts the image tokens of each sample; `readout_steps` [batch] counts the
+    query rows averaged into each sample (1 for `prompt`, the generated tokens for `generated`, 0 where the
+    readout never happened, e.g. `first-generated` on a single forward call).
+    """
+
+    visual_weight: np.ndarray
+    concentration: np.ndarray
+    region_weight: np.ndarray
+    text_weight: np.ndarray
+    sink_weight: np.ndarray
+    image_token_count: np.ndarray
+    readout_steps: np.ndarray
+
+    @property
+    def batch(self) -> int:
+        """Samples recorded."""
+        return int(self.visual_weight.shape[0])
+
+    def region_share(self) -> np.ndarray:
+        """Rw / W per sample and head."""
+        return metrics.region_share(self.region_weight, self.visual_weight)
+
+
+class _Group:
+    """Running sums for the samples of one prefill call (and the decode steps that follow it)."""
+
+    def __init__(self, layers: int, heads: int, masks: dict[str, torch.Tensor | None], rows: torch.Tensor,
+                 image_tokens: torch.Tensor):
+        b = rows.shape[0]
+        device = rows.device
+        self.masks = masks
+        self.prompt_len = masks["image"].shape[1]
+        self.rows = rows
+        self.image_tokens = image_tokens
+        self.sums = {f: torch.zeros(b, layers, heads, dtype=torch.float64, device=device) for f in FIGURES}
+        self.counts = {f: torch.zeros(b, layers, heads, dtype=torch.float64, device=device) for f in FIGURES}
+        self.steps = torch.zeros(b, dtype=torch.long, device=device)
+        self.finished = torch.zeros(b, dtype=torch.bool, device=device)
+        self.step = 0
+        self.valid: torch.Tensor | None = None
+        self.call_rows: torch.Tensor | None = None
+
+    def key_masks(self, kv_len: int) -> dict[str, torch.Tensor | None]:
+        """Prompt masks aligned to the keys of the current call (generated keys are in no mask)."""
+        total = self.prompt_len + self.step
+        out = {}
+        for name, m in self.masks.items():
+            if m is None:
+                out[name] = None
+                continue
+            padded = torch.nn.functional.pad(m, (0, max(0, total - m.shape[1])), value=False)
+            out[name] = padded[:, total - kv_len: total]
+        return out
+
+
+class HeadRecorder:
+    """Context manager that records per-head figures of every `model(...)` / `model.generate(...)` inside it.
+
+    `readout` picks the query rows: `prompt` (the last prompt position, which produces the first answer
+    token), `first-generated` (the first generated token's row) or `generated` (every step that produces a
+    generated token, averaged per sample up to its end-of-sequence). Image positions come from the call's
+    own `input_ids == image_token_id`; `region_mask` ([batch, seq] bool, optional) marks the image tokens of
+    the asked-about region. Several calls inside one context stack their samples along the batch axis.
+    """
+
+    def __init__(self, model: nn.Module, readout: str = "prompt", region_mask: torch.Tensor | None = None,
+                 image_token_id: int | None = None, eos_token_ids: list[int] | None = None):
+        if readout not in READOUTS:
+            raise ValueError(f"unknown readout {readout!r}; expected one of {', '.join(READOUTS)}")
+        self.model = model
+        self.readout = readout
+        self.region_mask = region_mask
+        self.image_token_id = image_token_id if image_token_id is not None else _image_token_id(model)
+        self.eos_token_ids = eos_token_ids if eos_token_ids is not None else _eos_ids(model)
+        self.session: CaptureSession | None = None
+        self.groups: list[_Group] = []
+        self._recording = False
+
+    def __enter__(self) -> HeadRecorder:
+        self.session = CaptureSession.attach(self.model)
+        self.session.observers.append(self)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        session, self.session = self.session, None
+        if session is not None:
+            session.observers.remove(self)
+            session.detach()
+
+    def on_forward(self, session: CaptureSession, kwargs: dict[str, Any]) -> None:
+        """Called before each forward of the model: starts a sample group on prefill, a step on decode."""
+        input_ids = kwargs.get("input_ids")
+        past = kwargs.get("past_key_values")
+        prefill = past is None or past.get_seq_length() == 0
+        if prefill:
+            if input_ids is None:
+                raise CaptureError("HeadRecorder needs input_ids to find the image tokens (got inputs_embeds)")
+            self.groups.append(self._new_group(session, input_ids, kwargs.get("attention_mask")))
+            group = self.groups[-1]
+            self._recording = self.readout in ("prompt", "generated")
+            group.call_rows = group.rows[:, None]
+            group.valid = torch.ones_like(group.finished)
+            return
+        if not self.groups:
+            self._recording = False
+            return
+        group = self.groups[-1]
+        group.step += input_ids.shape[1] if input_ids is not None else 1
+        if input_ids is not None and self.eos_token_ids:
+            eos = torch.tensor(self.eos_token_ids, device=input_ids.device)
+            group.finished |= torch.isin(input_ids[:, -1], eos)
+        q_len = input_ids.shape[1] if input_ids is not None else 1
+        group.call_rows = torch.full_like(group.rows, q_len - 1)[:, None]
+        group.valid = ~group.finished
+        self._recording = self.readout == "generated" or (self.readout == "first-generated" and group.step == 1)
+
+    def _new_group(self, session: CaptureSession, input_ids: torch.Tensor,
+                   attention_mask: torch.Tensor | None) -> _Group:
+        real = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
+        image = (input_ids == self.image_token_id) & real
+        positions = torch.arange(input_ids.shape[1], device=input_ids.device)
+        last = torch.where(real, positions, -1).max(dim=1).values
+        first = torch.where(real, positions, input_ids.shape[1]).min(dim=1).values
+        sink = positions[None, :] == first[:, None]
+        text = real & ~image & ~sink
+        region = None
+        if self.region_mask is not None:
+            region = self.region_mask.to(device=input_ids.device, dtype=torch.bool)
+            if region.shape != input_ids.shape:
+                raise CaptureError(f"region_mask has shape {tuple(region.shape)} but the inputs have "
+                                   f"{tuple(input_ids.shape)}")
+            region = region & image
+        masks = {"image": image, "region": region, "text": text, "sink": sink}
+        return _Group(session.num_layers, session.num_heads, masks, last, image.sum(dim=1))
+
+    def observe(self, call: AttentionCall) -> None:
+        """Reduce the readout rows of one layer's attention to per-head figures and add them up."""
+        if not self._recording or not self.groups:
+            return
+        group = self.groups[-1]
+        probs = call.probabilities(group.call_rows)[:, :, 0]
+        masks = group.key_masks(call.key.shape[2])
+        figures = metrics.attention_figures(
+            probs,
+            masks["image"][:, None],
+            None if masks["region"] is None else masks["region"][:, None],
+            masks["text"][:, None],
+            masks["sink"][:, None],
+        )
+        valid = group.valid[:, None]
+        for name in FIGURES:
+            value = figures[name].double()
+            ok = valid & ~torch.isnan(value)
+            group.sums[name][:, call.layer] += torch.where(ok, value, 0.0)
+            group.counts[name][:, call.layer] += ok.double()
+        if call.layer == self.session.num_layers - 1:
+            group.steps += group.valid.long()
+
+    def result(self) -> HeadFigures:
+        """The figures of every sample recorded so far (NaN where a figure is undefined or never read)."""
+        if self.session is None and not self.groups:
+            raise CaptureError("nothing recorded: run the model inside the `with HeadRecorder(...)` block")
+        if not self.groups:
+            raise CaptureError("nothing recorded: the model was not called inside the recorder")
+        out = {}
+        for name in FIGURES:
+            parts = []
+            for g in self.groups:
+                mean = g.sums[name] / g.counts[name].clamp(min=1)
+                parts.append(torch.where(g.counts[name] > 0, mean, float("nan")).float().cpu().numpy())
+            out[name] = np.concatenate(parts, axis=0)
+        counts = np.concatenate([g.image_tokens.cpu().numpy() for g in self.groups]).astype(np.int64)
+        steps = np.concatenate([g.steps.cpu().numpy() for g in self.groups]).astype(np.int64)
+        return HeadFigures(**out, image_token_count=counts, readout_steps=steps)
+
+
+def _image_token_id(model: nn.Module) -> int:
+    config = model.config
+    for name in ("image_token_id", "image_token_index"):
+        value = getattr(config, name, None)
+        if value is not None:
+            return int(value)
+    raise CaptureError(f"{type(model).__name__} has no image token id in its config (image_token_id)")
+
+
+def _eos_ids(model: nn.Module) -> list[int]:
+    generation_config = getattr(model, "generation_config", None)
+    eos = getattr(generation_config, "eos_token_id", None)
+    if eos is None:
+        eos = getattr(model.config.get_text_config(), "eos_token_id", None)
+    if eos is None:
+        return []
+    return [int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos])]

@@ -1,0 +1,272 @@
+"""The one attention function vheads registers with transformers, and its lifetime on a model.
+
+A `CaptureSession` is the callable registered in `AttentionInterface` (under a name unique to the session)
+while any recorder or ablation is active on a model. It runs the kernel the language model was loaded
+with (sdpa, flash attention, eager, ...), then applies head ablations and hands the layer's query / key
+to the active recorders, which recompute only the rows they read. The language model's config is pointed
+at the session's name on entry and restored on exit; the vision tower is never touched. A mask function
+is registered under the same name, so padded batches keep their masks.
+"""
+
+from __future__ import annotations
+
+import itertools
+import sys
+from collections.abc import Callable
+from typing import Any, Protocol
+
+import torch
+from torch import nn
+from transformers import AttentionInterface
+from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+PREFIX = "vheads_"
+_ids = itertools.count()
+
+
+class CaptureError(RuntimeError):
+    """The model cannot be captured (no language model found, no input ids, ...)."""
+
+
+class LayerObserver(Protocol):
+    """What a session hands each active recorder for every language-model attention call."""
+
+    def observe(self, call: AttentionCall) -> None: ...
+
+    def on_forward(self, session: CaptureSession, kwargs: dict[str, Any]) -> None: ...
+
+
+class AttentionCall:
+    """The inputs of one attention call of one language-model layer, as the observers see them."""
+
+    __slots__ = ("layer", "module", "query", "key", "value", "mask", "kwargs", "uniform_heads")
+
+    def __init__(self, layer, module, query, key, value, mask, kwargs, uniform_heads):
+        self.layer: int = layer
+        self.module: nn.Module = module
+        self.query: torch.Tensor = query
+        self.key: torch.Tensor = key
+        self.value: torch.Tensor = value
+        self.mask: torch.Tensor | None = mask
+        self.kwargs: dict[str, Any] = kwargs
+        self.uniform_heads: list[int] = uniform_heads
+
+    @property
+    def scaling(self) -> float:
+        """The softmax scale the layer uses (the kernel default 1/sqrt(d) when the module passes none)."""
+        s = self.kwargs.get("scaling")
+        return float(s) if s is not None else self.query.shape[-1] ** -0.5
+
+    def visible(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Which keys each selected query row may see, and an additive bias (float masks), per batch row.
+
+        `rows` is [batch, r] query indices within this call; returns bool [batch, r, kv] and a float bias
+        [batch, r, kv] or None. Handles the masks of every kernel: 4D bool (sdpa), 4D additive (eager),
+        2D padding (flash attention) and None (causal, unpadded).
+        """
+        b, _, q_len, _ = self.query.shape
+        kv_len = self.key.shape[2]
+        device = self.key.device
+        m = self.mask
+        bias = None
+        if m is not None and m.dim() == 4:
+            m = m[:, 0].expand(b, -1, -1)
+            picked = torch.gather(m, 1, rows[..., None].expand(-1, -1, m.shape[-1]))[..., :kv_len]
+            if picked.dtype == torch.bool:
+                return picked, None
+            bias = picked.float()
+            return bias > torch.finfo(bias.dtype).min / 2, bias
+        k_idx = torch.arange(kv_len, device=device)
+        q_abs = rows + (kv_len - q_len)
+        causal = getattr(self.module, "is_causal", True)
+        vis = (k_idx <= q_abs[..., None]) if causal else torch.ones(b, rows.shape[1], kv_len, dtype=torch.bool,
+                                                                      device=device)
+        window = self.kwargs.get("sliding_window")
+        if window:
+            vis = vis & (k_idx > q_abs[..., None] - window)
+        if m is not None and m.dim() == 2:
+            vis = vis & m[:, None, -kv_len:].bool()
+        return vis.expand(b, -1, -1), bias
+
+    def probabilities(self, rows: torch.Tensor) -> torch.Tensor:
+        """softmax(q·kᵀ·scale + mask) in fp32 for the selected query rows only: [batch, heads, r, kv]."""
+        b, h, _, d = self.query.shape
+        kvh = self.key.shape[1]
+        q = torch.gather(self.query, 2, rows[:, None, :, None].expand(b, h, -1, d)).float()
+        q = q.reshape(b, kvh, h // kvh, rows.shape[1], d)
+        logits = torch.einsum("bngrd,bnkd->bngrk", q, self.key.float()).reshape(b, h, rows.shape[1], -1)
+        logits = logits * self.scaling
+        softcap = self.kwargs.get("softcap")
+        if softcap:
+            logits = torch.tanh(logits / softcap) * softcap
+        vis, bias = self.visible(rows)
+        if bias is not None:
+            logits = logits + bias[:, None]
+        logits = logits.masked_fill(~vis[:, None], float("-inf"))
+        sinks = self.kwargs.get("s_aux")
+        if sinks is not None:
+            sink = sinks.float().reshape(1, h, 1, 1).expand(b, -1, rows.shape[1], 1)
+            probs = torch.softmax(torch.cat([logits, sink], dim=-1), dim=-1)[..., :-1]
+        else:
+            probs = torch.softmax(logits, dim=-1)
+        probs = torch.nan_to_num(probs, nan=0.0)
+        if self.uniform_heads:
+            uniform = vis.float() / vis.sum(-1, keepdim=True).clamp(min=1)
+            probs[:, self.uniform_heads] = uniform[:, None]
+        return probs
+
+
+def language_layers(model: nn.Module) -> tuple[list[nn.Module], list[Any]]:
+    """The attention module of every language-model layer, in order, and the configs they read.
+
+    The language model is the decoder whose config is the model's text config; its vision tower (which
+    goes through the same attention interface) is left out.
+    """
+    config = model.config
+    text_config = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
+    decoders = [m for m in model.modules() if getattr(m, "config", None) is text_config
+                and isinstance(getattr(m, "layers", None), nn.ModuleList)]
+    if not decoders:
+        decoders = [m for m in model.modules() if isinstance(getattr(m, "layers", None), nn.ModuleList)
+                    and getattr(getattr(m, "config", None), "num_attention_heads", None) is not None
+                    and "vision" not in type(m).__name__.lower()]
+    if not decoders:
+        raise CaptureError(f"no language model with decoder layers found in {type(model).__name__}")
+    attention = []
+    for layer in decoders[0].layers:
+        found = next((m for m in layer.modules() if m is not layer and hasattr(m, "layer_idx")
+                      and getattr(m, "config", None) is not None), None)
+        if found is None:
+            raise CaptureError(f"no attention module (with layer_idx) in layer {type(layer).__name__}")
+        attention.append(found)
+    configs = []
+    for m in attention:
+        if all(m.config is not c for c in configs):
+            configs.append(m.config)
+    return attention, configs
+
+
+class CaptureSession:
+    """The attention function registered for one model while vheads contexts are active on it."""
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+        self.attention, self.configs = language_layers(model)
+        self.layer_of = {id(m): i for i, m in enumerate(self.attention)}
+        self.base = self.configs[0]._attn_implementation or "eager"
+        if self.base.startswith(PREFIX):
+            raise CaptureError("the model is already routed through another vheads session")
+        self.name = f"{PREFIX}{self.base}_{next(_ids)}"
+        self.observers: list[LayerObserver] = []
+        self.ablations: list[Any] = []
+        self.users = 0
+        self._hook = None
+
+    @property
+    def num_layers(self) -> int:
+        """Language-model layers."""
+        return len(self.attention)
+
+    @property
+    def num_heads(self) -> int:
+        """Query heads per language-model layer."""
+        return int(self.configs[0].num_attention_heads)
+
+    @classmethod
+    def attach(cls, model: nn.Module) -> CaptureSession:
+        """The session active on `model`, or a new one routed in now."""
+        _, configs = language_layers(model)
+        current = ALL_ATTENTION_FUNCTIONS._global_mapping.get(configs[0]._attn_implementation or "")
+        if isinstance(current, CaptureSession) and current.model is model:
+            session = current
+        else:
+            session = cls(model)
+            session._route_in()
+        session.users += 1
+        return session
+
+    def detach(self) -> None:
+        """Drop one user; the last one restores the model exactly as it was."""
+        self.users -= 1
+        if self.users <= 0:
+            self._route_out()
+
+    def _route_in(self) -> None:
+        AttentionInterface.register(self.name, self)
+        mask_fn = ALL_MASK_ATTENTION_FUNCTIONS._global_mapping.get(self.base)
+        if mask_fn is None and self.base == "eager":
+            mask_fn = ALL_MASK_ATTENTION_FUNCTIONS._global_mapping["eager"]
+        if mask_fn is not None:
+            AttentionMaskInterface.register(self.name, mask_fn)
+        for config in self.configs:
+            config._attn_implementation = self.name
+        self._hook = self.model.register_forward_pre_hook(self._pre_forward, with_kwargs=True)
+
+    def _route_out(self) -> None:
+        for config in self.configs:
+            config._attn_implementation = self.base
+        ALL_ATTENTION_FUNCTIONS._global_mapping.pop(self.name, None)
+        ALL_MASK_ATTENTION_FUNCTIONS._global_mapping.pop(self.name, None)
+        if self._hook is not None:
+            self._hook.remove()
+            self._hook = None
+
+    def _pre_forward(self, module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
+        if args and "input_ids" not in kwargs and isinstance(args[0], torch.Tensor):
+            kwargs = {**kwargs, "input_ids": args[0]}
+        for observer in self.observers:
+            observer.on_forward(self, kwargs)
+
+    def _kernel(self, module: nn.Module) -> Callable:
+        if self.base == "eager":
+            modeling = sys.modules[type(module).__module__]
+            fn = getattr(modeling, "eager_attention_forward", None)
+            if fn is None:
+                raise CaptureError(f"{type(module).__module__} has no eager_attention_forward")
+            return fn
+        return ALL_ATTENTION_FUNCTIONS[self.base]
+
+    def ablated(self, layer: int) -> tuple[list[int], list[int]]:
+        """Heads of `layer` to zero and to make uniform, over all active ablations."""
+        zero: set[int] = set()
+        uniform: set[int] = set()
+        for ablation in self.ablations:
+            heads = ablation.heads_by_layer.get(layer, ())
+            (zero if ablation.mode == "zero" else uniform).update(heads)
+        return sorted(zero), sorted(uniform - zero)
+
+    def __call__(self, module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                 attention_mask: torch.Tensor | None, **kwargs: Any) -> tuple[torch.Tensor, Any]:
+        out, weights = self._kernel(module)(module, query, key, value, attention_mask, **kwargs)
+        layer = self.layer_of.get(id(module))
+        if layer is None:
+            return out, weights
+        zero, uniform = self.ablated(layer)
+        call = AttentionCall(layer, module, query, key, value, attention_mask, kwargs, uniform)
+        if zero or uniform:
+            out = out.clone()
+            if zero:
+                out[:, :, zero] = 0
+            if uniform:
+                out, weights = _uniform_heads(call, out, weights)
+        for observer in self.observers:
+            observer.observe(call)
+        return out, weights
+
+
+def _uniform_heads(call: AttentionCall, out: torch.Tensor, weights: Any) -> tuple[torch.Tensor, Any]:
+    """Replace the output of `call.uniform_heads` by the mean of the values over the keys each row sees."""
+    b, h, q_len, _ = call.query.shape
+    rows = torch.arange(q_len, device=call.query.device).expand(b, -1)
+    vis, _ = call.visible(rows)
+    uniform = vis.float() / vis.sum(-1, keepdim=True).clamp(min=1)
+    group = h // call.value.shape[1]
+    kv_heads = [head // group for head in call.uniform_heads]
+    v = call.value[:, kv_heads].float()
+    mixed = torch.einsum("bqk,bnkd->bqnd", uniform, v)
+    out[:, :, call.uniform_heads] = mixed.to(out.dtype)
+    if isinstance(weights, torch.Tensor) and weights.dim() == 4:
+        weights = weights.clone()
+        weights[:, call.uniform_heads] = uniform[:, None].to(weights.dtype)
+    return out, weights

@@ -1,0 +1,150 @@
+"""The figures of DESIGN.md as pure functions on arrays.
+
+Every function takes numpy arrays (or torch tensors for the per-row figures, so the capture engine runs
+the very same code on the device) and returns arrays; nothing here does I/O or touches a model.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+STAGES = ("early", "mid", "late")
+
+
+def _xp(a: Any) -> Any:
+    """The array namespace of `a`: torch for tensors, numpy otherwise."""
+    if type(a).__module__.startswith("torch"):
+        import torch
+
+        return torch
+    return np
+
+
+def visual_weight(attn: Any, image_mask: Any) -> Any:
+    """W = sum of attention on image tokens. `attn` [..., keys], `image_mask` [..., keys] bool (broadcast)."""
+    return (attn * image_mask).sum(-1)
+
+
+def concentration(attn: Any, image_mask: Any) -> Any:
+    """C = 1 - H(p) / log N with p the attention renormalised over the N image tokens.
+
+    1 means all image attention sits on one token, 0 means it is spread evenly. NaN where W = 0 or N < 2.
+    """
+    xp = _xp(attn)
+    masked = attn * image_mask
+    w = masked.sum(-1)
+    n = (image_mask * xp.ones_like(attn)).sum(-1)
+    safe_w = xp.where(w > 0, w, xp.ones_like(w))
+    p = masked / safe_w[..., None]
+    plogp = xp.where(p > 0, p * xp.log(xp.where(p > 0, p, xp.ones_like(p))), xp.zeros_like(p))
+    entropy = -plogp.sum(-1)
+    log_n = xp.log(xp.where(n >= 2, n, 2 * xp.ones_like(n)))
+    c = 1.0 - entropy / log_n
+    nan = xp.full_like(c, float("nan"))
+    return xp.where((w > 0) & (n >= 2), c, nan)
+
+
+def region_share(region_weight: Any, visual_weight: Any) -> Any:
+    """Rw / W: the share of the image attention that falls on the asked-about region (NaN where W = 0)."""
+    xp = _xp(region_weight)
+    safe = xp.where(visual_weight > 0, visual_weight, xp.ones_like(visual_weight))
+    return xp.where(visual_weight > 0, region_weight / safe, xp.full_like(region_weight, float("nan")))
+
+
+def attention_figures(
+    attn: Any,
+    image_mask: Any,
+    region_mask: Any | None = None,
+    text_mask: Any | None = None,
+    sink_mask: Any | None = None,
+) -> dict[str, Any]:
+    """All per-row figures of one attention distribution: W, C, region weight, text weight, sink weight.
+
+    `attn` is [..., keys]; each mask is bool [..., keys] and broadcasts against it. A missing region mask
+    gives NaN region weight (the sample has no box); missing text / sink masks give NaN too.
+    """
+    xp = _xp(attn)
+    w = visual_weight(attn, image_mask)
+    nan = xp.full_like(w, float("nan"))
+    return {
+        "visual_weight": w,
+        "concentration": concentration(attn, image_mask),
+        "region_weight": nan if region_mask is None else (attn * region_mask).sum(-1),
+        "text_weight": nan if text_mask is None else (attn * text_mask).sum(-1),
+        "sink_weight": nan if sink_mask is None else (attn * sink_mask).sum(-1),
+    }
+
+
+def default_top_k(layers: int, heads: int) -> int:
+    """DESIGN.md's K: round(0.1 * layers * heads), at least 1 (the paper used 100 of 1,024)."""
+    return max(1, int(round(0.1 * layers * heads)))
+
+
+def head_scores(visual_weight: np.ndarray, k: int | None = None) -> np.ndarray:
+    """Fraction of samples in which each head is among the top-K heads by W.
+
+    `visual_weight` is [samples, layers, heads]; returns [layers, heads]. NaN weights never make the top K;
+    ties are broken by head order (lower layer, then lower head first). K larger than the number of heads
+    puts every head in the top K.
+    """
+    w = np.asarray(visual_weight, dtype=np.float64)
+    if w.ndim != 3:
+        raise ValueError(f"visual_weight must be [samples, layers, heads], got shape {w.shape}")
+    n, layers, heads = w.shape
+    if n == 0:
+        return np.full((layers, heads), np.nan)
+    k = default_top_k(layers, heads) if k is None else k
+    if k < 1:
+        raise ValueError(f"top-K must be at least 1, got {k}")
+    flat = np.where(np.isnan(w), -np.inf, w).reshape(n, layers * heads)
+    k = min(k, layers * heads)
+    order = np.argsort(-flat, axis=1, kind="stable")[:, :k]
+    in_top = np.zeros_like(flat, dtype=bool)
+    np.put_along_axis(in_top, order, True, axis=1)
+    in_top &= np.isfinite(flat)
+    return in_top.mean(axis=0).reshape(layers, heads)
+
+
+def stage_of(layer: int, layers: int) -> str:
+    """early = [0, L/3), mid = [L/3, 2L/3), late = [2L/3, L), boundaries floored."""
+    if not 0 <= layer < layers:
+        raise ValueError(f"layer {layer} is outside 0..{layers - 1}")
+    if layer < layers // 3:
+        return "early"
+    if layer < (2 * layers) // 3:
+        return "mid"
+    return "late"
+
+
+def stage_layers(stage: str, layers: int) -> list[int]:
+    """The layers of one stage, per `stage_of`."""
+    if stage not in STAGES:
+        raise ValueError(f"unknown stage {stage!r}; expected one of {', '.join(STAGES)}")
+    return [layer for layer in range(layers) if stage_of(layer, layers) == stage]
+
+
+def rank_heads(scores: np.ndarray, mean_w: np.ndarray) -> list[tuple[int, int]]:
+    """All (layer, head) pairs ranked by score, then by mean W, both descending (NaN last)."""
+    s = np.nan_to_num(np.asarray(scores, dtype=np.float64), nan=-np.inf)
+    w = np.nan_to_num(np.asarray(mean_w, dtype=np.float64), nan=-np.inf)
+    layers, heads = s.shape
+    order = np.lexsort((-w.ravel(), -s.ravel()))
+    return [(int(i // heads), int(i % heads)) for i in order]
+
+
+def visual_head_flags(scores: np.ndarray, threshold: float = 0.5) -> np.ndarray:
+    """Visual-head flag per head: score >= threshold (DESIGN.md: 0.5)."""
+    s = np.asarray(scores, dtype=np.float64)
+    return np.nan_to_num(s, nan=-1.0) >= threshold
+
+
+def nanmean(x: np.ndarray, axis: int = 0) -> np.ndarray:
+    """Mean over `axis` ignoring NaN, NaN where every value is NaN (no warning)."""
+    x = np.asarray(x, dtype=np.float64)
+    count = np.sum(~np.isnan(x), axis=axis)
+    total = np.nansum(x, axis=axis)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(count > 0, total / np.maximum(count, 1), np.nan)
+

@@ -1,0 +1,176 @@
+"""Family adapters: how to prompt a model, batch its inputs, and map its image tokens back to patches."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+from transformers import BatchFeature
+
+from vheads.models.geometry import GeometryError, TokenGrid, clip_grid, llava_next_grid, merged_grid
+
+Box = tuple[float, float, float, float]
+
+
+class ModelError(ValueError):
+    """A model that cannot be loaded or used by vheads (bad path, no image token, no processor, ...)."""
+
+
+def image_token_id(config: object) -> int | None:
+    """The id of the image placeholder token in a model config (`image_token_id` or the older `image_token_index`)."""
+    for name in ("image_token_id", "image_token_index"):
+        value = getattr(config, name, None)
+        if value is not None:
+            return int(value)
+    return None
+
+
+class Adapter:
+    """The generic adapter for any image-text-to-text model with an image token.
+
+    It prompts through the processor's chat template, batches with left padding and, where the processor
+    reports a patch grid (`image_grid_thw`, Qwen2-VL style), maps tokens to patches.
+    """
+
+    family = "generic"
+
+    def __init__(self, model: torch.nn.Module, processor: object):
+        self.model = model
+        self.processor = processor
+        token = image_token_id(model.config)
+        if token is None:
+            raise ModelError(f"{type(model).__name__} has no image token id in its config: vheads needs a model "
+                             "whose processor expands an image placeholder into image tokens")
+        self.image_token_id = token
+        tokenizer = getattr(processor, "tokenizer", None)
+        if tokenizer is None:
+            raise ModelError(f"the processor {type(processor).__name__} has no tokenizer")
+        tokenizer.padding_side = "left"
+        if tokenizer.pad_token is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        self.tokenizer = tokenizer
+
+    @property
+    def image_placeholder(self) -> str:
+        """The text the processor expands into image tokens."""
+        return getattr(self.processor, "image_token", None) or "<image>"
+
+    def prompt(self, text: str, n_images: int = 1) -> str:
+        """The full prompt for a question about `n_images` images, through the chat template when there is one."""
+        if getattr(self.processor, "chat_template", None):
+            content = [{"type": "image"} for _ in range(n_images)] + [{"type": "text", "text": text}]
+            messages = [{"role": "user", "content": content}]
+            return self.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        return "\n".join([self.image_placeholder] * n_images + [text])
+
+    def encode(self, prompts: Sequence[str], images: Sequence[Sequence[Image.Image]]) -> BatchFeature:
+        """Processor inputs for a batch: left-padded text, each prompt with its list of images."""
+        flat = [img for row in images for img in row]
+        return self.processor(images=flat, text=list(prompts), return_tensors="pt", padding=True)
+
+    def decode(self, output_ids: torch.Tensor, prompt_len: int) -> list[str]:
+        """The generated answers of a batch, special tokens removed, stripped."""
+        texts = self.tokenizer.batch_decode(output_ids[:, prompt_len:], skip_special_tokens=True)
+        return [t.strip() for t in texts]
+
+    def image_grids(self, images: Sequence[Image.Image], inputs: BatchFeature, first: int) -> list[TokenGrid]:
+        """The token geometry of each image of one row (`first` = index of its first image in the batch)."""
+        thw = inputs.get("image_grid_thw")
+        if thw is None:
+            raise GeometryError(f"vheads does not know how {type(self.model).__name__} lays out image tokens")
+        merge = int(getattr(getattr(self.processor, "image_processor", None), "merge_size", 2))
+        patch = int(getattr(getattr(self.processor, "image_processor", None), "patch_size", 14))
+        return [merged_grid(img.width, img.height, tuple(thw[first + i].tolist()), patch, merge)
+                for i, img in enumerate(images)]
+
+    def row_grids(self, images: Sequence[Sequence[Image.Image]], inputs: BatchFeature) -> list[list[TokenGrid]]:
+        """Per batch row, the `TokenGrid` of each of its images, checked against the row's image tokens."""
+        grids = []
+        first = 0
+        ids = inputs["input_ids"]
+        for row, row_images in enumerate(images):
+            per_image = self.image_grids(row_images, inputs, first)
+            first += len(row_images)
+            n = int((ids[row] == self.image_token_id).sum())
+            total = sum(len(g) for g in per_image)
+            if total != n:
+                raise GeometryError(f"row {row} has {n} image tokens but the {self.family} geometry gives "
+                                    f"{total}; the processor and the model disagree")
+            grids.append(per_image)
+        return grids
+
+    def token_grids(self, images: Sequence[Sequence[Image.Image]], inputs: BatchFeature) -> list[TokenGrid]:
+        """One `TokenGrid` per batch row covering all its image tokens in order."""
+        return [TokenGrid.concat(per_image) for per_image in self.row_grids(images, inputs)]
+
+    def region_mask(self, images: Sequence[Sequence[Image.Image]], inputs: BatchFeature,
+                    boxes: Sequence[Box | None]) -> torch.Tensor | None:
+        """Bool [batch, seq]: the tokens of each row's first image whose patch overlaps the row's box, or None."""
+        if all(box is None for box in boxes):
+            return None
+        ids = inputs["input_ids"]
+        mask = torch.zeros_like(ids, dtype=torch.bool)
+        for row, (per_image, box) in enumerate(zip(self.row_grids(images, inputs), boxes, strict=True)):
+            if box is None:
+                continue
+            hit = np.zeros(int((ids[row] == self.image_token_id).sum()), dtype=bool)
+            hit[: len(per_image[0])] = per_image[0].overlaps(box)
+            positions = torch.nonzero(ids[row] == self.image_token_id).squeeze(1)
+            mask[row, positions[torch.from_numpy(hit)]] = True
+        return mask
+
+
+class LlavaAdapter(Adapter):
+    """LLaVA-1.5 and its Llama-3 / Phi-3 variants: one CLIP grid per image."""
+
+    family = "llava"
+
+    def _cls(self) -> bool:
+        return getattr(self.model.config, "vision_feature_select_strategy", "default") == "full"
+
+    def image_grids(self, images: Sequence[Image.Image], inputs: BatchFeature, first: int) -> list[TokenGrid]:
+        ip = self.processor.image_processor
+        patch = int(self.model.config.vision_config.patch_size)
+        return [clip_grid(img.width, img.height, ip, patch, self._cls()) for img in images]
+
+
+class VipLlavaAdapter(LlavaAdapter):
+    """ViP-LLaVA: LLaVA-1.5 geometry; its features always drop the CLS token."""
+
+    family = "vipllava"
+
+    def _cls(self) -> bool:
+        return False
+
+
+class LlavaNextAdapter(Adapter):
+    """LLaVA-1.6 / NeXT: the base grid plus the anyres tiles with their newline tokens."""
+
+    family = "llava_next"
+
+    def image_grids(self, images: Sequence[Image.Image], inputs: BatchFeature, first: int) -> list[TokenGrid]:
+        config = self.model.config
+        vision = config.vision_config
+        cls = getattr(config, "vision_feature_select_strategy", "default") == "full"
+        return [llava_next_grid(img.width, img.height, self.processor.image_processor, config.image_grid_pinpoints,
+                                int(vision.image_size), int(vision.patch_size), cls, newline=True)
+                for img in images]
+
+
+FAMILIES: dict[str, type[Adapter]] = {
+    "llava": LlavaAdapter,
+    "llava_next": LlavaNextAdapter,
+    "vipllava": VipLlavaAdapter,
+}
+
+
+def adapter_for(model: torch.nn.Module, processor: object) -> Adapter:
+    """The adapter of a model's family (by `config.model_type`), the generic one otherwise."""
+    return FAMILIES.get(getattr(model.config, "model_type", ""), Adapter)(model, processor)
+
+
+def boxes_to_array(boxes: Sequence[Box | None]) -> np.ndarray:
+    """Boxes as a float array [n, 4] with NaN rows for missing boxes."""
+    return np.array([b if b is not None else (np.nan,) * 4 for b in boxes], dtype=np.float64).reshape(-1, 4)

@@ -1,0 +1,114 @@
+"""`load()`: a vision-language model, its processor and its family adapter, from a hub id or a folder."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForImageTextToText, AutoProcessor
+
+from vheads.models.families import Adapter, ModelError, adapter_for
+
+log = logging.getLogger("vheads.models")
+
+DEMO_DIR = Path(__file__).parent / "demo"
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+          "float16": torch.float16, "fp16": torch.float16}
+
+
+@dataclass
+class Loaded:
+    """A loaded model with what vheads needs around it."""
+
+    model: torch.nn.Module
+    processor: object
+    adapter: Adapter
+    name: str
+
+    @property
+    def family(self) -> str:
+        """The adapter family (llava, llava_next, vipllava, generic)."""
+        return self.adapter.family
+
+    @property
+    def device(self) -> torch.device:
+        """Where the inputs go (the device of the input embeddings)."""
+        return self.model.get_input_embeddings().weight.device
+
+
+def demo_path() -> Path:
+    """The folder of the embedded demo model shipped in the package."""
+    return DEMO_DIR
+
+
+def resolve(model: str | Path | None) -> tuple[str, bool]:
+    """The model reference to load and whether it is a local folder; None means the embedded demo model."""
+    if model is None or str(model) in ("", "demo"):
+        if not (DEMO_DIR / "config.json").exists():
+            raise ModelError(f"the embedded demo model is missing from {DEMO_DIR}; reinstall vheads or pass --model")
+        return str(DEMO_DIR), True
+    text = str(model)
+    path = Path(text).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise ModelError(f"model path {path} is a file; pass the folder written by save_pretrained")
+        if not (path / "config.json").exists():
+            raise ModelError(f"model folder {path} has no config.json")
+        return str(path), True
+    looks_local = text.startswith((".", "/", "~")) or text.count("/") > 1 or text.endswith("/") or "\\" in text
+    if looks_local:
+        raise ModelError(f"model path {text} does not exist")
+    return text, False
+
+
+def _dtype(dtype: str | torch.dtype, device: str) -> torch.dtype | str:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype == "auto":
+        if device != "cpu" and torch.cuda.is_available():
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.float32
+    if dtype not in DTYPES:
+        raise ModelError(f"unknown --dtype {dtype!r}; expected auto, {', '.join(sorted(set(DTYPES)))}")
+    return DTYPES[dtype]
+
+
+def load(model: str | Path | None = None, dtype: str | torch.dtype = "auto", device: str = "auto",
+         attn: str = "sdpa", trust_remote_code: bool = False) -> Loaded:
+    """Load a model for vheads: safetensors only, remote code off unless asked, processor with left padding.
+
+    `device`: "auto" (all GPUs through accelerate's device_map="auto" when there are GPUs, else the CPU),
+    "cpu", "cuda", "cuda:N". `attn`: the kernel the language model runs (sdpa, eager, flash_attention_2, ...);
+    vheads wraps it, never replaces it.
+    """
+    ref, local = resolve(model)
+    if device == "auto":
+        device_map: str | None = "auto" if torch.cuda.is_available() else None
+        target = "cuda" if torch.cuda.is_available() else "cpu"
+    else:
+        device_map, target = None, device
+    torch_dtype = _dtype(dtype, target)
+    try:
+        processor = AutoProcessor.from_pretrained(ref, trust_remote_code=trust_remote_code)
+    except Exception as exc:  # noqa: BLE001 - every loader failure becomes one clear line
+        raise ModelError(f"cannot load a processor for {ref}: {_first_line(exc)}") from exc
+    if getattr(processor, "image_processor", None) is None and not hasattr(processor, "image_token"):
+        raise ModelError(f"{ref} has no image processor: vheads needs an image-text-to-text model")
+    try:
+        net = AutoModelForImageTextToText.from_pretrained(
+            ref, dtype=torch_dtype, attn_implementation=attn, use_safetensors=True,
+            trust_remote_code=trust_remote_code, device_map=device_map,
+        )
+    except Exception as exc:  # noqa: BLE001
+        raise ModelError(f"cannot load model {ref}: {_first_line(exc)}") from exc
+    if device_map is None:
+        net = net.to(target)
+    net.eval()
+    return Loaded(net, processor, adapter_for(net, processor), ref if not local else str(Path(ref).resolve()))
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip() or type(exc).__name__
+    return text.splitlines()[0]

@@ -1,0 +1,404 @@
+"""The results store: runs, batches, resume after a kill, locking, shards and merge, export."""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from vheads.store import HEAD_FIELDS, RunHandle, Store, StoreError, check_writable, merge, shard_path
+
+LAYERS, HEADS = 4, 3
+SETTINGS = dict(
+    model="tiny-llava",
+    family="llava",
+    dataset="shapesqa",
+    split="test",
+    layers=LAYERS,
+    heads=HEADS,
+    readout="prompt",
+    ablation="none",
+    config={"batch_size": 4},
+)
+
+
+def fake_batch(indices: list[int], layers: int = LAYERS, heads: int = HEADS) -> tuple[list[dict], ...]:
+    """Samples s00000, s00001, ... with figures that depend only on the sample index, so any copy can be checked."""
+    samples = [
+        {
+            "sample_id": f"s{i:05d}",
+            "question_type": "general",
+            "prompt_style": "visual",
+            "question": f"How many shapes in image {i}?",
+            "prediction": str(i % 3),
+            "answer": i % 2,
+            "correct": np.bool_(i % 3 == i % 2),
+            "image_tokens": np.int64(16),
+            "region_tokens": 4,
+            "meta": {"seed": i},
+        }
+        for i in indices
+    ]
+    base = np.asarray(indices, dtype=np.float32)[:, None, None]
+    grid = np.arange(layers * heads, dtype=np.float32).reshape(1, layers, heads)
+    visual = (base + grid) / 1000.0
+    arrays = (visual, visual / 2, visual / 4, 1 - visual, np.full_like(visual, 0.25))
+    return samples, *arrays
+
+
+def start(store: Store, name: str = "r", **overrides) -> RunHandle:
+    return store.start_run(name, **{**SETTINGS, **overrides})
+
+
+def run_python(code: str, *args: str) -> subprocess.Popen:
+    """A real second process (importing this test module for `fake_batch`), its stdout readable line by line."""
+    prelude = f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r})\n"
+    return subprocess.Popen(
+        [sys.executable, "-c", prelude + textwrap.dedent(code), *args],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+
+
+def test_a_run_is_written_in_batches_and_read_back(tmp_path):
+    with Store(tmp_path / "vheads.duckdb") as store:
+        run = start(store, "demo")
+        assert run.done_ids == set() and not run.resumed
+        assert store.add_batch(run, *fake_batch([0, 1, 2])) == 3
+        assert store.add_batch(run, *fake_batch([3, 4])) == 2
+        assert store.run("demo")["status"] == "running"
+        store.finish_run(run, accuracy=0.4, skipped={"missing_image": 1})
+
+        info = store.run("demo")
+        assert info["status"] == "done" and info["n_samples"] == 5 and info["accuracy"] == 0.4
+        assert info["config"] == {"batch_size": 4} and info["skipped"] == {"missing_image": 1}
+        assert info["finished"] >= info["started"]
+        assert store.run(info["run_id"])["name"] == "demo"
+        assert list(store.runs()["name"]) == ["demo"]
+
+        samples = store.samples("demo")
+        assert list(samples["sample_id"]) == [f"s{i:05d}" for i in range(5)]
+        assert list(samples["answer"]) == ["0", "1", "0", "1", "0"]
+        assert samples["meta"][3] == {"seed": 3}
+        heads = store.head_stats(run)
+        assert len(heads) == 5 * LAYERS * HEADS
+        expected = fake_batch(range(5))[1]
+        assert np.allclose(heads["visual_weight"].to_numpy().reshape(5, LAYERS, HEADS), expected)
+
+
+def test_nan_is_stored_as_null_and_left_out_of_means(tmp_path):
+    samples, visual, concentration, region, text, sink = fake_batch([0, 1, 2, 3])
+    concentration[0, 1, 2] = np.nan
+    concentration[1:, 1, 2] = 0.5
+    with Store(tmp_path / "vheads.duckdb") as store:
+        run = start(store)
+        store.add_batch(run, samples, visual, concentration, None, text, sink)
+        nulls = store.query("SELECT count(*) AS n FROM head_stats WHERE concentration IS NULL")
+        assert nulls["n"][0] == 1
+        assert store.query("SELECT count(*) AS n FROM head_stats WHERE isnan(concentration)")["n"][0] == 0
+        assert store.query("SELECT count(region_weight) AS n FROM head_stats")["n"][0] == 0
+
+        means = store.head_means(run).set_index(["layer", "head"])
+        assert len(means) == LAYERS * HEADS
+        assert means.loc[(1, 2), "concentration"] == pytest.approx(0.5)
+        assert means.loc[(1, 2), "n"] == 4 and means.loc[(1, 2), "n_concentration"] == 3
+        assert means.loc[(0, 0), "visual_weight"] == pytest.approx(visual[:, 0, 0].mean())
+
+
+def test_an_existing_name_needs_resume(tmp_path):
+    with Store(tmp_path / "vheads.duckdb") as store:
+        start(store, "r")
+        with pytest.raises(StoreError, match="run r exists; pass --resume"):
+            start(store, "r")
+
+
+def test_resume_skips_stored_samples_and_rejects_other_settings(tmp_path):
+    path = tmp_path / "vheads.duckdb"
+    with Store(path) as store:
+        run = start(store)
+        store.add_batch(run, *fake_batch([0, 1, 2]))
+    with Store(path) as store:
+        assert store.run("r")["status"] == "interrupted"
+        with pytest.raises(StoreError, match="model 'tiny-llava' != 'other'"):
+            start(store, model="other", resume=True)
+        run = start(store, resume=True)
+        assert run.resumed and run.done_ids == {"s00000", "s00001", "s00002"}
+        assert store.run("r")["status"] == "running"
+        assert store.add_batch(run, *fake_batch([2, 3, 3, 4])) == 2
+        store.finish_run(run)
+        assert store.run("r")["n_samples"] == 5
+        assert len(store.head_stats("r")) == 5 * LAYERS * HEADS
+
+
+def test_a_failed_batch_leaves_nothing_behind(tmp_path, monkeypatch):
+    import vheads.store
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    with Store(tmp_path / "vheads.duckdb") as store:
+        run = start(store)
+        store.add_batch(run, *fake_batch([0]))
+        monkeypatch.setattr(vheads.store, "_head_table", interrupted)
+        with pytest.raises(KeyboardInterrupt):
+            store.add_batch(run, *fake_batch([1, 2]))
+        monkeypatch.undo()
+        assert set(store.samples(run)["sample_id"]) == {"s00000"}
+        assert len(store.head_stats(run)) == LAYERS * HEADS
+        assert store.add_batch(run, *fake_batch([1, 2])) == 2
+
+
+def test_leaving_the_block_marks_unfinished_runs(tmp_path):
+    path = tmp_path / "vheads.duckdb"
+    with pytest.raises(RuntimeError), Store(path) as store:
+        start(store, "crashes")
+        raise RuntimeError("model exploded")
+    with pytest.raises(KeyboardInterrupt), Store(path) as store:
+        start(store, "stopped")
+        raise KeyboardInterrupt
+    with Store(path) as store:
+        store.mark("stopped", "failed")
+        assert dict(zip(store.runs()["name"], store.runs()["status"], strict=True)) == {
+            "crashes": "failed",
+            "stopped": "failed",
+        }
+        with pytest.raises(StoreError, match="unknown status"):
+            store.mark("stopped", "paused")
+
+
+def test_unknown_run_lists_the_known_ones(tmp_path):
+    with Store(tmp_path / "vheads.duckdb") as store:
+        start(store, "llava-pointqa")
+        start(store, "llava-pope")
+        with pytest.raises(StoreError, match="unknown run 'nope'.*known runs: llava-pointqa, llava-pope"):
+            store.run("nope")
+
+
+WRITER = """
+    import sys
+    from test_store import SETTINGS, fake_batch
+    from vheads.store import Store
+
+    path, total, batch = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+    with Store(path) as store:
+        run = store.start_run("killed", **{**SETTINGS, "layers": 16, "heads": 16}, resume=True)
+        todo = [i for i in range(total) if f"s{i:05d}" not in run.done_ids]
+        for start in range(0, len(todo), batch):
+            store.add_batch(run, *fake_batch(todo[start : start + batch], 16, 16))
+            print(len(run.done_ids), flush=True)
+        store.finish_run(run)
+"""
+
+
+def test_a_killed_run_resumes_with_no_duplicate_and_no_lost_row(tmp_path):
+    path, total, batch = tmp_path / "vheads.duckdb", 600, 40
+    chance = random.Random(7)
+    stored = 0
+    for _ in range(3):
+        writer = run_python(WRITER, str(path), str(total), str(batch))
+        for _ in range(chance.randint(1, 3)):
+            assert int(writer.stdout.readline()) > stored
+        writer.stdout.close()
+        os.kill(writer.pid, signal.SIGKILL)
+        writer.wait()
+        with Store(path, read_only=True) as store:
+            info = store.run("killed")
+            assert info["status"] == "running"
+            heads = store.query("SELECT count(*) AS n FROM head_stats")["n"][0]
+            assert heads == info["n_samples"] * 256 and info["n_samples"] > stored
+            stored = info["n_samples"]
+    assert stored < total
+
+    with Store(path) as store:
+        assert store.run("killed")["status"] == "interrupted"
+        run = store.start_run("killed", **{**SETTINGS, "layers": 16, "heads": 16}, resume=True)
+        assert len(run.done_ids) == stored
+        todo = [i for i in range(total) if f"s{i:05d}" not in run.done_ids]
+        store.add_batch(run, *fake_batch(todo, 16, 16))
+        store.finish_run(run)
+        assert store.run("killed")["n_samples"] == total
+        counts = store.query(
+            """SELECT count(*) AS rows, count(DISTINCT (sample_id, layer, head)) AS distinct_rows,
+                      count(DISTINCT sample_id) AS samples, sum(visual_weight)::DOUBLE AS total_w
+               FROM head_stats"""
+        )
+        expected_w = fake_batch(list(range(total)), 16, 16)[1].astype(np.float64).sum()
+    assert counts["rows"][0] == counts["distinct_rows"][0] == total * 256
+    assert counts["samples"][0] == total
+    assert counts["total_w"][0] == pytest.approx(expected_w, rel=1e-6)
+
+
+HOLDER = """
+    import sys
+    from vheads.store import Store
+
+    with Store(sys.argv[1], read_only=sys.argv[2] == "read"):
+        print("holding", flush=True)
+        sys.stdin.read()
+"""
+
+
+@pytest.mark.parametrize("held_for", ["write", "read"])
+def test_a_store_held_by_another_process(tmp_path, held_for):
+    """DuckDB: a writer excludes every other process, readers included; readers only exclude writers."""
+    path = tmp_path / "vheads.duckdb"
+    Store(path).close()
+    holder = run_python(HOLDER, str(path), held_for)
+    try:
+        assert holder.stdout.readline().strip() == "holding"
+        with pytest.raises(
+            StoreError, match=rf"store .*vheads.duckdb is in use by another process \(pid {holder.pid}\)"
+        ):
+            Store(path)
+        with pytest.raises(StoreError, match="in use"):
+            check_writable(path)
+        if held_for == "write":
+            with pytest.raises(StoreError, match="in use"):
+                Store(path, read_only=True)
+        else:
+            with Store(path, read_only=True) as store:
+                assert store.runs().empty
+    finally:
+        holder.communicate("")
+    assert holder.returncode == 0
+    check_writable(path)
+
+
+def test_paths_that_cannot_hold_a_store(tmp_path):
+    missing = tmp_path / "no-such-folder" / "vheads.duckdb"
+    with pytest.raises(StoreError, match="no-such-folder/vheads.duckdb: folder .* does not exist"):
+        check_writable(missing)
+    with pytest.raises(StoreError, match="no store at"):
+        Store(tmp_path / "absent.duckdb", read_only=True)
+    with pytest.raises(StoreError, match="is a folder"):
+        Store(tmp_path)
+    Store(tmp_path / "vheads.duckdb").close()
+    with Store(tmp_path / "vheads.duckdb", read_only=True) as store, pytest.raises(StoreError, match="read-only"):
+        start(store)
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root can write anywhere")
+def test_a_read_only_folder_is_refused_before_any_work(tmp_path):
+    folder = tmp_path / "locked"
+    folder.mkdir()
+    folder.chmod(0o500)
+    try:
+        with pytest.raises(StoreError, match="locked/vheads.duckdb: permission denied"):
+            check_writable(folder / "vheads.duckdb")
+    finally:
+        folder.chmod(0o700)
+
+
+def test_shard_files_sit_beside_the_store(tmp_path):
+    assert shard_path(tmp_path / "vheads.duckdb", 2, 4) == tmp_path / "vheads.shard-2-of-4.duckdb"
+    with pytest.raises(StoreError, match="bad shard 5/4"):
+        shard_path("vheads.duckdb", 5, 4)
+
+
+def write_shard(store_path: Path, k: int, n: int, indices: list[int], finish: str | None = "done") -> Path:
+    path = shard_path(store_path, k, n)
+    with Store(path) as store:
+        run = start(store, "sharded", shard=(k, n))
+        store.add_batch(run, *fake_batch(indices))
+        if finish:
+            store.finish_run(run, finish, skipped={"bad_image": 1})
+    return path
+
+
+def test_two_shards_merged_equal_one_run(tmp_path):
+    main = tmp_path / "vheads.duckdb"
+    with Store(tmp_path / "whole.duckdb") as whole:
+        run = start(whole, "sharded")
+        whole.add_batch(run, *fake_batch(list(range(10))))
+        whole.finish_run(run)
+        expected_samples = whole.samples(run).drop(columns="run_id")
+        expected_heads = whole.head_stats(run).drop(columns="run_id")
+    with Store(main) as store:
+        start(store, "unrelated")
+    shards = [write_shard(main, 1, 2, list(range(0, 10, 2))), write_shard(main, 2, 2, list(range(1, 10, 2)))]
+
+    summary = merge(shards, main)
+    assert summary.samples_added == 10 and summary.head_rows_added == 10 * LAYERS * HEADS
+    assert summary.runs_created == ["sharded"] and summary.status == {"sharded": "done"}
+    assert "10 samples" in str(summary)
+    with Store(main, read_only=True) as store:
+        info = store.run("sharded")
+        assert info["run_id"] == 2 and info["status"] == "done" and info["n_samples"] == 10
+        assert info["skipped"] == {"bad_image": 2}
+        assert sorted(info["tags"]["parts"]) == ["1/2", "2/2"]
+        assert store.samples("sharded").drop(columns="run_id").equals(expected_samples)
+        assert store.head_stats("sharded").drop(columns="run_id").equals(expected_heads)
+
+    again = merge(shards, main)
+    assert again.samples_added == 0 and again.head_rows_added == 0 and again.status == {"sharded": "done"}
+    with Store(main, read_only=True) as store:
+        assert store.query("SELECT count(*) AS n FROM head_stats")["n"][0] == 10 * LAYERS * HEADS
+        assert store.run("sharded")["skipped"] == {"bad_image": 2}
+
+
+def test_a_merged_run_is_done_only_when_every_shard_is(tmp_path):
+    main = tmp_path / "vheads.duckdb"
+    first = write_shard(main, 1, 3, [0, 1])
+    assert merge([first], main).status == {"sharded": "running"}
+    second = write_shard(main, 2, 3, [2, 3], finish=None)
+    assert merge([second], main).status == {"sharded": "interrupted"}
+    third = write_shard(main, 3, 3, [4, 5])
+    assert merge([third], main).status == {"sharded": "interrupted"}
+
+    with Store(second) as store:
+        run = start(store, "sharded", shard=(2, 3), resume=True)
+        store.add_batch(run, *fake_batch([2, 3, 6]))
+        store.finish_run(run)
+    assert merge([second], main).status == {"sharded": "done"}
+    with Store(main) as store:
+        assert store.run("sharded")["n_samples"] == 7
+        with pytest.raises(StoreError, match="assembled by merge"):
+            start(store, "sharded", resume=True)
+
+
+def test_merge_refuses_a_same_named_run_of_another_model(tmp_path):
+    main = tmp_path / "vheads.duckdb"
+    with Store(main) as store:
+        start(store, "sharded", model="other-model")
+    with pytest.raises(StoreError, match="cannot merge run sharded .*model 'other-model' != 'tiny-llava'"):
+        merge([write_shard(main, 1, 2, [0])], main)
+    with pytest.raises(StoreError, match="into itself"):
+        merge([main], main)
+
+
+def test_export_writes_parquet(tmp_path):
+    with Store(tmp_path / "vheads.duckdb") as store:
+        for name in ("llava/pointqa", "llava/pope"):
+            run = start(store, name)
+            store.add_batch(run, *fake_batch([0, 1, 2]))
+            store.finish_run(run)
+        one = store.export("llava/pope", tmp_path / "out")
+        everything = store.export(None, tmp_path / "all")
+    assert [p.name for p in one] == [
+        "llava_pope.runs.parquet",
+        "llava_pope.samples.parquet",
+        "llava_pope.head_stats.parquet",
+    ]
+    assert pq.read_table(one[0]).column("name").to_pylist() == ["llava/pope"]
+    assert pq.read_table(one[2]).num_rows == 3 * LAYERS * HEADS
+    assert set(pq.read_table(one[2]).column_names) >= {"sample_id", "layer", "head", *HEAD_FIELDS}
+    assert [pq.read_table(p).num_rows for p in everything] == [2, 6, 6 * LAYERS * HEADS]
+
+
+def test_query_runs_sql_and_reports_errors_in_one_line(tmp_path):
+    with Store(tmp_path / "vheads.duckdb") as store:
+        run = start(store)
+        store.add_batch(run, *fake_batch([0, 1]))
+        frame = store.query("SELECT sample_id, correct FROM samples WHERE run_id = ? ORDER BY 1", [run.run_id])
+        assert list(frame["sample_id"]) == ["s00000", "s00001"]
+        with pytest.raises(StoreError, match="^query failed: .*no_such_table"):
+            store.query("SELECT * FROM no_such_table")

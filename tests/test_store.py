@@ -185,10 +185,21 @@ def test_unknown_run_lists_the_known_ones(tmp_path):
 
 WRITER = """
     import sys
+    import time
     from test_store import SETTINGS, fake_batch
     from vheads.store import Store
 
-    path, total, batch = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+    path, total, batch, stall_at = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+    insert, inserted = Store._insert, []
+
+    def insert_then_maybe_stall(store, run, table, columns, data):
+        insert(store, run, table, columns, data)
+        inserted.append(table)
+        if table == "samples" and inserted.count("samples") == stall_at:
+            print("inside a batch", flush=True)
+            time.sleep(60)
+
+    Store._insert = insert_then_maybe_stall
     with Store(path) as store:
         run = store.start_run("killed", **{**SETTINGS, "layers": 16, "heads": 16}, resume=True)
         todo = [i for i in range(total) if f"s{i:05d}" not in run.done_ids]
@@ -199,23 +210,40 @@ WRITER = """
 """
 
 
+def kill_writer(path: Path, total: int, batch: int, stall_at: int, lines: int) -> None:
+    """Start a writer, let it report `lines` lines, then SIGKILL it."""
+    writer = run_python(WRITER, str(path), str(total), str(batch), str(stall_at))
+    for _ in range(lines):
+        writer.stdout.readline()
+    writer.stdout.close()
+    os.kill(writer.pid, signal.SIGKILL)
+    writer.wait()
+
+
+def stored_counts(path: Path) -> tuple[int, int, int]:
+    with Store(path, read_only=True) as store:
+        counts = store.query(
+            "SELECT (SELECT n_samples FROM runs) AS n, (SELECT count(*) FROM samples) AS samples, "
+            "(SELECT count(*) FROM head_stats) AS heads"
+        )
+    return counts["n"][0], counts["samples"][0], counts["heads"][0]
+
+
+def test_a_run_killed_inside_a_batch_keeps_only_whole_batches(tmp_path):
+    path = tmp_path / "vheads.duckdb"
+    kill_writer(path, total=200, batch=40, stall_at=3, lines=3)
+    assert stored_counts(path) == (80, 80, 80 * 256)
+
+
 def test_a_killed_run_resumes_with_no_duplicate_and_no_lost_row(tmp_path):
     path, total, batch = tmp_path / "vheads.duckdb", 600, 40
     chance = random.Random(7)
     stored = 0
     for _ in range(3):
-        writer = run_python(WRITER, str(path), str(total), str(batch))
-        for _ in range(chance.randint(1, 3)):
-            assert int(writer.stdout.readline()) > stored
-        writer.stdout.close()
-        os.kill(writer.pid, signal.SIGKILL)
-        writer.wait()
-        with Store(path, read_only=True) as store:
-            info = store.run("killed")
-            assert info["status"] == "running"
-            heads = store.query("SELECT count(*) AS n FROM head_stats")["n"][0]
-            assert heads == info["n_samples"] * 256 and info["n_samples"] > stored
-            stored = info["n_samples"]
+        kill_writer(path, total, batch, stall_at=0, lines=chance.randint(1, 3))
+        n, samples, heads = stored_counts(path)
+        assert n == samples > stored and heads == samples * 256
+        stored = samples
     assert stored < total
 
     with Store(path) as store:
@@ -264,9 +292,14 @@ def test_a_store_held_by_another_process(tmp_path, held_for):
         if held_for == "write":
             with pytest.raises(StoreError, match="in use"):
                 Store(path, read_only=True)
+            with pytest.raises(StoreError, match="in use"):
+                merge([write_shard(path, 1, 2, [0]), path], tmp_path / "main.duckdb")
+            with Store(tmp_path / "main.duckdb", read_only=True) as main:
+                assert main.runs().empty
         else:
             with Store(path, read_only=True) as store:
                 assert store.runs().empty
+            assert merge([path], tmp_path / "main.duckdb").samples_added == 0
     finally:
         holder.communicate("")
     assert holder.returncode == 0

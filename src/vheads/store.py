@@ -56,7 +56,6 @@ _SAMPLE_TYPES = {
     "meta": pa.string(),
 }
 _JSON_RUN_COLUMNS = ("config", "skipped", "tags")
-_SRC = "vheads_merge_src"
 
 _DDL = (
     "CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT)",
@@ -178,10 +177,10 @@ def merge(files: Sequence[str | Path], into: str | Path) -> MergeSummary:
             raise StoreError(f"cannot merge {src}: no such file")
         if into.exists() and src.resolve() == into.resolve():
             raise StoreError(f"cannot merge {src} into itself")
+    sources = list({src.resolve(): src for src in sources}.values())
     summary = MergeSummary(into=into, files=sources)
     with Store(into) as store:
-        for src in sources:
-            store._merge_file(src, summary)
+        store._merge(sources, summary)
     return summary
 
 
@@ -467,25 +466,34 @@ class Store:
                 [os.getpid()],
             )
 
-    def _merge_file(self, src: Path, summary: MergeSummary) -> None:
-        """Fold one file into this store in one transaction (attached read-only, so its own lock is honoured)."""
+    def _merge(self, sources: Sequence[Path], summary: MergeSummary) -> None:
+        """Fold files into this store in one transaction, all or nothing; each is attached read-only, so a shard
+        still being written is refused by its own lock before anything changes."""
+        attached: list[str] = []
         try:
-            self._con.execute(f"ATTACH {_sql_str(src)} AS {_SRC} (READ_ONLY)")
-        except duckdb.Error as error:
-            raise _translate(error, src) from error
-        try:
-            try:
-                self._con.execute(f"SELECT value FROM {_SRC}.meta WHERE key = 'schema_version'")
-                source_runs = _records(self._con.execute(f"SELECT * FROM {_SRC}.runs ORDER BY run_id"))
-            except duckdb.CatalogException as error:
-                raise StoreError(f"cannot merge {src}: not a vheads store") from error
+            for index, src in enumerate(sources):
+                alias = f"vheads_src_{index}"
+                try:
+                    self._con.execute(f"ATTACH {_sql_str(src)} AS {alias} (READ_ONLY)")
+                except duckdb.Error as error:
+                    raise _translate(error, src) from error
+                attached.append(alias)
+                try:
+                    version = self._con.execute(f"SELECT value FROM {alias}.meta WHERE key = 'schema_version'")
+                    version = version.fetchone()
+                except duckdb.CatalogException as error:
+                    raise StoreError(f"cannot merge {src}: not a vheads store") from error
+                if version is None or int(version[0]) > SCHEMA_VERSION:
+                    raise StoreError(f"cannot merge {src}: written by a newer vheads (schema {version}), upgrade")
             with self._transaction():
-                for record in source_runs:
-                    self._merge_run(src, _decode_run(record), summary)
+                for alias, src in zip(attached, sources, strict=True):
+                    for record in _records(self._con.execute(f"SELECT * FROM {alias}.runs ORDER BY run_id")):
+                        self._merge_run(alias, src, _decode_run(record), summary)
         finally:
-            self._con.execute(f"DETACH {_SRC}")
+            for alias in attached:
+                self._con.execute(f"DETACH {alias}")
 
-    def _merge_run(self, src: Path, source: dict[str, Any], summary: MergeSummary) -> None:
+    def _merge_run(self, alias: str, src: Path, source: dict[str, Any], summary: MergeSummary) -> None:
         """Copy one attached run's missing samples and head rows, then recompute the run's status from its shards."""
         name = source["name"]
         target = self._run_row(name)
@@ -510,16 +518,21 @@ class Store:
                     f"cannot merge run {name} from {src}: it differs from the stored run ({'; '.join(diffs)})"
                 )
             parts = _parts(target, stale_running=False)
-            summary.runs_updated.append(name)
-        sizes = {key.split("/")[1] for key in [*parts, *source_parts]}
-        if len(sizes) > 1:
-            raise StoreError(f"cannot merge run {name} from {src}: shard counts differ ({sorted(sizes)})")
+            if name not in summary.runs_created + summary.runs_updated:
+                summary.runs_updated.append(name)
+        have = {key.split("/")[1] for key in parts}
+        incoming = {key.split("/")[1] for key in source_parts}
+        if have and have != incoming:
+            raise StoreError(
+                f"cannot merge run {name} from {src}: it is cut into {'/'.join(incoming)} shard(s) there "
+                f"but {'/'.join(have)} in the runs merged before"
+            )
         for key, part in source_parts.items():
             if parts.get(key, {}).get("status") != "done" or part["status"] == "done":
                 parts[key] = part
         run_id, src_id = target["run_id"], source["run_id"]
         self._con.execute(
-            f"CREATE OR REPLACE TEMP TABLE vheads_new_ids AS SELECT sample_id FROM {_SRC}.samples "
+            f"CREATE OR REPLACE TEMP TABLE vheads_new_ids AS SELECT sample_id FROM {alias}.samples "
             "WHERE run_id = ? EXCEPT SELECT sample_id FROM samples WHERE run_id = ?",
             [src_id, run_id],
         )
@@ -529,7 +542,7 @@ class Store:
         ):
             names = ", ".join(columns)
             added = self._con.execute(
-                f"INSERT INTO {table} (run_id, {names}) SELECT ?, {names} FROM {_SRC}.{table} "
+                f"INSERT INTO {table} (run_id, {names}) SELECT ?, {names} FROM {alias}.{table} "
                 "WHERE run_id = ? AND sample_id IN (SELECT sample_id FROM vheads_new_ids)",
                 [run_id, src_id],
             ).fetchone()[0]
@@ -644,7 +657,7 @@ def _translate(error: duckdb.Error, path: Path) -> StoreError:
         holder = f"pid {pid.group(1)}" if pid else "pid unknown"
         return StoreError(
             f"store {path} is in use by another process ({holder}); DuckDB allows one writer and no reader "
-            "beside it: wait for it to finish, or write a shard (--shard) and merge"
+            "beside it: wait for it to finish, or use another store"
         )
     if "different configuration" in message:
         return StoreError(f"store {path} is already open in this process in another mode")

@@ -164,12 +164,15 @@ def shard_path(store_path: str | Path, k: int, n: int) -> Path:
 
 
 def check_writable(path: str | Path) -> None:
-    """Fail now, before a model is loaded, if the store cannot be opened for writing (missing folder, in use)."""
+    """Fail now, before a model is loaded, if the store cannot be opened for writing; creates it if absent."""
     Store(path).close()
 
 
 def merge(files: Sequence[str | Path], into: str | Path) -> MergeSummary:
-    """Fold shard (or other store) files into one store; same-named runs become one run, re-merging adds nothing."""
+    """Fold shard (or other store) files into one store, all or nothing; re-merging adds nothing.
+
+    Same-named runs become one run with a new run_id; its accuracy is recomputed as the mean of `correct`.
+    """
     into = Path(into)
     sources = [Path(f) for f in files]
     for src in sources:

@@ -82,7 +82,9 @@ class HeadRecorder:
     token), `first-generated` (the first generated token's row) or `generated` (every step that produces a
     generated token, averaged per sample up to its end-of-sequence). Image positions come from the call's
     own `input_ids == image_token_id`; `region_mask` ([batch, seq] bool, optional) marks the image tokens of
-    the asked-about region. Several calls inside one context stack their samples along the batch axis.
+    the asked-about region;
+    a row with no marked token has no region (NaN). Several calls inside one context stack their samples
+    along the batch axis.
     """
 
     def __init__(self, model: nn.Module, readout: str = "prompt", region_mask: torch.Tensor | None = None,
@@ -169,6 +171,9 @@ class HeadRecorder:
             masks["text"][:, None],
             masks["sink"][:, None],
         )
+        if masks["region"] is not None:
+            no_box = ~group.masks["region"].any(dim=1)[:, None]
+            figures["region_weight"] = figures["region_weight"].masked_fill(no_box, float("nan"))
         valid = group.valid[:, None]
         for name in FIGURES:
             value = figures[name].double()

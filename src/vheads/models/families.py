@@ -9,7 +9,7 @@ import torch
 from PIL import Image
 from transformers import BatchFeature
 
-from vheads.models.geometry import GeometryError, TokenGrid, clip_grid, llava_next_grid, merged_grid
+from vheads.models.geometry import GeometryError, TokenGrid, clip_grid, llava_next_grid, merged_grid, pooled_grid
 
 Box = tuple[float, float, float, float]
 
@@ -67,8 +67,8 @@ class Adapter:
 
     def encode(self, prompts: Sequence[str], images: Sequence[Sequence[Image.Image]]) -> BatchFeature:
         """Processor inputs for a batch: left-padded text, each prompt with its list of images."""
-        flat = [img for row in images for img in row]
-        return self.processor(images=flat, text=list(prompts), return_tensors="pt", padding=True)
+        nested = [list(row) for row in images]
+        return self.processor(images=nested, text=list(prompts), return_tensors="pt", padding=True)
 
     def decode(self, output_ids: torch.Tensor, prompt_len: int) -> list[str]:
         """The generated answers of a batch, special tokens removed, stripped."""
@@ -159,7 +159,20 @@ class LlavaNextAdapter(Adapter):
                 for img in images]
 
 
+class Gemma3Adapter(Adapter):
+    """Gemma 3: the image squashed to the vision size and pooled to `mm_tokens_per_image` tokens (no pan-and-scan)."""
+
+    family = "gemma3"
+
+    def image_grids(self, images: Sequence[Image.Image], inputs: BatchFeature, first: int) -> list[TokenGrid]:
+        if getattr(self.processor.image_processor, "do_pan_and_scan", False):
+            raise GeometryError("vheads cannot map Gemma 3 pan-and-scan crops to patches; turn pan-and-scan off")
+        tokens = int(self.model.config.mm_tokens_per_image)
+        return [pooled_grid(img.width, img.height, tokens) for img in images]
+
+
 FAMILIES: dict[str, type[Adapter]] = {
+    "gemma3": Gemma3Adapter,
     "llava": LlavaAdapter,
     "llava_next": LlavaNextAdapter,
     "vipllava": VipLlavaAdapter,

@@ -190,3 +190,13 @@ def merged_grid(width: int, height: int, grid_thw: tuple[int, int, int], patch: 
     r, c = np.divmod(np.arange(rows * cols), cols)
     one = TokenGrid(boxes, np.zeros(rows * cols, dtype=np.int64), r, c)
     return TokenGrid.concat([one] * t)
+
+
+def pooled_grid(width: int, height: int, tokens: int) -> TokenGrid:
+    """Gemma 3 style: the image squashed to a square and pooled to a sqrt(tokens) x sqrt(tokens) grid."""
+    side = int(round(math.sqrt(tokens)))
+    if side * side != tokens:
+        raise GeometryError(f"{tokens} image tokens do not form a square grid")
+    boxes = grid_boxes(side, side, height / side, width / side)
+    r, c = np.divmod(np.arange(tokens), side)
+    return TokenGrid(boxes, np.zeros(tokens, dtype=np.int64), r, c)

@@ -1,0 +1,58 @@
+"""Visual heads of a run: per-head score, mean W and C, stage and visual-head flag, ranked."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+
+from vheads import metrics
+from vheads.store import Store
+
+HEAD_COLUMNS = ["rank", "layer", "head", "score", "mean_w", "mean_c", "mean_region_share", "stage", "visual"]
+
+
+def weights_array(store: Store, run: str | int, figure: str = "visual_weight",
+                  where: str | None = None) -> tuple[np.ndarray, list[str]]:
+    """One figure of a run as [samples, layers, heads] (NaN for NULL) and the sample ids in that order."""
+    info = store.run(run)
+    layers, heads = int(info["layers"]), int(info["heads"])
+    extra = f" AND {where}" if where else ""
+    frame = store.query(
+        f"SELECT h.sample_id, h.layer, h.head, h.{figure} AS v FROM head_stats h "
+        f"JOIN samples s ON s.run_id = h.run_id AND s.sample_id = h.sample_id "
+        f"WHERE h.run_id = {int(info['run_id'])}{extra} ORDER BY h.sample_id, h.layer, h.head"
+    )
+    ids = list(dict.fromkeys(frame["sample_id"]))
+    values = np.full((len(ids), layers, heads), np.nan)
+    if ids:
+        index = {sid: i for i, sid in enumerate(ids)}
+        rows = frame["sample_id"].map(index).to_numpy()
+        values[rows, frame["layer"].to_numpy(), frame["head"].to_numpy()] = frame["v"].astype(float).to_numpy()
+    return values, ids
+
+
+def head_table(store: Store, run: str | int, k: int | None = None, threshold: float = 0.5,
+               where: str | None = None) -> pd.DataFrame:
+    """The ranking of DESIGN.md: score (share of samples with the head in the top K by W), then mean W."""
+    w, _ = weights_array(store, run, "visual_weight", where)
+    c, _ = weights_array(store, run, "concentration", where)
+    rw, _ = weights_array(store, run, "region_weight", where)
+    layers, heads = w.shape[1], w.shape[2]
+    scores = metrics.head_scores(w, k)
+    mean_w, mean_c = metrics.nanmean(w), metrics.nanmean(c)
+    share = metrics.nanmean(metrics.region_share(rw, w))
+    flags = metrics.visual_head_flags(scores, threshold)
+    rows = []
+    for rank, (layer, head) in enumerate(metrics.rank_heads(scores, mean_w), start=1):
+        rows.append({"rank": rank, "layer": layer, "head": head, "score": float(scores[layer, head]),
+                     "mean_w": float(mean_w[layer, head]), "mean_c": float(mean_c[layer, head]),
+                     "mean_region_share": float(share[layer, head]), "stage": metrics.stage_of(layer, layers),
+                     "visual": bool(flags[layer, head])})
+    table = pd.DataFrame(rows, columns=HEAD_COLUMNS)
+    table.attrs.update(layers=layers, heads=heads, k=k or metrics.default_top_k(layers, heads), samples=w.shape[0])
+    return table
+
+
+def top_heads(table: pd.DataFrame, k: int) -> list[tuple[int, int]]:
+    """The first K heads of a ranking."""
+    return [(int(r.layer), int(r.head)) for r in table.head(k).itertuples()]

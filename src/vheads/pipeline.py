@@ -1,0 +1,343 @@
+"""`vheads run`: generate answers over a dataset, score them, and store every sample's head figures."""
+
+from __future__ import annotations
+
+import json
+import logging
+import signal
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import ExitStack, contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from vheads.capture import HeadRecorder, ablate
+from vheads.data import BadSample, Dataset, Sample, load_dataset, score
+from vheads.models import GeometryError, Loaded, load
+from vheads.store import RunHandle, Store, StoreError, check_writable, shard_path
+
+log = logging.getLogger("vheads.run")
+
+
+class Interrupted(Exception):
+    """The run was stopped by SIGINT / SIGTERM; finished batches are stored and the run can be resumed."""
+
+
+@dataclass
+class RunConfig:
+    """Everything that defines a run (the command-line options of `vheads run`)."""
+
+    model: str | None = None
+    dataset: str = "shapes"
+    data: str | None = None
+    images: str | None = None
+    split: str | None = None
+    question_type: str | None = None
+    prompt_style: str | None = None
+    limit: int | None = None
+    batch_size: int = 8
+    max_new_tokens: int = 8
+    readout: str = "prompt"
+    ablate: list[tuple[int, int]] = field(default_factory=list)
+    ablation: str = "zero"
+    store: str = "vheads.duckdb"
+    name: str | None = None
+    shard: tuple[int, int] | None = None
+    dtype: str = "auto"
+    device: str = "auto"
+    attn: str = "sdpa"
+    resume: bool = False
+    seed: int = 0
+    trust_remote_code: bool = False
+    sweep: str | None = None
+
+    def store_path(self) -> Path:
+        """The store file this run writes (a shard writes its own file beside the store)."""
+        path = Path(self.store)
+        return shard_path(path, *self.shard) if self.shard else path
+
+
+@dataclass
+class RunSummary:
+    """What a finished (or interrupted) run reports."""
+
+    name: str
+    run_id: int
+    store: str
+    samples: int
+    correct: int
+    accuracy: float | None
+    by_type: dict[str, float]
+    skipped: dict[str, int]
+    status: str
+    seconds: float
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def parse_heads(text: str | None) -> list[tuple[int, int]]:
+    """'3.1,4.7' -> [(3, 1), (4, 7)]; raises ValueError naming the bad item."""
+    heads = []
+    for item in (text or "").replace(" ", "").split(","):
+        if not item:
+            continue
+        parts = item.split(".")
+        if len(parts) != 2 or not all(p.isdigit() for p in parts):
+            raise ValueError(f"--ablate: {item!r} is not LAYER.HEAD (e.g. 3.1)")
+        heads.append((int(parts[0]), int(parts[1])))
+    return heads
+
+
+def parse_shard(text: str | None) -> tuple[int, int] | None:
+    """'2/4' -> (2, 4), the second of four contiguous shards."""
+    if not text:
+        return None
+    try:
+        k, n = (int(v) for v in text.split("/"))
+    except ValueError:
+        raise ValueError(f"--shard {text!r} is not K/N (e.g. 2/4)") from None
+    if not 1 <= k <= n:
+        raise ValueError(f"--shard {text!r}: K must be between 1 and N")
+    return k, n
+
+
+def shard_samples(samples: Sequence[Sample], shard: tuple[int, int] | None) -> list[Sample]:
+    """The k-th of n contiguous chunks of ceil(len/n) samples (LLaVA's --num-chunks / --chunk-idx)."""
+    if shard is None:
+        return list(samples)
+    k, n = shard
+    size = -(-len(samples) // n)
+    return list(samples[(k - 1) * size: k * size])
+
+
+def default_name(store: Store, config: RunConfig, model_name: str) -> str:
+    """`<model>-<dataset>-<split>[-<readout>][-ablated]`, with a number added while that name is taken."""
+    base = "-".join(p for p in (Path(model_name).name or "model", config.dataset, config.split or "default") if p)
+    if config.readout != "prompt":
+        base += f"-{config.readout}"
+    if config.ablate:
+        base += f"-{config.ablation}{len(config.ablate)}"
+    taken = set(store.runs()["name"]) if len(store.runs()) else set()
+    if config.resume:
+        matches = sorted((n for n in taken if n == base or n.startswith(base + "-")), key=len)
+        return matches[-1] if matches else base
+    name, i = base, 2
+    while name in taken:
+        name, i = f"{base}-{i}", i + 1
+    return name
+
+
+@contextmanager
+def interrupt_guard() -> Iterator[None]:
+    """Turn SIGTERM into KeyboardInterrupt for the duration, so both stop the run the same clean way."""
+    def raise_interrupt(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    try:
+        previous = signal.signal(signal.SIGTERM, raise_interrupt)
+    except ValueError:  # not the main thread
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def is_oom(exc: BaseException) -> bool:
+    """Out of memory on the GPU or the CPU."""
+    if isinstance(exc, MemoryError) or exc.__class__.__name__ == "OutOfMemoryError":
+        return True
+    return isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower()
+
+
+class Runner:
+    """Runs batches of samples through a loaded model with capture (and ablation) on."""
+
+    def __init__(self, loaded: Loaded, config: RunConfig):
+        self.loaded = loaded
+        self.config = config
+        self.geometry_warned = False
+
+    def prepare(self, samples: Sequence[Sample]) -> tuple[list[Sample], list[Any], list[tuple[Sample, str]]]:
+        """Load each sample's image; the ones that fail are returned with the reason."""
+        good, images, bad = [], [], []
+        for sample in samples:
+            try:
+                images.append(sample.image())
+                good.append(sample)
+            except BadSample as exc:
+                bad.append((sample, str(exc) or "unreadable image"))
+            except (OSError, ValueError) as exc:
+                bad.append((sample, f"unreadable image ({type(exc).__name__})"))
+        return good, images, bad
+
+    def region(self, images: list[list[Any]], inputs: Any, samples: Sequence[Sample]) -> torch.Tensor | None:
+        """The region mask of the batch's boxes, or None when the family's geometry is unknown."""
+        boxes = [s.box for s in samples]
+        if all(b is None for b in boxes):
+            return None
+        try:
+            return self.loaded.adapter.region_mask(images, inputs, boxes)
+        except GeometryError as exc:
+            if not self.geometry_warned:
+                log.warning("no region figures: %s", exc)
+                self.geometry_warned = True
+            return None
+
+    def run_batch(self, samples: Sequence[Sample], images: Sequence[Any]) -> tuple[list[str], Any, np.ndarray]:
+        """Generate answers for one batch and record its head figures; returns answers, figures, region sizes."""
+        adapter = self.loaded.adapter
+        nested = [[img] for img in images]
+        prompts = [adapter.prompt(s.text) for s in samples]
+        inputs = adapter.encode(prompts, nested)
+        region = self.region(nested, inputs, samples)
+        region_tokens = np.zeros(len(samples), dtype=np.int64) if region is None else region.sum(1).numpy()
+        model = self.loaded.model
+        inputs = inputs.to(self.loaded.device)
+        if "pixel_values" in inputs and inputs["pixel_values"].is_floating_point():
+            inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)
+        with ExitStack() as stack:
+            stack.enter_context(torch.inference_mode())
+            if self.config.ablate:
+                stack.enter_context(ablate(model, self.config.ablate, self.config.ablation))
+            recorder = stack.enter_context(HeadRecorder(model, self.config.readout, region_mask=region))
+            output = model.generate(**inputs, max_new_tokens=self.config.max_new_tokens, do_sample=False,
+                                    pad_token_id=adapter.tokenizer.pad_token_id)
+        answers = adapter.decode(output, inputs["input_ids"].shape[1])
+        return answers, recorder.result(), region_tokens
+
+    def run_adaptive(self, samples: Sequence[Sample], images: Sequence[Any]) -> Iterator[tuple[int, int, Any]]:
+        """Run a batch, halving it on out-of-memory until it fits (a batch is never dropped)."""
+        size = len(samples)
+        start = 0
+        while start < len(samples):
+            chunk = slice(start, start + size)
+            try:
+                result = self.run_batch(samples[chunk], images[chunk])
+            except Exception as exc:  # noqa: BLE001 - only out-of-memory is retried
+                if not is_oom(exc) or size == 1:
+                    raise
+                if torch.cuda.is_available():
+                    torch.cuda.empty_cache()
+                size = max(1, size // 2)
+                log.warning("out of memory: retrying with batch size %d", size)
+                continue
+            yield start, start + len(samples[chunk]), result
+            start += size
+
+
+def sample_row(sample: Sample, prediction: str, image_tokens: int, region_tokens: int) -> dict[str, Any]:
+    """The `samples` table row of one answered sample."""
+    meta = {k: v for k, v in sample.meta.items() if isinstance(v, (str, int, float, bool)) or v is None}
+    if sample.options:
+        meta["options"] = list(sample.options)
+    if sample.box is not None:
+        meta["box"] = [float(v) for v in sample.box]
+    return {"sample_id": sample.id, "question_type": sample.question_type, "prompt_style": sample.prompt_style,
+            "question": sample.question, "prediction": prediction, "answer": sample.answer,
+            "correct": bool(score(sample, prediction)) if sample.answer is not None else None,
+            "image_tokens": int(image_tokens), "region_tokens": int(region_tokens), "meta": json.dumps(meta)}
+
+
+def run(config: RunConfig, loaded: Loaded | None = None, dataset: Dataset | None = None,
+        progress: Callable[[int, int, int], None] | None = None, start: Callable[[int], None] | None = None
+        ) -> RunSummary:
+    """Run a model over a dataset and store the result; safe to kill and `resume`.
+
+    Errors that stop the run before it starts (bad data file, model, store) raise DataError / ModelError /
+    StoreError. `progress(done, total, correct)` is called after each stored batch.
+    """
+    store_path = config.store_path()
+    check_writable(store_path)
+    if dataset is None:
+        dataset = load_dataset(config.dataset, data=config.data, images=config.images, split=config.split,
+                               question_type=config.question_type, prompt_style=config.prompt_style,
+                               limit=config.limit, seed=config.seed)
+    if loaded is None:
+        loaded = load(config.model, dtype=config.dtype, device=config.device, attn=config.attn,
+                      trust_remote_code=config.trust_remote_code)
+    text = loaded.model.config.get_text_config()
+    layers, heads = int(text.num_hidden_layers), int(text.num_attention_heads)
+    bad_heads = [f"{layer}.{head}" for layer, head in config.ablate if not (0 <= layer < layers and 0 <= head < heads)]
+    if bad_heads:
+        raise ValueError(f"--ablate: heads {', '.join(bad_heads)} do not exist ({layers} layers x {heads} heads)")
+    samples = shard_samples(dataset.samples, config.shard)
+    began = time.time()
+    runtime_skips: Counter[str] = Counter()
+    with Store(store_path) as store:
+        name = config.name or default_name(store, config, loaded.name)
+        settings = {k: v for k, v in asdict(config).items() if k not in ("store", "name", "resume")}
+        handle = store.start_run(
+            name, model=loaded.name, family=loaded.family, dataset=dataset.name, split=dataset.split or "",
+            layers=layers, heads=heads, readout=config.readout,
+            ablation=_ablation_label(config), config=settings, resume=config.resume, sweep=config.sweep,
+            shard=config.shard,
+        )
+        todo = [s for s in samples if s.id not in handle.done_ids]
+        if start:
+            start(len(todo))
+        runner = Runner(loaded, config)
+        done = correct = 0
+        try:
+            with interrupt_guard():
+                for i in range(0, len(todo), config.batch_size):
+                    good, images, bad = runner.prepare(todo[i:i + config.batch_size])
+                    for sample, reason in bad:
+                        log.warning("skipped sample %s: %s", sample.id, reason)
+                        runtime_skips[reason.split(" (")[0]] += 1
+                    for lo, hi, (answers, figures, region_tokens) in runner.run_adaptive(good, images):
+                        rows = [sample_row(s, a, n, r) for s, a, n, r in
+                                zip(good[lo:hi], answers, figures.image_token_count, region_tokens, strict=True)]
+                        store.add_batch(handle, rows, figures.visual_weight, figures.concentration,
+                                        figures.region_weight, figures.text_weight, figures.sink_weight)
+                        done += len(rows)
+                        correct += sum(bool(r["correct"]) for r in rows)
+                        if progress:
+                            progress(done, len(todo), correct)
+        except KeyboardInterrupt:
+            store.finish_run(handle, status="interrupted", skipped=_skips(dataset, runtime_skips))
+            raise Interrupted(f"run {name!r} interrupted; finished batches are stored. Continue it with "
+                              f"--name {name} --resume") from None
+        except Exception:
+            store.finish_run(handle, status="failed", skipped=_skips(dataset, runtime_skips))
+            raise
+        summary = _summarize(store, handle, store_path, dataset, runtime_skips, time.time() - began)
+        store.finish_run(handle, status="done", accuracy=summary.accuracy, skipped=summary.skipped)
+    return summary
+
+
+def _ablation_label(config: RunConfig) -> str:
+    if not config.ablate:
+        return "none"
+    return f"{config.ablation}:" + ",".join(f"{layer}.{head}" for layer, head in config.ablate)
+
+
+def _skips(dataset: Dataset, runtime: Counter[str]) -> dict[str, int]:
+    counts = Counter(dataset.skip_summary())
+    counts.update(runtime)
+    return dict(counts)
+
+
+def _summarize(store: Store, handle: RunHandle, store_path: Path, dataset: Dataset, runtime: Counter[str],
+               seconds: float) -> RunSummary:
+    frame = store.samples(handle)
+    scored = frame[frame["correct"].notna()]
+    accuracy = float(scored["correct"].astype(bool).mean()) if len(scored) else None
+    by_type = {str(k): float(v) for k, v in scored.groupby(scored["question_type"].fillna("all"))["correct"]
+               .mean().items()} if len(scored) else {}
+    extra: dict[str, Any] = {}
+    if len(scored) and dataset.samples and dataset.samples[0].scoring == "yesno":
+        from vheads.data import pope_metrics
+
+        extra["pope"] = pope_metrics(list(scored["prediction"]), list(scored["answer"]))
+    return RunSummary(name=handle.name, run_id=handle.run_id, store=str(store_path), samples=len(frame),
+                      correct=int(scored["correct"].astype(bool).sum()) if len(scored) else 0, accuracy=accuracy,
+                      by_type=by_type, skipped=_skips(dataset, runtime), status="done", seconds=seconds, extra=extra)
+
+
+__all__ = ["Interrupted", "RunConfig", "RunSummary", "StoreError", "parse_heads", "parse_shard", "run"]

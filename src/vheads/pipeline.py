@@ -114,9 +114,9 @@ def shard_samples(samples: Sequence[Sample], shard: tuple[int, int] | None) -> l
     return list(samples[(k - 1) * size: k * size])
 
 
-def default_name(store: Store, config: RunConfig, model_name: str) -> str:
+def default_name(store: Store, config: RunConfig, model_name: str, split: str | None) -> str:
     """`<model>-<dataset>-<split>[-<readout>][-ablated]`, with a number added while that name is taken."""
-    base = "-".join(p for p in (Path(model_name).name or "model", config.dataset, config.split or "default") if p)
+    base = "-".join(p for p in (Path(model_name).name or "model", config.dataset, split or "all") if p)
     if config.readout != "prompt":
         base += f"-{config.readout}"
     if config.ablate:
@@ -270,7 +270,7 @@ def run(config: RunConfig, loaded: Loaded | None = None, dataset: Dataset | None
     began = time.time()
     runtime_skips: Counter[str] = Counter()
     with Store(store_path) as store:
-        name = config.name or default_name(store, config, loaded.name)
+        name = config.name or default_name(store, config, loaded.name, dataset.split)
         settings = {k: v for k, v in asdict(config).items() if k not in ("store", "name", "resume")}
         handle = store.start_run(
             name, model=loaded.name, family=loaded.family, dataset=dataset.name, split=dataset.split or "",

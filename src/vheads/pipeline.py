@@ -55,6 +55,7 @@ class RunConfig:
     seed: int = 0
     trust_remote_code: bool = False
     sweep: str | None = None
+    tags: dict[str, Any] = field(default_factory=dict)
 
     def store_path(self) -> Path:
         """The store file this run writes (a shard writes its own file beside the store)."""
@@ -271,12 +272,12 @@ def run(config: RunConfig, loaded: Loaded | None = None, dataset: Dataset | None
     runtime_skips: Counter[str] = Counter()
     with Store(store_path) as store:
         name = config.name or default_name(store, config, loaded.name, dataset.split)
-        settings = {k: v for k, v in asdict(config).items() if k not in ("store", "name", "resume")}
+        settings = {k: v for k, v in asdict(config).items() if k not in ("store", "name", "resume", "tags")}
         handle = store.start_run(
             name, model=loaded.name, family=loaded.family, dataset=dataset.name, split=dataset.split or "",
             layers=layers, heads=heads, readout=config.readout,
             ablation=_ablation_label(config), config=settings, resume=config.resume, sweep=config.sweep,
-            shard=config.shard,
+            shard=config.shard, tags=config.tags or None,
         )
         todo = [s for s in samples if s.id not in handle.done_ids]
         if start:

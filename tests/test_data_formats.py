@@ -129,7 +129,7 @@ def write_seed(folder: Path) -> Path:
     """SEED-Bench.json with two image questions, a video one, a dimension-10 one and a bad answer."""
     write_image(folder / "SEED-Bench-image" / "0001_0002.png")
     base = {"choice_a": "Red", "choice_b": "Blue", "choice_c": "Green", "choice_d": "White",
-            "data_id": "SEED-Bench-image/0001_0002.png", "data_type": "image"}
+            "data_id": "0001_0002.png", "data_type": "image"}
     questions = [
         {**base, "question_id": "555", "question": "What color is the car?", "answer": "B", "question_type_id": 3},
         {**base, "question_id": "556", "question": "How many cars?", "answer": "A", "question_type_id": 5},
@@ -370,3 +370,18 @@ def test_image_that_vanishes_after_loading_raises_bad_sample(tmp_path: Path) -> 
     (tmp_path / "vg" / "2.png").unlink()
     with pytest.raises(BadSample, match="missing image"):
         dataset[1].image()
+
+
+def test_samples_pickle_for_worker_processes(tmp_path: Path) -> None:
+    import pickle
+
+    loaded = [
+        load_dataset("pointqa", data=write_pointqa(tmp_path / "p"))[0],
+        load_dataset("mmbench", data=write_mmbench(tmp_path))[0],
+        load_dataset("hf", data=write_hf(tmp_path), columns={"question": "prompt"})[0],
+        load_dataset("shapes", limit=1)[0],
+    ]
+    for sample in loaded:
+        copy = pickle.loads(pickle.dumps(sample))
+        assert copy.text == sample.text
+        assert copy.image().tobytes() == sample.image().tobytes()

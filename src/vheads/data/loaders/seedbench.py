@@ -26,6 +26,7 @@ DIMENSIONS = {
     9: "Text Understanding",
 }
 CHOICES = ("choice_a", "choice_b", "choice_c", "choice_d")
+IMAGE_FOLDER = "SEED-Bench-image"
 
 
 def _dimension(record: Mapping[str, Any]) -> int | None:
@@ -89,6 +90,13 @@ def _names(document: Any) -> dict[int, str]:
     return names
 
 
+def _image_root(request: Request) -> Path:
+    """`--images`, else the SEED-Bench-image folder beside the JSON (the release layout), else its folder."""
+    root = request.image_root()
+    beside = root / IMAGE_FOLDER
+    return beside if request.images is None and beside.is_dir() else root
+
+
 def _parse(request: Request) -> Parsed:
     """Image questions of the asked dimension (`--question-type`: a name or its number; default all)."""
     path = data_file(request.data, "seedbench")
@@ -97,6 +105,7 @@ def _parse(request: Request) -> Parsed:
     if not isinstance(questions, list):
         raise DataError(f"{path}: expected {{'questions': [...]}} (SEED-Bench.json)")
     names = _names(document)
+    root = _image_root(request)
     asked = request.question_type.strip().lower() if request.question_type else None
     items: list[Entry | Skip] = []
     for i, record in enumerate(questions):
@@ -107,15 +116,15 @@ def _parse(request: Request) -> Parsed:
             if dimension is None or asked not in (str(dimension), names[dimension].lower()):
                 continue
         label = label_of(record, ("question_id",), f"#{i}")
-        items.append(Entry(str(path), label, partial(_make, record, f"#{i}", request.image_root(), names)))
+        items.append(Entry(str(path), label, partial(_make, record, f"#{i}", root, names)))
     return Parsed(items, request.split or "test", str(path))
 
 
 LOADER = Loader(
     name="seedbench",
     describe=(
-        "SEED-Bench v1, image questions (dimensions 1-9). --data SEED-Bench.json; --images the folder of "
-        "SEED-Bench-image (files named by data_id). --question-type a dimension name or number. "
+        "SEED-Bench v1, image questions (dimensions 1-9). --data SEED-Bench.json; images are found by "
+        "data_id in --images, else in SEED-Bench-image/ beside the JSON. --question-type a dimension name or number. "
         "Scored by letter."
     ),
     parse=_parse,

@@ -97,3 +97,17 @@ def test_dataset_behaves_like_a_list_of_samples(tmp_path: Path) -> None:
     assert (dataset.name, dataset.split, len(dataset), dataset.skipped) == ("shapes", "train", 4, [])
     assert [s.id for s in dataset] == [dataset[i].id for i in range(4)]
     assert len(load_dataset("shapes")) == 1000
+
+
+def test_a_file_with_no_records_or_no_match_is_fatal(tmp_path: Path) -> None:
+    empty_list = tmp_path / "none.json"
+    empty_list.write_text("[]")
+    with pytest.raises(DataError, match=r"none\.json: no records$"):
+        load_dataset("pointqa", data=empty_list)
+    write_image(tmp_path / "a.jpg")
+    path = write_jsonl(tmp_path / "pope.jsonl", [{"question_id": 1, "image": "a.jpg", "text": "Cat?", "label": "yes",
+                                                  "category": "random"}])
+    with pytest.raises(DataError, match="no record matches split=popular"):
+        load_dataset("pope", data=path, split="popular")
+    with pytest.raises(DataError, match="seed"):
+        load_dataset("pope", data=path, seed=-1, limit=1)

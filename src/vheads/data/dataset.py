@@ -113,8 +113,6 @@ def select(items: Iterable[Entry | Skip], limit: int | None, seed: int) -> tuple
     A group (a MMBench question and its circular copies) counts as one question and is kept whole;
     entries are built only when drawn, so a small `limit` on a large file checks few images.
     """
-    if limit is not None and limit < 0:
-        raise DataError(f"limit must be >= 0, got {limit}")
     skipped: list[Skip] = []
     entries: list[Entry] = []
     for item in items:

@@ -53,6 +53,10 @@ def load_dataset(name: str, data: str | Path | None = None, images: str | Path |
     empty file, or a file with no usable record.
     """
     loader = _loader(name)
+    if limit is not None and limit < 0:
+        raise DataError(f"limit must be >= 0, got {limit}")
+    if seed < 0:
+        raise DataError(f"seed must be >= 0, got {seed}")
     unknown = sorted(set(options) - set(loader.options))
     if unknown:
         accepted = ", ".join(loader.options) or "none"
@@ -69,5 +73,6 @@ def load_dataset(name: str, data: str | Path | None = None, images: str | Path |
         if skipped:
             counts = ", ".join(f"{n} {reason}" for reason, n in summarize(skipped).items())
             raise DataError(f"{parsed.source}: no valid record ({counts})")
-        raise DataError(f"{parsed.source}: no record matches (split={split}, question_type={question_type})")
+        wanted = ", ".join(f"{k}={v}" for k, v in (("split", split), ("question_type", question_type)) if v)
+        raise DataError(f"{parsed.source}: no record" + (f" matches {wanted}" if wanted else "s"))
     return Dataset(name=loader.name, samples=samples, split=parsed.split, skipped=skipped)

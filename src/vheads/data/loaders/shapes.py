@@ -7,7 +7,7 @@ from functools import partial
 
 from vheads.data.dataset import Entry, Loader, Parsed, Request, choice
 from vheads.data.loaders.pointqa import QUESTION_ALIASES, parse_as
-from vheads.data.sample import PROMPT_STYLES, DataError, Sample
+from vheads.data.sample import PROMPT_STYLES, Sample
 from vheads.data.shapes import QUESTION_TYPES, SPLIT_IDS, sample_id, shapes_sample
 from vheads.data.skips import Skip
 
@@ -27,8 +27,6 @@ def _parse(request: Request) -> Parsed:
     split = choice(request.split, SPLIT_IDS, "ShapesQA split", "test") or "test"
     qtype = choice(request.question_type, QUESTION_TYPES, "question type", None, QUESTION_ALIASES)
     style = choice(request.prompt_style, PROMPT_STYLES, "prompt style", "visual") or "visual"
-    if request.seed < 0:
-        raise DataError(f"ShapesQA seed must be >= 0, got {request.seed}")
     n = DEFAULT_LIMIT if request.limit is None else request.limit
     items: list[Entry | Skip] = [
         Entry("shapes", sample_id(i, request.seed, split),

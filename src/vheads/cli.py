@@ -321,3 +321,4 @@ def version() -> None:
     from vheads import __version__
 
     typer.echo(__version__)
+

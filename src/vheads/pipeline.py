@@ -298,6 +298,7 @@ def run(config: RunConfig, loaded: Loaded | None = None, dataset: Dataset | None
                                         figures.region_weight, figures.text_weight, figures.sink_weight)
                         done += len(rows)
                         correct += sum(bool(r["correct"]) for r in rows)
+                        log.info("stored %d/%d samples of run %s", done, len(todo), name)
                         if progress:
                             progress(done, len(todo), correct)
         except KeyboardInterrupt:

@@ -23,10 +23,10 @@ DUPLICATE_ID = "duplicate id"
 
 
 class BadRecord(BadSample):
-    """A `BadSample` that carries a short reason (counted in summaries) apart from its detail."""
+    """A `BadSample` with a short reason (counted in summaries); its text reads "reason (detail)"."""
 
     def __init__(self, reason: str, detail: str = "") -> None:
-        super().__init__(f"{reason}: {detail}" if detail else reason)
+        super().__init__(f"{reason} ({detail})" if detail else reason)
         self.reason = reason
         self.detail = detail
 

@@ -106,6 +106,17 @@ _DDL = (
         text_weight REAL,
         sink_weight REAL
     )""",
+    """CREATE TABLE IF NOT EXISTS comparisons (
+        created TIMESTAMP NOT NULL,
+        runs JSON NOT NULL,
+        kind TEXT NOT NULL,
+        basis TEXT,
+        figure TEXT,
+        method TEXT NOT NULL,
+        value DOUBLE,
+        n INTEGER,
+        detail JSON
+    )""",
 )
 
 

@@ -1,0 +1,223 @@
+"""Pruning sweeps: ablate the top visual heads, random heads or the weakest late heads, K at a time, and record
+accuracy with a 95% interval (DESIGN.md, Ablation).
+
+Every point is an ordinary run in the store, tagged with the sweep (runs.sweep) and with its selector, K, seed,
+source run and heads (runs.tags). Point names are derived from the sweep, so running the same sweep again
+reuses the finished points and resumes an interrupted one. K = 0 is one unablated run shared by every selector.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from vheads import pipeline
+from vheads.analysis.heads import head_table
+from vheads.analysis.selectors import SWEEP_SELECTORS, resolve_heads, select_heads
+from vheads.analysis.stats import bootstrap_mean_ci, t_interval
+from vheads.analysis.visual import head_label, stage_counts
+from vheads.pipeline import RunConfig
+from vheads.store import Store
+
+Head = tuple[int, int]
+BASELINE = "none"
+POINT_COLUMNS = ["selector", "k", "seed", "accuracy", "low", "high", "n", "seeds", "heads", "stages", "sweep",
+                 "from_run", "run"]
+_DIGEST_FIELDS = ("model", "dataset", "data", "images", "split", "question_type", "prompt_style", "limit", "seed",
+                  "readout", "max_new_tokens", "ablation")
+
+__all__ = ["POINT_COLUMNS", "Point", "plan", "resolve_heads", "sweep", "sweep_points", "sweep_tag"]
+
+
+@dataclass(frozen=True)
+class Point:
+    """One point of a sweep: the heads removed and the run that measures it."""
+
+    selector: str
+    k: int
+    seed: int | None
+    heads: list[Head]
+    name: str
+
+    def tags(self, from_run: str) -> dict[str, Any]:
+        """What runs.tags records for this point."""
+        return {"selector": self.selector, "k": self.k, "seed": self.seed, "from_run": from_run,
+                "heads": head_label(self.heads)}
+
+
+def sweep_tag(from_run: str, config: RunConfig) -> str:
+    """`ablate-<source run>-<mode>-<digest of model, data and readout options>`: equal settings, equal tag."""
+    settings = {name: getattr(config, name) for name in _DIGEST_FIELDS}
+    digest = hashlib.sha1(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:8]
+    return f"ablate-{from_run}-{config.ablation}-{digest}"
+
+
+def plan(ranking: pd.DataFrame, tag: str, selectors: Sequence[str] = SWEEP_SELECTORS,
+         ks: Sequence[int] = (0, 4, 8, 16), seeds: int = 5) -> list[Point]:
+    """The points of a sweep over a ranking (`head_table` of the source run); K = 0 once, random once per seed."""
+    unknown = [s for s in selectors if s not in SWEEP_SELECTORS]
+    if unknown:
+        raise ValueError(f"unknown selector {unknown[0]!r} for a sweep; expected {', '.join(SWEEP_SELECTORS)}")
+    if not selectors or not ks:
+        raise ValueError("a sweep needs at least one selector and one K")
+    if any(k < 0 for k in ks):
+        raise ValueError(f"K must be 0 or more, got {min(ks)}")
+    if seeds < 1:
+        raise ValueError(f"--seeds must be at least 1, got {seeds}")
+    layers, heads = int(ranking.attrs["layers"]), int(ranking.attrs["heads"])
+    points = [Point(BASELINE, 0, None, [], f"{tag}-k0")] if 0 in ks else []
+    for selector in dict.fromkeys(selectors):
+        for k in sorted({k for k in ks if k > 0}):
+            if selector == "random":
+                points += [Point(selector, k, seed, select_heads(f"random:{k}:{seed}", ranking, layers, heads),
+                                 f"{tag}-random{k}-s{seed}") for seed in range(seeds)]
+            else:
+                points.append(Point(selector, k, None, select_heads(f"{selector}:{k}", ranking, layers, heads),
+                                    f"{tag}-{selector}{k}"))
+    return points
+
+
+def sweep(store_path: str | Path, from_run: str | int, selectors: Sequence[str] = SWEEP_SELECTORS,
+          ks: Sequence[int] = (0, 4, 8, 16), seeds: int = 5, ablation: str = "zero", config: RunConfig | None = None,
+          loaded: Any = None, dataset: Any = None, progress: Callable[[str, int, int, int], None] | None = None,
+          n_boot: int = 1000) -> list[dict[str, Any]]:
+    """Run (or reuse) every point of a pruning sweep and return its points, as `sweep_points` rows.
+
+    `config` carries the model, dataset and run options (its model defaults to the source run's);
+    `progress(point_name, done, total, correct)` follows each point's run.
+    """
+    base = replace(config or RunConfig(), store=str(store_path), ablation=ablation, ablate=[], shard=None,
+                   name=None, resume=True)
+    with Store(store_path, read_only=True) as store:
+        source = store.run(from_run)
+        ranking = head_table(store, from_run)
+        if ranking.attrs["samples"] == 0:
+            raise ValueError(f"run {source['name']} has no samples to rank heads by")
+        base = replace(base, model=base.model or source["model"])
+        tag = base.sweep or sweep_tag(source["name"], base)
+        points = plan(ranking, tag, selectors, ks, seeds)
+        finished = set(store.query("SELECT name FROM runs WHERE sweep = ? AND status = 'done'", [tag])["name"])
+    todo = [p for p in points if p.name not in finished]
+    if todo:
+        loaded, dataset = _prepare(base, loaded, dataset, (int(source["layers"]), int(source["heads"])))
+    for point in todo:
+        pipeline.run(replace(base, name=point.name, ablate=point.heads, sweep=tag, tags=point.tags(source["name"])),
+                     loaded=loaded, dataset=dataset, progress=partial(progress, point.name) if progress else None,
+                     start=partial(_started, progress, point.name) if progress else None)
+    with Store(store_path, read_only=True) as store:
+        frame = _points(store, _sweep_runs(store, tag, None), list(selectors), n_boot)
+    keep = frame["selector"].isin(list(selectors)) & frame["k"].isin(list(ks))
+    return frame[keep].to_dict("records")
+
+
+def sweep_points(store: Store, sweep: str | None = None, from_run: str | int | None = None,
+                 n_boot: int = 1000) -> pd.DataFrame:
+    """The pruning-curve points of the sweeps in a store (one sweep, or those ablating `from_run`, or all).
+
+    Columns: selector, k, seed, accuracy, low, high, n (scored samples per run), seeds, heads (`L.H` list),
+    stages ({early, mid, late} counts of the heads), sweep, from_run, run. top / late and single runs carry a
+    bootstrap 95% interval over samples; random K has one row per seed plus a row with seed None: the mean over
+    seeds with a t interval (heads and stages None there). K = 0 appears once per selector of its sweep.
+    """
+    source = store.run(from_run)["name"] if from_run is not None else None
+    frames = []
+    for tag, runs in _sweep_runs(store, sweep, source).groupby("sweep", sort=True):
+        present = [s for s in dict.fromkeys(t["selector"] for t in runs["tags"]) if s != BASELINE]
+        frames.append(_points(store, runs, present, n_boot, tag))
+    frames = [f for f in frames if len(f)]
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=POINT_COLUMNS)
+
+
+def _started(progress: Callable[[str, int, int, int], None], label: str, total: int) -> None:
+    progress(label, 0, total, 0)
+
+
+def _prepare(config: RunConfig, loaded: Any, dataset: Any, grid: tuple[int, int]) -> tuple[Any, Any]:
+    """Load the dataset and model once for every point, and check the model has the source run's heads."""
+    if dataset is None:
+        from vheads.data import load_dataset
+
+        dataset = load_dataset(config.dataset, data=config.data, images=config.images, split=config.split,
+                               question_type=config.question_type, prompt_style=config.prompt_style,
+                               limit=config.limit, seed=config.seed)
+    if loaded is None:
+        from vheads.models import load
+
+        loaded = load(config.model, dtype=config.dtype, device=config.device, attn=config.attn,
+                      trust_remote_code=config.trust_remote_code)
+    text = loaded.model.config.get_text_config()
+    model_grid = (int(text.num_hidden_layers), int(text.num_attention_heads))
+    if model_grid != grid:
+        raise ValueError(f"model {loaded.name} has {model_grid[0]} x {model_grid[1]} heads but the source run has "
+                         f"{grid[0]} x {grid[1]}; ablate with the source run's model")
+    return loaded, dataset
+
+
+def _sweep_runs(store: Store, sweep: str | None, from_run: str | None) -> pd.DataFrame:
+    """Finished runs that are sweep points, with their tags decoded."""
+    runs = store.runs()
+    runs = runs[runs["sweep"].notna() & (runs["status"] == "done")]
+    runs = runs[runs["tags"].map(lambda t: isinstance(t, dict) and "selector" in t)]
+    if sweep is not None:
+        runs = runs[runs["sweep"] == sweep]
+    if from_run is not None:
+        runs = runs[runs["tags"].map(lambda t: t.get("from_run") == from_run)]
+    return runs
+
+
+def _points(store: Store, runs: pd.DataFrame, selectors: list[str], n_boot: int,
+            tag: str | None = None) -> pd.DataFrame:
+    """Rows of one sweep's runs; the baseline is repeated for each selector (or kept as `none` if there is none)."""
+    if runs.empty:
+        return pd.DataFrame(columns=POINT_COLUMNS)
+    correct = _correct(store, list(runs["run_id"]))
+    single: list[dict[str, Any]] = []
+    for run in runs.itertuples():
+        values = correct.get(int(run.run_id), np.zeros(0))
+        low, high = bootstrap_mean_ci(values, n_boot=n_boot)
+        heads = [tuple(int(v) for v in h.split(".")) for h in run.tags["heads"]]
+        single.append({"selector": run.tags["selector"], "k": int(run.tags["k"]), "seed": run.tags.get("seed"),
+                       "accuracy": float(values.mean()) if len(values) else float("nan"), "low": float(low),
+                       "high": float(high), "n": len(values), "seeds": 1, "heads": run.tags["heads"],
+                       "stages": stage_counts(heads, int(run.layers)), "sweep": tag or run.sweep,
+                       "from_run": run.tags["from_run"], "run": run.name})
+    rows = [r for r in single if r["selector"] != BASELINE]
+    for base in (r for r in single if r["selector"] == BASELINE):
+        rows += [{**base, "selector": s} for s in selectors] or [base]
+    rows += _random_means([r for r in single if r["selector"] == "random"])
+    order = {s: i for i, s in enumerate((*SWEEP_SELECTORS, BASELINE))}
+    rows.sort(key=lambda r: (order.get(r["selector"], len(order)), r["selector"], r["k"],
+                             -1 if r["seed"] is None else r["seed"]))
+    frame = pd.DataFrame(rows, columns=POINT_COLUMNS)
+    frame["seed"] = pd.Series([r["seed"] for r in rows], dtype=object)
+    return frame
+
+
+def _random_means(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per random K: the mean accuracy over seeds with a t interval (one seed: its bootstrap interval)."""
+    means = []
+    for k in sorted({r["k"] for r in rows}):
+        group = [r for r in rows if r["k"] == k]
+        if len(group) == 1:
+            mean, low, high = group[0]["accuracy"], group[0]["low"], group[0]["high"]
+        else:
+            mean, low, high = t_interval(np.array([r["accuracy"] for r in group]))
+        means.append({**group[0], "seed": None, "accuracy": mean, "low": low, "high": high,
+                      "n": min(r["n"] for r in group), "seeds": len(group), "heads": None, "stages": None,
+                      "run": None})
+    return means
+
+
+def _correct(store: Store, run_ids: list[int]) -> dict[int, np.ndarray]:
+    """The scored `correct` values of each run, as 0/1 arrays."""
+    frame = store.query("SELECT run_id, correct::DOUBLE AS c FROM samples WHERE list_contains(?::INTEGER[], run_id) "
+                        "AND correct IS NOT NULL ORDER BY run_id, sample_id", [[int(i) for i in run_ids]])
+    return {int(run_id): group["c"].to_numpy() for run_id, group in frame.groupby("run_id")}

@@ -1,0 +1,160 @@
+"""The analysis commands of the `vheads` command line: `ablate` (pruning sweeps) and `compare` (across runs)."""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from collections.abc import Callable
+from typing import Any
+
+import pandas as pd
+import typer
+
+from vheads.cli import STORE_HELP, _choice, _existing, console, err, errors, frame_table, setup_logging
+
+JSON_POINT_KEYS = ("selector", "k", "seed", "accuracy", "low", "high", "heads")
+
+
+def ablate(
+    from_run: str = typer.Option(..., "--from", help="Run whose head ranking picks the top / late heads."),
+    select: str = typer.Option("top,random,late", "--select", help="Selectors, comma-separated: top (top-K visual "
+                               "heads), random (K random heads, several seeds), late (K lowest-scoring late heads)."),
+    ks: str = typer.Option("0,4,8,16", "--k", help="Numbers of heads to ablate, comma-separated (0 = baseline)."),
+    seeds: int = typer.Option(5, "--seeds", min=1, help="Random head sets per K (seeds 0..N-1)."),
+    ablation: str = typer.Option("zero", "--ablation", help="zero (output zeroed) or uniform (uniform weights)."),
+    model: str = typer.Option(None, "--model", "-m", help="Hub id or local folder of the model (default: "
+                                                                 "the model of --from)."),
+    dataset: str = typer.Option("shapes", "--dataset", "-d", help="Dataset loader (see `vheads data list`)."),
+    data: str = typer.Option(None, "--data", help="The benchmark file or folder (not needed for shapes)."),
+    images: str = typer.Option(None, "--images", help="Folder that image paths are relative to."),
+    split: str = typer.Option(None, "--split", help="Split (shapes: test/train)."),
+    question_type: str = typer.Option(None, "--question-type", help="general, obj or super."),
+    prompt_style: str = typer.Option(None, "--prompt-style", help="visual, plain or none."),
+    limit: int = typer.Option(None, "--limit", "-n", help="At most this many questions."),
+    batch_size: int = typer.Option(8, "--batch-size", "-b", min=1, help="Samples per batch (halved on OOM)."),
+    max_new_tokens: int = typer.Option(8, "--max-new-tokens", min=1, help="Answer length limit (greedy)."),
+    store: str = typer.Option("vheads.duckdb", "--store", help=STORE_HELP),
+    fmt: str = typer.Option("table", "--format", help="table, or json: a list of {selector, k, seed, accuracy, "
+                            "low, high, heads}."),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="More log lines."),
+) -> None:
+    """Pruning curve: accuracy as the top visual heads, random heads or weak late heads are ablated, K at a time.
+
+    Every point is a stored run; running the same sweep again reuses finished points.
+    """
+    setup_logging(verbose)
+    from vheads.analysis.ablation import sweep
+    from vheads.pipeline import RunConfig
+
+    with errors():
+        if fmt not in ("table", "json"):
+            raise ValueError(f"unknown --format {fmt!r}; expected table or json")
+        config = RunConfig(model=model, dataset=dataset, data=data, images=images, split=split,
+                           question_type=question_type, prompt_style=prompt_style, limit=limit,
+                           batch_size=batch_size, max_new_tokens=max_new_tokens)
+        update, bar = _sweep_progress()
+        with bar:
+            points = sweep(_existing(store), from_run, selectors=_items(select, "--select", str),
+                           ks=_items(ks, "--k", int), seeds=seeds, ablation=_choice(ablation, "ablation"),
+                           config=config, progress=update)
+    if fmt == "json":
+        rows = [{key: _plain(point[key]) for key in JSON_POINT_KEYS} for point in points]
+        sys.stdout.write(json.dumps(rows, indent=2) + "\n")
+    else:
+        console.print(frame_table(curve_table(points), title=f"pruning curve ({ablation} ablation, heads of "
+                                  f"{from_run})"))
+
+
+def compare(
+    runs: list[str] = typer.Argument(..., help="Two or more run names or ids."),
+    store: str = typer.Option("vheads.duckdb", "--store", help=STORE_HELP),
+    k: int = typer.Option(None, "--k", min=1, help="Top-K heads for the overlap and the accuracy correlation "
+                          "(default round(0.1 x heads) of each run)."),
+) -> None:
+    """Compare runs: head-map correlations, consistency of a model across datasets, accuracy against attention.
+
+    The figures are also appended to the store's `comparisons` table.
+    """
+    from vheads.analysis.compare import compare_runs, save_comparison
+    from vheads.store import Store
+
+    with errors(), Store(_existing(store)) as db:
+        result = compare_runs(db, list(runs), k=k)
+        console.print(frame_table(result.pairs, title="head-map correlation (heads: same grid; depth: per-layer "
+                                  "profiles on relative depth)"))
+        if len(result.consistency):
+            console.print(frame_table(result.consistency, title="one model across datasets"))
+        console.print(frame_table(result.per_run, title="accuracy and the attention of the top-K heads"))
+        if len(result.accuracy):
+            console.print(frame_table(result.accuracy, title="Spearman: accuracy against top-K attention"))
+        for warning in result.warnings:
+            console.print(f"warning: {warning}", highlight=False)
+        saved = save_comparison(db, result)
+    console.print(f"kept {saved} figures in the comparisons table of {store}", highlight=False)
+
+
+def curve_table(points: list[dict[str, Any]]) -> pd.DataFrame:
+    """The pruning curve for the terminal: one row per selector and K (random: mean over seeds, each seed beside)."""
+    rows = []
+    for point in points:
+        if point["selector"] == "random" and point["seed"] is not None and point["k"] > 0:
+            continue
+        per_seed = [p for p in points if p["selector"] == "random" and p["k"] == point["k"] and p["seed"] is not None]
+        stages = point["stages"] or {}
+        rows.append({"selector": point["selector"], "k": point["k"], "accuracy": point["accuracy"],
+                     "95% CI": _interval(point["low"], point["high"]), "n": point["n"],
+                     "stages e/m/l": "/".join(str(stages.get(s, "-")) for s in ("early", "mid", "late")),
+                     "heads": _heads(point, per_seed)})
+    return pd.DataFrame(rows)
+
+
+def register(app: typer.Typer) -> None:
+    """Add `ablate` and `compare` to the vheads app."""
+    app.command()(ablate)
+    app.command()(compare)
+
+
+def _sweep_progress() -> tuple[Callable[[str, int, int, int], None], Any]:
+    """One progress bar per sweep point, with running accuracy."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    bar = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                   TextColumn("acc {task.fields[acc]}"), TimeElapsedColumn(), console=err, transient=False)
+    tasks: dict[str, Any] = {}
+
+    def update(label: str, done: int, total: int, correct: int) -> None:
+        if label not in tasks:
+            tasks[label] = bar.add_task(label, total=total, acc="-")
+        bar.update(tasks[label], completed=done, acc=f"{correct / done:.3f}" if done else "-")
+
+    return update, bar
+
+
+def _items(text: str, option: str, kind: type) -> list[Any]:
+    try:
+        values = [kind(v.strip()) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise ValueError(f"{option} {text!r}: expected a comma-separated list") from None
+    if not values:
+        raise ValueError(f"{option} is empty")
+    return values
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    return value
+
+
+def _interval(low: float, high: float) -> str:
+    if math.isnan(low) or math.isnan(high):
+        return "-"
+    return f"[{low:.3f}, {high:.3f}]"
+
+
+def _heads(point: dict[str, Any], per_seed: list[dict[str, Any]]) -> str:
+    if point["selector"] == "random" and point["k"] > 0:
+        return f"{len(per_seed)} seeds: " + " ".join(f"{p['accuracy']:.3f}" for p in per_seed)
+    heads = point["heads"] or []
+    return ", ".join(heads[:8]) + (f" (+{len(heads) - 8})" if len(heads) > 8 else "") if heads else "-"

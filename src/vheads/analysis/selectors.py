@@ -1,0 +1,147 @@
+"""Head selectors of DESIGN.md, turned into the (layer, head) lists that `--ablate` and a sweep remove.
+
+`top:K` the K best heads of a run's ranking; `random:K[:seed]` K heads drawn from all heads with the seed;
+`late:K` the K lowest-scoring heads of the late stage; `stage:early|mid|late` every head of a stage;
+`L.H,L.H` an explicit list. Random sets are nested: for one seed, the K = 4 set is part of the K = 8 set.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+
+from vheads import metrics
+from vheads.analysis.heads import head_table
+from vheads.pipeline import parse_heads
+from vheads.store import Store
+
+Head = tuple[int, int]
+SWEEP_SELECTORS = ("top", "random", "late")
+NEEDS_RUN = ("top", "late")
+
+
+def is_selector(spec: str | None) -> bool:
+    """Whether an `--ablate` value is a selector (`top:8`, `stage:late`, ...) rather than an `L.H` list."""
+    return bool(spec) and spec.strip().split(":")[0] in (*SWEEP_SELECTORS, "stage")
+
+
+def resolve_heads(spec: str, store: Store | None = None, from_run: str | int | None = None,
+                  layers: int | None = None, heads: int | None = None) -> list[Head]:
+    """The heads a selector or `L.H` list names, for a model of `layers` x `heads` heads.
+
+    `top` and `late` rank the heads of `from_run` (read from `store`); the grid defaults to that run's.
+    Raises ValueError saying what is wrong with the spec.
+    """
+    text = (spec or "").strip()
+    if not text:
+        raise ValueError("empty head selector; expected top:K, random:K[:seed], late:K, stage:NAME or L.H,...")
+    kind = text.split(":")[0]
+    table = None
+    if kind in NEEDS_RUN:
+        if store is None or from_run is None:
+            raise ValueError(f"{text}: `{kind}` ranks the heads of a run; pass --from RUN")
+        table = head_table(store, from_run)
+        layers, heads = _grid(table, layers, heads, from_run)
+    return select_heads(text, table, layers, heads)
+
+
+def select_heads(spec: str, ranking: pd.DataFrame | None, layers: int | None, heads: int | None) -> list[Head]:
+    """`resolve_heads` on a ranking already at hand (a `head_table`), so a sweep ranks its source run once."""
+    text = spec.strip()
+    if not is_selector(text):
+        if ":" in text:
+            raise ValueError(f"unknown selector {text!r}; expected top:K, random:K[:seed], late:K or stage:NAME")
+        return _explicit(text, layers, heads)
+    kind, *args = text.split(":")
+    if layers is None or heads is None:
+        raise ValueError(f"{text}: the model's layers x heads are needed to resolve it")
+    if kind == "stage":
+        if len(args) != 1 or args[0] not in metrics.STAGES:
+            raise ValueError(f"{text}: expected stage:early, stage:mid or stage:late")
+        return [(layer, head) for layer in metrics.stage_layers(args[0], layers) for head in range(heads)]
+    if kind == "random":
+        if len(args) not in (1, 2):
+            raise ValueError(f"{text}: expected random:K or random:K:SEED")
+        k = _count(text, args[0], layers * heads)
+        seed = _int(text, args[1], "seed") if len(args) == 2 else 0
+        return random_heads(k, layers, heads, seed)
+    if len(args) != 1:
+        raise ValueError(f"{text}: expected {kind}:K")
+    if ranking is None:
+        raise ValueError(f"{text}: `{kind}` needs the ranking of a run; pass --from RUN")
+    ranked = [(int(r.layer), int(r.head)) for r in ranking.itertuples()]
+    if kind == "top":
+        return ranked[:_count(text, args[0], len(ranked))]
+    late = [h for h in ranked if metrics.stage_of(h[0], layers) == "late"]
+    return late[::-1][:_count(text, args[0], len(late))]
+
+
+def random_heads(k: int, layers: int, heads: int, seed: int = 0) -> list[Head]:
+    """K heads drawn without replacement from all layers x heads with `seed`, sorted; nested across K."""
+    order = np.random.default_rng(seed).permutation(layers * heads)[:k]
+    return sorted((int(i // heads), int(i % heads)) for i in order)
+
+
+def _grid(table: pd.DataFrame, layers: int | None, heads: int | None, from_run: str | int) -> tuple[int, int]:
+    run_layers, run_heads = int(table.attrs["layers"]), int(table.attrs["heads"])
+    if (layers, heads) != (None, None) and (layers, heads) != (run_layers, run_heads):
+        raise ValueError(f"run {from_run} has {run_layers} x {run_heads} heads but the model has {layers} x {heads}")
+    if table.attrs["samples"] == 0:
+        raise ValueError(f"run {from_run} has no samples to rank heads by")
+    return run_layers, run_heads
+
+
+def _count(spec: str, text: str, available: int) -> int:
+    k = _int(spec, text, "K")
+    if k < 0 or k > available:
+        raise ValueError(f"{spec}: K must be between 0 and {available}")
+    return k
+
+
+def _int(spec: str, text: str, what: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise ValueError(f"{spec}: {what} {text!r} is not a whole number") from None
+
+
+def _explicit(text: str, layers: int | None, heads: int | None) -> list[Head]:
+    chosen = parse_heads(text)
+    if layers is not None and heads is not None:
+        bad = [f"{layer}.{head}" for layer, head in chosen if not (0 <= layer < layers and 0 <= head < heads)]
+        if bad:
+            raise ValueError(f"heads {', '.join(bad)} do not exist ({layers} layers x {heads} heads)")
+    return chosen
+
+
+def run_option_heads(spec: str | None, from_run: str | None, store_path: str, model: str | None,
+                     trust_remote_code: bool = False) -> list[Head]:
+    """`vheads run --ablate SPEC [--from RUN]`: an `L.H` list, or a selector resolved on the source run's ranking
+    (or, for random / stage without --from, on the model's layers x heads read from its config)."""
+    if not spec:
+        if from_run:
+            raise ValueError("--from names the run whose heads a selector ranks; pass --ablate top:K (or late:K)")
+        return []
+    if not is_selector(spec):
+        return resolve_heads(spec)
+    if from_run:
+        with Store(store_path, read_only=True) as store:
+            return resolve_heads(spec, store, from_run)
+    if spec.split(":")[0] in NEEDS_RUN:
+        raise ValueError(f"{spec}: `{spec.split(':')[0]}` ranks the heads of a run; pass --from RUN")
+    return resolve_heads(spec, None, None, *model_grid(model, trust_remote_code))
+
+
+def model_grid(model: str | None, trust_remote_code: bool = False) -> tuple[int, int]:
+    """Language-model layers x heads from a model's config alone (no weights loaded)."""
+    from transformers import AutoConfig
+
+    from vheads.models import ModelError
+    from vheads.models.loading import resolve
+
+    ref, _ = resolve(model)
+    try:
+        text = AutoConfig.from_pretrained(ref, trust_remote_code=trust_remote_code).get_text_config()
+    except Exception as exc:  # noqa: BLE001 - any config failure is one clear line
+        raise ModelError(f"cannot read the config of {ref}: {str(exc).splitlines()[0]}") from exc
+    return int(text.num_hidden_layers), int(text.num_attention_heads)

@@ -126,7 +126,10 @@ def run(
     max_new_tokens: int = typer.Option(8, "--max-new-tokens", min=1, help="Answer length limit (greedy)."),
     readout: str = typer.Option("prompt", "--readout", help="Query rows measured: prompt (last prompt position), "
                                 "first-generated, or generated (all generated tokens, averaged)."),
-    ablate_heads: str = typer.Option(None, "--ablate", help="Heads to ablate as LAYER.HEAD list, e.g. 3.1,4.7."),
+    ablate_heads: str = typer.Option(None, "--ablate", help="Heads to ablate: a LAYER.HEAD list (3.1,4.7) or a "
+                                     "selector: top:K, late:K (rank the heads of --from), random:K[:seed], "
+                                     "stage:early|mid|late."),
+    from_run: str = typer.Option(None, "--from", help="Run whose head ranking top:K / late:K select from."),
     ablation: str = typer.Option("zero", "--ablation", help="zero (output zeroed) or uniform (uniform weights)."),
     store: str = typer.Option("vheads.duckdb", "--store", help=STORE_HELP),
     name: str = typer.Option(None, "--name", help="Run name (default: model-dataset-split, numbered if taken)."),
@@ -142,16 +145,19 @@ def run(
 ) -> None:
     """Run a model over a dataset: answer (greedy), score, and store every sample's per-head figures."""
     setup_logging(verbose)
-    from vheads.pipeline import RunConfig, parse_heads, parse_shard
+    from vheads.analysis.selectors import run_option_heads
+    from vheads.pipeline import RunConfig, parse_shard
     from vheads.pipeline import run as run_pipeline
 
     with errors():
         config = RunConfig(model=model, dataset=dataset, data=data, images=images, split=split,
                            question_type=question_type, prompt_style=prompt_style, limit=limit,
                            batch_size=batch_size, max_new_tokens=max_new_tokens, readout=_choice(readout, "readout"),
-                           ablate=parse_heads(ablate_heads), ablation=_choice(ablation, "ablation"), store=store,
+                           ablate=run_option_heads(ablate_heads, from_run, store, model, trust_remote_code),
+                           ablation=_choice(ablation, "ablation"), store=store,
                            name=name, shard=parse_shard(shard), dtype=dtype, device=device, attn=attn, resume=resume,
-                           seed=seed, trust_remote_code=trust_remote_code)
+                           seed=seed, trust_remote_code=trust_remote_code,
+                           tags={"ablate": ablate_heads, "from_run": from_run} if from_run else {})
         start, update, bar = progress_callbacks("run")
         with bar:
             summary = run_pipeline(config, progress=update, start=start)
@@ -322,3 +328,7 @@ def version() -> None:
 
     typer.echo(__version__)
 
+
+from vheads.analysis.commands import register as _register_analysis  # noqa: E402
+
+_register_analysis(app)

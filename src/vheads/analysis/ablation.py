@@ -202,7 +202,8 @@ def _points(store: Store, runs: pd.DataFrame, selectors: list[str], n_boot: int,
 
 
 def _random_means(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """One row per random K: the mean accuracy over seeds with a t interval (one seed: its bootstrap interval)."""
+    """One row per random K: the mean accuracy over seeds with a t interval clipped to [0, 1] (one seed: its
+    bootstrap interval)."""
     means = []
     for k in sorted({r["k"] for r in rows}):
         group = [r for r in rows if r["k"] == k]
@@ -210,6 +211,7 @@ def _random_means(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
             mean, low, high = group[0]["accuracy"], group[0]["low"], group[0]["high"]
         else:
             mean, low, high = t_interval(np.array([r["accuracy"] for r in group]))
+            low, high = max(low, 0.0), min(high, 1.0)
         means.append({**group[0], "seed": None, "accuracy": mean, "low": low, "high": high,
                       "n": min(r["n"] for r in group), "seeds": len(group), "heads": None, "stages": None,
                       "run": None})

@@ -6,6 +6,7 @@ import json
 import math
 import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import pandas as pd
@@ -84,8 +85,8 @@ def compare(
         console.print(frame_table(result.pairs, title="head-map correlation (heads: same grid; depth: per-layer "
                                   "profiles on relative depth)"))
         if len(result.consistency):
-            console.print(frame_table(result.consistency, title="one model across datasets"))
-        console.print(frame_table(result.per_run, title="accuracy and the attention of the top-K heads"))
+            console.print(frame_table(_short_models(result.consistency), title="one model across datasets"))
+        console.print(frame_table(_short_models(result.per_run), title="accuracy and the attention of the top-K heads"))
         if len(result.accuracy):
             console.print(frame_table(result.accuracy, title="Spearman: accuracy against top-K attention"))
         for warning in result.warnings:
@@ -139,6 +140,11 @@ def _items(text: str, option: str, kind: type) -> list[Any]:
     if not values:
         raise ValueError(f"{option} is empty")
     return values
+
+
+def _short_models(frame: pd.DataFrame) -> pd.DataFrame:
+    """Model folders shown by their last part, as `vheads runs` does."""
+    return frame.assign(model=frame["model"].map(lambda m: Path(str(m)).name))
 
 
 def _plain(value: Any) -> Any:

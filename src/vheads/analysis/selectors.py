@@ -29,19 +29,22 @@ def resolve_heads(spec: str, store: Store | None = None, from_run: str | int | N
                   layers: int | None = None, heads: int | None = None) -> list[Head]:
     """The heads a selector or `L.H` list names, for a model of `layers` x `heads` heads.
 
-    `top` and `late` rank the heads of `from_run` (read from `store`); the grid defaults to that run's.
+    `top` and `late` rank the heads of `from_run` (read from `store`); with a run, the grid defaults to its own.
     Raises ValueError saying what is wrong with the spec.
     """
     text = (spec or "").strip()
     if not text:
         raise ValueError("empty head selector; expected top:K, random:K[:seed], late:K, stage:NAME or L.H,...")
     kind = text.split(":")[0]
+    if kind in NEEDS_RUN and (store is None or from_run is None):
+        raise ValueError(f"{text}: `{kind}` ranks the heads of a run; pass --from RUN")
     table = None
-    if kind in NEEDS_RUN:
-        if store is None or from_run is None:
-            raise ValueError(f"{text}: `{kind}` ranks the heads of a run; pass --from RUN")
-        table = head_table(store, from_run)
-        layers, heads = _grid(table, layers, heads, from_run)
+    if store is not None and from_run is not None:
+        layers, heads = _grid(store, from_run, layers, heads)
+        if kind in NEEDS_RUN:
+            table = head_table(store, from_run)
+            if table.attrs["samples"] == 0:
+                raise ValueError(f"run {from_run} has no samples to rank heads by")
     return select_heads(text, table, layers, heads)
 
 
@@ -82,12 +85,12 @@ def random_heads(k: int, layers: int, heads: int, seed: int = 0) -> list[Head]:
     return sorted((int(i // heads), int(i % heads)) for i in order)
 
 
-def _grid(table: pd.DataFrame, layers: int | None, heads: int | None, from_run: str | int) -> tuple[int, int]:
-    run_layers, run_heads = int(table.attrs["layers"]), int(table.attrs["heads"])
+def _grid(store: Store, from_run: str | int, layers: int | None, heads: int | None) -> tuple[int, int]:
+    info = store.run(from_run)
+    run_layers, run_heads = int(info["layers"]), int(info["heads"])
     if (layers, heads) != (None, None) and (layers, heads) != (run_layers, run_heads):
-        raise ValueError(f"run {from_run} has {run_layers} x {run_heads} heads but the model has {layers} x {heads}")
-    if table.attrs["samples"] == 0:
-        raise ValueError(f"run {from_run} has no samples to rank heads by")
+        raise ValueError(f"run {info['name']} has {run_layers} x {run_heads} heads but the model has "
+                         f"{layers} x {heads}")
     return run_layers, run_heads
 
 
@@ -122,14 +125,12 @@ def run_option_heads(spec: str | None, from_run: str | None, store_path: str, mo
         if from_run:
             raise ValueError("--from names the run whose heads a selector ranks; pass --ablate top:K (or late:K)")
         return []
-    if not is_selector(spec):
-        return resolve_heads(spec)
     if from_run:
         with Store(store_path, read_only=True) as store:
             return resolve_heads(spec, store, from_run)
-    if spec.split(":")[0] in NEEDS_RUN:
-        raise ValueError(f"{spec}: `{spec.split(':')[0]}` ranks the heads of a run; pass --from RUN")
-    return resolve_heads(spec, None, None, *model_grid(model, trust_remote_code))
+    if is_selector(spec) and spec.split(":")[0] not in NEEDS_RUN:
+        return resolve_heads(spec, None, None, *model_grid(model, trust_remote_code))
+    return resolve_heads(spec)
 
 
 def model_grid(model: str | None, trust_remote_code: bool = False) -> tuple[int, int]:

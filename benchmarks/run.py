@@ -1,0 +1,77 @@
+"""End-to-end `vheads run` throughput against plain `model.generate` on the same batches.
+
+Both sides load the same model once, build the same left-padded batches of held-out ShapesQA (images,
+prompts, processor) and generate greedily with the same `max_new_tokens`. The plain side stops there;
+the vheads side is the real pipeline (`vheads.pipeline.run`): capture of every head, region masks,
+scoring and DuckDB writes. Overhead = vheads time / plain time - 1 (target <= 20%).
+
+    python benchmarks/run.py [--model PATH] [--n 200] [--batch-size 8] [--repeats 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from vheads.data import load_dataset
+from vheads.models import load
+from vheads.pipeline import RunConfig, run
+
+
+def plain_generate(loaded, samples, batch_size: int, max_new_tokens: int) -> float:
+    """Seconds to image-load, encode and generate every batch with no capture."""
+    adapter = loaded.adapter
+    start = time.perf_counter()
+    for i in range(0, len(samples), batch_size):
+        chunk = samples[i:i + batch_size]
+        images = [[s.image()] for s in chunk]
+        inputs = adapter.encode([adapter.prompt(s.text) for s in chunk], images).to(loaded.device)
+        with torch.inference_mode():
+            out = loaded.model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False,
+                                        pad_token_id=adapter.tokenizer.pad_token_id)
+        adapter.decode(out, inputs["input_ids"].shape[1])
+    return time.perf_counter() - start
+
+
+def vheads_run(loaded, dataset, batch_size: int, max_new_tokens: int) -> float:
+    """Seconds for the full pipeline into a fresh store."""
+    with tempfile.TemporaryDirectory() as tmp:
+        config = RunConfig(store=str(Path(tmp) / "bench.duckdb"), name="bench", batch_size=batch_size,
+                           max_new_tokens=max_new_tokens)
+        start = time.perf_counter()
+        run(config, loaded=loaded, dataset=dataset)
+        return time.perf_counter() - start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default=None)
+    parser.add_argument("--n", type=int, default=200)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--max-new-tokens", type=int, default=8)
+    parser.add_argument("--repeats", type=int, default=2)
+    args = parser.parse_args()
+    torch.set_grad_enabled(False)
+    loaded = load(args.model)
+    dataset = load_dataset("shapes", limit=args.n)
+    plain_generate(loaded, dataset.samples[: args.batch_size], args.batch_size, args.max_new_tokens)
+    plain, ours = [], []
+    for _ in range(args.repeats):
+        plain.append(plain_generate(loaded, dataset.samples, args.batch_size, args.max_new_tokens))
+        ours.append(vheads_run(loaded, dataset, args.batch_size, args.max_new_tokens))
+    p, v = min(plain), min(ours)
+    print(f"model {Path(loaded.name).name}, {args.n} held-out ShapesQA questions, batch {args.batch_size}, "
+          f"{torch.get_num_threads()} threads")
+    print("| side | seconds | samples/s |")
+    print("|---|---:|---:|")
+    print(f"| plain generate | {p:.2f} | {args.n / p:.1f} |")
+    print(f"| vheads run (capture + scoring + store) | {v:.2f} | {args.n / v:.1f} |")
+    print(f"\noverhead: {100 * (v / p - 1):+.1f}%")
+
+
+if __name__ == "__main__":
+    main()

@@ -132,6 +132,8 @@ def test_running_the_sweep_again_reuses_finished_points(swept, monkeypatch):
     monkeypatch.setattr(pipeline, "run", must_not_run)
     again = sweep(store, "source", ks=(0, 1), seeds=2, config=config, loaded=loaded)
     assert json.dumps(again, sort_keys=True) == json.dumps(points, sort_keys=True)
+    fewer = sweep(store, "source", selectors=("random",), ks=(1,), seeds=1, config=config, loaded=loaded)
+    assert [(p["k"], p["seed"], p["seeds"]) for p in fewer] == [(1, None, 1), (1, 0, 1)]
 
 
 def test_an_interrupted_point_is_resumed_and_only_it(swept, monkeypatch):

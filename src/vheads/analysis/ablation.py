@@ -24,7 +24,7 @@ from vheads.analysis.heads import head_table
 from vheads.analysis.selectors import SWEEP_SELECTORS, resolve_heads, select_heads
 from vheads.analysis.stats import bootstrap_mean_ci, t_interval
 from vheads.analysis.visual import head_label, stage_counts
-from vheads.pipeline import RunConfig
+from vheads.pipeline import RunConfig, parse_heads
 from vheads.store import Store
 
 Head = tuple[int, int]
@@ -113,9 +113,10 @@ def sweep(store_path: str | Path, from_run: str | int, selectors: Sequence[str] 
                      loaded=loaded, dataset=dataset, progress=partial(progress, point.name) if progress else None,
                      start=partial(_started, progress, point.name) if progress else None)
     with Store(store_path, read_only=True) as store:
-        frame = _points(store, _sweep_runs(store, tag, None), list(selectors), n_boot)
-    keep = frame["selector"].isin(list(selectors)) & frame["k"].isin(list(ks))
-    return frame[keep].to_dict("records")
+        runs = _sweep_runs(store, tag, None)
+        frame = _points(store, runs[runs["name"].isin({p.name for p in points})], list(dict.fromkeys(selectors)),
+                        n_boot)
+    return frame.to_dict("records")
 
 
 def sweep_points(store: Store, sweep: str | None = None, from_run: str | int | None = None,
@@ -129,9 +130,9 @@ def sweep_points(store: Store, sweep: str | None = None, from_run: str | int | N
     """
     source = store.run(from_run)["name"] if from_run is not None else None
     frames = []
-    for tag, runs in _sweep_runs(store, sweep, source).groupby("sweep", sort=True):
+    for _, runs in _sweep_runs(store, sweep, source).groupby("sweep", sort=True):
         present = [s for s in dict.fromkeys(t["selector"] for t in runs["tags"]) if s != BASELINE]
-        frames.append(_points(store, runs, present, n_boot, tag))
+        frames.append(_points(store, runs, present, n_boot))
     frames = [f for f in frames if len(f)]
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=POINT_COLUMNS)
 
@@ -173,8 +174,7 @@ def _sweep_runs(store: Store, sweep: str | None, from_run: str | None) -> pd.Dat
     return runs
 
 
-def _points(store: Store, runs: pd.DataFrame, selectors: list[str], n_boot: int,
-            tag: str | None = None) -> pd.DataFrame:
+def _points(store: Store, runs: pd.DataFrame, selectors: list[str], n_boot: int) -> pd.DataFrame:
     """Rows of one sweep's runs; the baseline is repeated for each selector (or kept as `none` if there is none)."""
     if runs.empty:
         return pd.DataFrame(columns=POINT_COLUMNS)
@@ -183,11 +183,11 @@ def _points(store: Store, runs: pd.DataFrame, selectors: list[str], n_boot: int,
     for run in runs.itertuples():
         values = correct.get(int(run.run_id), np.zeros(0))
         low, high = bootstrap_mean_ci(values, n_boot=n_boot)
-        heads = [tuple(int(v) for v in h.split(".")) for h in run.tags["heads"]]
+        heads = parse_heads(",".join(run.tags["heads"]))
         single.append({"selector": run.tags["selector"], "k": int(run.tags["k"]), "seed": run.tags.get("seed"),
                        "accuracy": float(values.mean()) if len(values) else float("nan"), "low": float(low),
                        "high": float(high), "n": len(values), "seeds": 1, "heads": run.tags["heads"],
-                       "stages": stage_counts(heads, int(run.layers)), "sweep": tag or run.sweep,
+                       "stages": stage_counts(heads, int(run.layers)), "sweep": run.sweep,
                        "from_run": run.tags["from_run"], "run": run.name})
     rows = [r for r in single if r["selector"] != BASELINE]
     for base in (r for r in single if r["selector"] == BASELINE):

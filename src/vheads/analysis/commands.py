@@ -65,6 +65,8 @@ def ablate(
     else:
         console.print(frame_table(curve_table(points), title=f"pruning curve ({ablation} ablation, heads of "
                                   f"{from_run})"))
+        if points:
+            console.print(f"points stored as runs of sweep {points[0]['sweep']} in {store}", highlight=False)
 
 
 def compare(

@@ -1,0 +1,141 @@
+"""Per-image-token attention of a few chosen heads, for drawing back onto the image (the report's overlays).
+
+`TokenAttention` is a capture observer (like `HeadRecorder`): registered on the model's `CaptureSession`,
+it keeps, for every sample, the readout row's attention to each image token for the chosen heads only.
+`attention_maps` re-runs a model on a few samples with it and pairs each map with the image's token grid.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from contextlib import ExitStack
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import nn
+
+from vheads.capture import CaptureSession, ablate
+from vheads.capture.session import AttentionCall, CaptureError
+from vheads.data import Sample
+from vheads.models import Loaded, TokenGrid, image_token_id
+
+Head = tuple[int, int]
+
+
+class TokenAttention:
+    """Context manager recording [heads, image tokens] attention of the readout row for each sample run inside it.
+
+    `readout` `prompt` reads the last prompt position (prefill); `first-generated` and `generated` read the
+    first generated token's row (a map per generated token would not fit one picture), so the model must be
+    run with `generate(..., max_new_tokens >= 2)` for those.
+    """
+
+    def __init__(self, model: nn.Module, heads: Sequence[Head], readout: str = "prompt"):
+        self.model = model
+        self.heads = [(int(layer), int(head)) for layer, head in heads]
+        self.readout = readout
+        self.image_token_id = image_token_id(model.config)
+        if self.image_token_id is None:
+            raise CaptureError(f"{type(model).__name__} has no image token id in its config")
+        self.slots: dict[int, list[tuple[int, int]]] = {}
+        for slot, (layer, head) in enumerate(self.heads):
+            self.slots.setdefault(layer, []).append((slot, head))
+        self.maps: list[np.ndarray] = []
+        self.session: CaptureSession | None = None
+        self._positions: list[torch.Tensor] = []
+        self._rows: torch.Tensor | None = None
+        self._step = 0
+        self._recording = False
+
+    def __enter__(self) -> TokenAttention:
+        self.session = CaptureSession.attach(self.model)
+        self.session.observers.append(self)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        session, self.session = self.session, None
+        if session is not None:
+            session.observers.remove(self)
+            session.detach()
+
+    def on_forward(self, session: CaptureSession, kwargs: dict[str, Any]) -> None:
+        """Start a batch on prefill (image positions, readout rows); count decode steps after it."""
+        input_ids = kwargs.get("input_ids")
+        past = kwargs.get("past_key_values")
+        if past is None or past.get_seq_length() == 0:
+            if input_ids is None:
+                raise CaptureError("TokenAttention needs input_ids to find the image tokens")
+            mask = kwargs.get("attention_mask")
+            real = torch.ones_like(input_ids, dtype=torch.bool) if mask is None else mask.bool()
+            image = (input_ids == self.image_token_id) & real
+            self._positions = [torch.nonzero(row).squeeze(1) for row in image]
+            positions = torch.arange(input_ids.shape[1], device=input_ids.device)
+            self._rows = torch.where(real, positions, -1).max(dim=1).values[:, None]
+            self._step = 0
+            self._recording = self.readout == "prompt"
+            self.maps.extend(np.full((len(self.heads), len(p)), np.nan, dtype=np.float32) for p in self._positions)
+            return
+        self._step += 1
+        q_len = input_ids.shape[1] if input_ids is not None else 1
+        self._rows = torch.full((len(self._positions), 1), q_len - 1, dtype=torch.long,
+                                device=self._positions[0].device if self._positions else None)
+        self._recording = self.readout != "prompt" and self._step == 1
+
+    def observe(self, call: AttentionCall) -> None:
+        """Keep the image-token columns of the chosen heads of this layer."""
+        if not self._recording or call.layer not in self.slots:
+            return
+        probs = call.probabilities(self._rows)[:, :, 0]
+        first = len(self.maps) - len(self._positions)
+        for row, positions in enumerate(self._positions):
+            for slot, head in self.slots[call.layer]:
+                self.maps[first + row][slot] = probs[row, head, positions].cpu().numpy()
+
+
+@dataclass
+class SampleAttention:
+    """One sample's image (as the model saw it), its token grid, and [heads, tokens] attention of `heads`."""
+
+    sample: Sample
+    image: Image.Image
+    grid: TokenGrid
+    heads: list[Head]
+    maps: np.ndarray
+
+    def visual_weight(self) -> np.ndarray:
+        """Each head's total attention on the image (W of the readout row)."""
+        return np.nansum(self.maps, axis=1)
+
+
+def attention_maps(loaded: Loaded, samples: Sequence[Sample], heads: Sequence[Head], readout: str = "prompt",
+                   ablate_heads: Sequence[Head] = (), ablation: str = "zero") -> list[SampleAttention]:
+    """Run the model on each sample (one at a time) and return the attention maps of `heads` over its image.
+
+    Ablated heads (`ablate_heads`, `ablation`) are switched off as in the run being drawn. Raises
+    `GeometryError` when the family's image tokens cannot be mapped back to patches.
+    """
+    adapter, model = loaded.adapter, loaded.model
+    out = []
+    for sample in samples:
+        image = sample.image()
+        inputs = adapter.encode([adapter.prompt(sample.text)], [[image]])
+        grid = adapter.row_grids([[image]], inputs)[0][0]
+        inputs = inputs.to(loaded.device)
+        if "pixel_values" in inputs and inputs["pixel_values"].is_floating_point():
+            inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)
+        with ExitStack() as stack:
+            stack.enter_context(torch.inference_mode())
+            if ablate_heads:
+                stack.enter_context(ablate(model, ablate_heads, ablation))
+            recorder = stack.enter_context(TokenAttention(model, heads, readout))
+            if readout == "prompt":
+                model(**inputs)
+            else:
+                model.generate(**inputs, max_new_tokens=2, min_new_tokens=2, do_sample=False,
+                               pad_token_id=adapter.tokenizer.pad_token_id)
+        maps = recorder.maps[0][:, : len(grid)]
+        out.append(SampleAttention(sample, image, grid, list(heads), maps))
+    return out

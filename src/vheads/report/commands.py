@@ -1,0 +1,61 @@
+"""The report commands of the `vheads` command line: `report` (HTML page and PNGs) and `demo` (the whole study)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from vheads.cli import STORE_HELP, _existing, console, err, errors, frame_table, setup_logging
+
+
+def report(
+    runs: list[str] = typer.Option(None, "--run", "-r", help="Run name or id; repeat for several (default: every "
+                                   "finished run that is not a sweep point, with its sweeps)."),
+    store: str = typer.Option("vheads.duckdb", "--store", help=STORE_HELP),
+    out: Path = typer.Option(Path("vheads-report"), "--out", "-o", help="Folder for index.html and the PNGs."),
+    overlays: int = typer.Option(3, "--overlays", min=0, help="Correct and wrong samples drawn per run with the top "
+                                 "heads' attention (re-runs the run's model on them; 0 = none)."),
+    device: str = typer.Option("auto", "--device", help="Where the overlays re-run the model: auto, cpu, cuda."),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="More log lines."),
+) -> None:
+    """Write a self-contained HTML report (index.html, opens offline) and a PNG per figure."""
+    setup_logging(verbose)
+    from vheads.report.build import build_report
+
+    with errors():
+        index = build_report(_existing(store), out, runs=runs or None, overlays=overlays, device=device)
+    console.print(str(index), highlight=False, soft_wrap=True)
+
+
+def demo(
+    out: Path = typer.Option(Path("vheads-demo"), "--out", "-o", help="Folder for the report (and the store)."),
+    store: Path = typer.Option(None, "--store", help="Store to write (default: a fresh vheads-demo.duckdb in --out, "
+                               "replaced on every demo)."),
+    limit: int = typer.Option(300, "--limit", "-n", min=1, help="Held-out ShapesQA questions to rank heads on."),
+    sweep_limit: int = typer.Option(120, "--sweep-limit", min=1, help="Questions each ablation point is run on."),
+    model: str = typer.Option(None, "--model", "-m", help="Model folder or hub id (default: the embedded demo LLaVA)."),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="More log lines."),
+) -> None:
+    """The whole study in one command: run, rank heads, ablate top vs random vs late heads, write the report."""
+    setup_logging(verbose)
+    from vheads.analysis.commands import curve_table
+    from vheads.report.demo import DemoSettings, run_demo
+
+    settings = DemoSettings(out=out, store=store, limit=limit, sweep_limit=sweep_limit, model=model)
+
+    def show(ranking: object) -> None:
+        console.print(frame_table(ranking.head(10), title=f"top-10 heads (K = {ranking.attrs['k']})"))
+
+    with errors():
+        result = run_demo(settings, say=lambda line: err.print(line, highlight=False), on_ranking=show)
+    console.print(frame_table(curve_table(result.points), title="pruning curve (zero ablation)"))
+    timing = ", ".join(f"{step} {value:.0f} s" for step, value in result.seconds.items())
+    err.print(f"store {result.store}; {timing}", highlight=False, soft_wrap=True)
+    console.print(str(result.index), highlight=False, soft_wrap=True)
+
+
+def register(app: typer.Typer) -> None:
+    """Add `report` and `demo` to the vheads app."""
+    app.command()(report)
+    app.command()(demo)

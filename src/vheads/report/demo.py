@@ -1,0 +1,118 @@
+"""`vheads demo`: the whole study on the embedded default in one call: run, rank, ablate, report."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from vheads.analysis.heads import head_table
+from vheads.pipeline import RunConfig, RunSummary
+from vheads.report.build import build_report
+
+STORE_NAME = "vheads-demo.duckdb"
+RUN_NAME = "demo"
+SELECTORS = ("top", "random", "late")
+
+
+@dataclass
+class DemoSettings:
+    """What the demo runs; the defaults fit in a few minutes on a 2-core CPU with the embedded model."""
+
+    out: Path = Path("vheads-demo")
+    store: Path | None = None
+    limit: int = 300
+    sweep_limit: int = 120
+    ks: tuple[int, ...] = (0, 4, 8)
+    seeds: int = 3
+    overlays: int = 3
+    model: str | None = None
+    batch_size: int = 16
+
+    def store_path(self) -> Path:
+        """The store the demo writes: `--store`, else a fresh `vheads-demo.duckdb` inside the output folder."""
+        return self.store if self.store is not None else self.out / STORE_NAME
+
+
+@dataclass
+class DemoResult:
+    """Where everything went and how long each step took."""
+
+    index: Path
+    store: Path
+    run: RunSummary
+    ranking: pd.DataFrame
+    points: list[dict[str, Any]]
+    seconds: dict[str, float] = field(default_factory=dict)
+
+
+def fresh_store(settings: DemoSettings) -> Path:
+    """The demo's store path; the default one is deleted first so every demo starts clean (a `--store` is kept)."""
+    path = settings.store_path()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if settings.store is None:
+        for stale in (path, path.with_name(path.name + ".wal")):
+            stale.unlink(missing_ok=True)
+    return path
+
+
+def run_demo(settings: DemoSettings, say: Callable[[str], None] = print,
+             on_ranking: Callable[[pd.DataFrame], None] | None = None) -> DemoResult:
+    """Run the study: held-out ShapesQA through the model, head ranking, a small pruning sweep, the report.
+
+    The sweep ablates the top visual heads, random heads (several seeds) and the weakest late heads, K at a
+    time, on its own `sweep_limit` held-out questions, each K a stored run.
+    """
+    from vheads.analysis.ablation import sweep
+    from vheads.data import load_dataset
+    from vheads.models import load
+    from vheads.pipeline import run
+
+    seconds: dict[str, float] = {}
+    began = time.time()
+    store = fresh_store(settings)
+    loaded = load(settings.model)
+    config = RunConfig(model=settings.model, limit=settings.limit, store=str(store), batch_size=settings.batch_size)
+    dataset = load_dataset(config.dataset, limit=config.limit, seed=config.seed)
+    existing = _names(store)
+    name = RUN_NAME if RUN_NAME not in existing else None
+    say(f"1/4 running {loaded.name} on {len(dataset.samples)} held-out ShapesQA questions")
+    summary = run(replace(config, name=name), loaded=loaded, dataset=dataset)
+    seconds["run"] = time.time() - began
+    from vheads.store import Store
+
+    with Store(store, read_only=True) as db:
+        ranking = head_table(db, summary.name)
+    say(f"2/4 ranked {len(ranking)} heads; accuracy {summary.accuracy:.3f}" if summary.accuracy is not None
+        else f"2/4 ranked {len(ranking)} heads")
+    if on_ranking:
+        on_ranking(ranking)
+    step = time.time()
+    sweep_config = RunConfig(model=settings.model, limit=settings.sweep_limit, store=str(store),
+                             batch_size=settings.batch_size)
+    sweep_data = load_dataset(sweep_config.dataset, limit=sweep_config.limit, seed=sweep_config.seed)
+    say(f"3/4 ablating K = {', '.join(map(str, settings.ks))} heads (top, {settings.seeds} random seeds, late) "
+        f"on {len(sweep_data.samples)} questions")
+    points = sweep(store, summary.name, selectors=SELECTORS, ks=settings.ks, seeds=settings.seeds,
+                   config=sweep_config, loaded=loaded, dataset=sweep_data)
+    seconds["sweep"] = time.time() - step
+    step = time.time()
+    say("4/4 writing the report")
+    index = build_report(store, settings.out, runs=[summary.name], overlays=settings.overlays)
+    seconds["report"] = time.time() - step
+    seconds["total"] = time.time() - began
+    return DemoResult(index=index, store=store, run=summary, ranking=ranking, points=points, seconds=seconds)
+
+
+def _names(store: Path) -> set[str]:
+    if not store.exists():
+        return set()
+    from vheads.store import Store
+
+    with Store(store, read_only=True) as db:
+        runs = db.runs()
+    return set(runs["name"]) if len(runs) else set()

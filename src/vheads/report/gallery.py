@@ -1,0 +1,104 @@
+"""A run's overlay gallery: a few correct and wrong samples, re-run through the model, with the top heads' attention
+drawn on each image, as PNGs and the HTML that shows them beside the question, answer and prediction."""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import MutableMapping
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from vheads.capture import CaptureError
+from vheads.data import DataError
+from vheads.models import GeometryError, Loaded, ModelError, load
+from vheads.report import figures
+from vheads.report import html as h
+from vheads.report.attention import Head, attention_maps
+from vheads.report.overlays import MAX_HEAD_PANELS, overlay_figure
+from vheads.report.samples import pick_samples, reload_samples
+
+log = logging.getLogger("vheads.report")
+
+READOUT_ROWS = {"prompt": "the last prompt position", "first-generated": "the first generated token",
+                "generated": "the first generated token (the run averaged every generated token)"}
+
+
+def overlay_heads(table: pd.DataFrame, n: int = MAX_HEAD_PANELS) -> list[Head]:
+    """The heads to draw: the best-ranked visual heads, or the best-ranked heads when none is visual."""
+    visual = table[table["visual"]]
+    chosen = visual if len(visual) else table
+    return [(int(r.layer), int(r.head)) for r in chosen.head(n).itertuples()]
+
+
+def _model(info: dict[str, Any], device: str, cache: MutableMapping[tuple[str, str], Loaded]) -> Loaded:
+    config = info.get("config") or {}
+    key = (str(info["model"]), str(config.get("dtype", "auto")))
+    if key not in cache:
+        cache[key] = load(info["model"], dtype=config.get("dtype", "auto"), device=device,
+                          attn=config.get("attn", "sdpa"), trust_remote_code=bool(config.get("trust_remote_code")))
+    return cache[key]
+
+
+def _ablated(info: dict[str, Any]) -> tuple[list[Head], str]:
+    config = info.get("config") or {}
+    heads = [(int(layer), int(head)) for layer, head in config.get("ablate") or []]
+    return heads, str(config.get("ablation") or "zero")
+
+
+def overlay_block(store: Any, view: Any, out: Path, n: int, device: str,
+                  models: MutableMapping[tuple[str, str], Loaded]) -> list[str]:
+    """HTML for a run's gallery (PNGs written to `out`); a run whose model or data is gone gets a note instead."""
+    chosen = pick_samples(store.samples(view.name), n)
+    if chosen.empty:
+        return [h.paragraph("No stored samples to draw.")]
+    heads = overlay_heads(view.table)
+    info = view.info
+    readout = str(info.get("readout") or "prompt")
+    try:
+        samples = reload_samples(info, list(chosen["sample_id"]))
+        loaded = _model(info, device, models)
+        ablate_heads, ablation = _ablated(info)
+        items = attention_maps(loaded, samples, heads, readout, ablate_heads, ablation)
+    except (DataError, ModelError, GeometryError, CaptureError, OSError, ValueError) as exc:
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        log.warning("no overlays for run %s: %s", view.name, reason)
+        return [h.paragraph(f"No overlays for this run: {reason}")]
+    rows = chosen.set_index("sample_id")
+    cards = []
+    for i, item in enumerate(items):
+        row = rows.loc[item.sample.id]
+        correct = None if pd.isna(row["correct"]) else bool(row["correct"])
+        box = _meta(row["meta"]).get("box") or item.sample.box
+        fig = overlay_figure(item, box, str(row["question"]), _text(row["answer"]), _text(row["prediction"]), correct)
+        path = figures.save(fig, out / f"overlay-{view.stem}-{i:02d}.png")
+        verdict = {True: "correct", False: "wrong", None: "unscored"}[correct]
+        cards.append(
+            f'<div class="sample {verdict}">'
+            + h.figure(path, f"attention of the top heads on sample {item.sample.id}")
+            + f'<p class="qa"><b>sample</b> {h.esc(item.sample.id)} ({verdict})</p>'
+            + f'<p class="qa"><b>question</b> {h.esc(row["question"])}</p>'
+            + f'<p class="qa"><b>answer</b> {h.esc(_text(row["answer"]) or "-")}</p>'
+            + f'<p class="qa"><b>prediction</b> {h.esc(_text(row["prediction"]) or "-")}</p></div>'
+        )
+    label = ", ".join(f"{layer}.{head}" for layer, head in heads)
+    note = (f"Attention of heads {label} from {READOUT_ROWS.get(readout, readout)} to each image token, spread "
+            "over the token's patch in the original image (anyres tiles and the base grid add up); each panel is "
+            "scaled to its own maximum, W is the head's total attention on the image; dashed: the asked-about box.")
+    return [h.paragraph(note), '<div class="samples">' + "".join(cards) + "</div>"]
+
+
+def _meta(value: Any) -> dict[str, Any]:
+    """A sample's meta as a dict (the pipeline stores it as JSON text inside the JSON column)."""
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError:
+            return {}
+    return value if isinstance(value, dict) else {}
+
+
+def _text(value: Any) -> str | None:
+    return None if value is None or (isinstance(value, float) and pd.isna(value)) else str(value)

@@ -1,0 +1,89 @@
+"""Attention drawn back onto the image: each image token's attention spread over its patch in original pixels.
+
+A token's patch box comes from the family's `TokenGrid` (LLaVA-1.5: one grid; LLaVA-NeXT: the base grid and
+the anyres tiles, which cover the same picture at finer scale, so their densities add up). The picture is
+attention mass per pixel, so a small tile patch and a large base patch with equal attention differ in
+brightness as they should.
+"""
+
+from __future__ import annotations
+
+import math
+import textwrap
+from collections.abc import Sequence
+
+import matplotlib
+
+matplotlib.use("Agg")
+
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+from matplotlib.axes import Axes  # noqa: E402
+from matplotlib.figure import Figure  # noqa: E402
+from matplotlib.patches import Rectangle  # noqa: E402
+
+from vheads.models import TokenGrid  # noqa: E402
+from vheads.report.attention import SampleAttention  # noqa: E402
+
+MAX_HEAD_PANELS = 3
+BOX_COLOR = "#00e5ff"
+
+
+def attention_density(grid: TokenGrid, weights: np.ndarray, width: int, height: int) -> np.ndarray:
+    """[height, width] attention mass per pixel: each token's weight spread evenly over its patch box."""
+    canvas = np.zeros((height, width), dtype=np.float64)
+    boxes = grid.boxes[: len(weights)]
+    for (x1, y1, x2, y2), weight in zip(boxes, weights, strict=True):
+        if not (np.isfinite(weight) and np.isfinite(x1)) or weight <= 0:
+            continue
+        area = max((x2 - x1) * (y2 - y1), 1e-9)
+        c1, r1 = max(0, math.floor(x1)), max(0, math.floor(y1))
+        c2, r2 = min(width, math.ceil(x2)), min(height, math.ceil(y2))
+        if c2 > c1 and r2 > r1:
+            canvas[r1:r2, c1:c2] += weight / area
+    return canvas
+
+
+def _draw(ax: Axes, item: SampleAttention, weights: np.ndarray, title: str, box: Sequence[float] | None) -> None:
+    """The image, the attention density on top (transparent where low), the asked-about box outlined."""
+    image = np.asarray(item.image.convert("RGB"))
+    height, width = image.shape[:2]
+    density = attention_density(item.grid, weights, width, height)
+    top = density.max()
+    ax.imshow(image, interpolation="bilinear")
+    if top > 0:
+        norm = density / top
+        rgba = matplotlib.colormaps["inferno"](norm)
+        rgba[..., 3] = 0.15 + 0.7 * norm
+        ax.imshow(rgba, interpolation="nearest")
+    if box is not None:
+        x1, y1, x2, y2 = box
+        ax.add_patch(Rectangle((x1, y1), x2 - x1, y2 - y1, fill=False, edgecolor=BOX_COLOR, linewidth=1.6,
+                               linestyle="--"))
+    ax.set_xlim(0, width)
+    ax.set_ylim(height, 0)
+    ax.set_xticks([])
+    ax.set_yticks([])
+    ax.set_title(title, parse_math=False, fontsize=9)
+
+
+def overlay_figure(item: SampleAttention, box: Sequence[float] | None, question: str, answer: str | None,
+                   prediction: str | None, correct: bool | None) -> Figure:
+    """One sample: the top heads' attention summed, then each head on its own, with the question and answers."""
+    heads = item.heads[:MAX_HEAD_PANELS]
+    weights = item.visual_weight()
+    combined = len(heads) > 1
+    panels = len(heads) + combined
+    fig, axes = plt.subplots(1, panels, figsize=(2.7 * panels, 3.6), layout="constrained", squeeze=False)
+    if combined:
+        label = ", ".join(f"{layer}.{head}" for layer, head in heads)
+        _draw(axes[0][0], item, np.nansum(item.maps[: len(heads)], axis=0), f"heads {label} together", box)
+    for i, (layer, head) in enumerate(heads):
+        _draw(axes[0][i + combined], item, item.maps[i], f"head {layer}.{head}  W = {weights[i]:.2f}", box)
+    verdict = {True: "correct", False: "wrong", None: "unscored"}[correct]
+    text = (f"[{verdict}] {item.sample.id}  Q: {question}\nanswer: {answer if answer is not None else '-'}   "
+            f"prediction: {prediction if prediction is not None else '-'}")
+    width = int(2.7 * panels * 13)
+    wrapped = "\n".join(textwrap.fill(line, width, max_lines=3, placeholder=" …") for line in text.splitlines())
+    fig.suptitle(wrapped, parse_math=False, fontsize=9, ha="left", x=0.01)
+    return fig

@@ -332,3 +332,6 @@ def version() -> None:
 from vheads.analysis.commands import register as _register_analysis  # noqa: E402
 
 _register_analysis(app)
+from vheads.report.commands import register as _register_report  # noqa: E402
+
+_register_report(app)

@@ -26,11 +26,11 @@ READOUT_ROWS = {"prompt": "the last prompt position", "first-generated": "the fi
                 "generated": "the first generated token (the run averaged every generated token)"}
 
 
-def overlay_heads(table: pd.DataFrame, n: int = MAX_HEAD_PANELS) -> list[Head]:
-    """The heads to draw: the best-ranked visual heads, or the best-ranked heads when none is visual."""
-    visual = table[table["visual"]]
-    chosen = visual if len(visual) else table
-    return [(int(r.layer), int(r.head)) for r in chosen.head(n).itertuples()]
+def overlay_heads(table: pd.DataFrame, n: int = MAX_HEAD_PANELS) -> tuple[list[Head], set[Head]]:
+    """The heads to draw (the `n` best-ranked: visual heads come first) and which of them are visual heads."""
+    top = table.head(n)
+    heads = [(int(r.layer), int(r.head)) for r in top.itertuples()]
+    return heads, {head for head, visual in zip(heads, top["visual"], strict=True) if visual}
 
 
 def _model(info: dict[str, Any], device: str, cache: MutableMapping[tuple[str, str], Loaded]) -> Loaded:
@@ -54,7 +54,7 @@ def overlay_block(store: Any, view: Any, out: Path, n: int, device: str,
     chosen = pick_samples(store.samples(view.name), n)
     if chosen.empty:
         return [h.paragraph("No stored samples to draw.")]
-    heads = overlay_heads(view.table)
+    heads, visual = overlay_heads(view.table)
     info = view.info
     readout = str(info.get("readout") or "prompt")
     try:
@@ -72,7 +72,8 @@ def overlay_block(store: Any, view: Any, out: Path, n: int, device: str,
         row = rows.loc[item.sample.id]
         correct = None if pd.isna(row["correct"]) else bool(row["correct"])
         box = _meta(row["meta"]).get("box") or item.sample.box
-        fig = overlay_figure(item, box, str(row["question"]), _text(row["answer"]), _text(row["prediction"]), correct)
+        fig = overlay_figure(item, box, str(row["question"]), _text(row["answer"]), _text(row["prediction"]), correct,
+                             visual)
         path = figures.save(fig, out / f"overlay-{view.stem}-{i:02d}.png")
         verdict = {True: "correct", False: "wrong", None: "unscored"}[correct]
         cards.append(
@@ -84,9 +85,10 @@ def overlay_block(store: Any, view: Any, out: Path, n: int, device: str,
             + f'<p class="qa"><b>prediction</b> {h.esc(_text(row["prediction"]) or "-")}</p></div>'
         )
     label = ", ".join(f"{layer}.{head}" for layer, head in heads)
-    note = (f"Attention of heads {label} from {READOUT_ROWS.get(readout, readout)} to each image token, spread "
-            "over the token's patch in the original image (anyres tiles and the base grid add up); each panel is "
-            "scaled to its own maximum, W is the head's total attention on the image; dashed: the asked-about box.")
+    note = (f"Attention of the best-ranked heads {label} from {READOUT_ROWS.get(readout, readout)} to each image "
+            "token, spread over the token's patch in the original image (anyres tiles and the base grid add up); "
+            "each panel is scaled to its own maximum, W is the head's total attention on the image; dashed: the "
+            "asked-about box.")
     return [h.paragraph(note), '<div class="samples">' + "".join(cards) + "</div>"]
 
 

@@ -187,7 +187,8 @@ def table(frame: pd.DataFrame, formats: Mapping[str, Callable[[Any], str]] | Non
           row_attrs: Callable[[Any], Mapping[str, str]] | None = None) -> str:
     """A DataFrame as an escaped HTML table; `row_attrs(row)` adds attributes (class, data-*) to each row."""
     formats = formats or {}
-    head = "".join(f"<th>{esc(c)}</th>" for c in frame.columns)
+    texts = {c for c in frame.columns if c not in formats and len(frame) and _cell(frame[c].iloc[0], None)[1]}
+    head = "".join(f'<th class="text">{esc(c)}</th>' if c in texts else f"<th>{esc(c)}</th>" for c in frame.columns)
     rows = []
     for row in frame.itertuples(index=False):
         attrs = "".join(f' {esc(k)}="{esc(v)}"' for k, v in (row_attrs(row) if row_attrs else {}).items())

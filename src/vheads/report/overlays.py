@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 import textwrap
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 
 import matplotlib
 
@@ -23,9 +23,10 @@ from matplotlib.figure import Figure  # noqa: E402
 from matplotlib.patches import Rectangle  # noqa: E402
 
 from vheads.models import TokenGrid  # noqa: E402
-from vheads.report.attention import SampleAttention  # noqa: E402
+from vheads.report.attention import Head, SampleAttention  # noqa: E402
 
 MAX_HEAD_PANELS = 3
+PANEL_INCHES = 3.0
 BOX_COLOR = "#00e5ff"
 
 
@@ -68,22 +69,24 @@ def _draw(ax: Axes, item: SampleAttention, weights: np.ndarray, title: str, box:
 
 
 def overlay_figure(item: SampleAttention, box: Sequence[float] | None, question: str, answer: str | None,
-                   prediction: str | None, correct: bool | None) -> Figure:
-    """One sample: the top heads' attention summed, then each head on its own, with the question and answers."""
+                   prediction: str | None, correct: bool | None, visual: Collection[Head] = ()) -> Figure:
+    """One sample: the heads' attention summed, then each head on its own (visual heads marked), with the text."""
     heads = item.heads[:MAX_HEAD_PANELS]
     weights = item.visual_weight()
     combined = len(heads) > 1
     panels = len(heads) + combined
-    fig, axes = plt.subplots(1, panels, figsize=(2.7 * panels, 3.6), layout="constrained", squeeze=False)
+    width = max(4.4, PANEL_INCHES * panels)
+    fig, axes = plt.subplots(1, panels, figsize=(width, PANEL_INCHES + 1.0), layout="constrained", squeeze=False)
     if combined:
         label = ", ".join(f"{layer}.{head}" for layer, head in heads)
         _draw(axes[0][0], item, np.nansum(item.maps[: len(heads)], axis=0), f"heads {label} together", box)
     for i, (layer, head) in enumerate(heads):
-        _draw(axes[0][i + combined], item, item.maps[i], f"head {layer}.{head}  W = {weights[i]:.2f}", box)
+        kind = " (visual)" if (layer, head) in visual else ""
+        _draw(axes[0][i + combined], item, item.maps[i], f"head {layer}.{head}{kind}  W = {weights[i]:.2f}", box)
     verdict = {True: "correct", False: "wrong", None: "unscored"}[correct]
     text = (f"[{verdict}] {item.sample.id}  Q: {question}\nanswer: {answer if answer is not None else '-'}   "
             f"prediction: {prediction if prediction is not None else '-'}")
-    width = int(2.7 * panels * 13)
-    wrapped = "\n".join(textwrap.fill(line, width, max_lines=3, placeholder=" …") for line in text.splitlines())
+    chars = int(width * 13)
+    wrapped = "\n".join(textwrap.fill(line, chars, max_lines=3, placeholder=" …") for line in text.splitlines())
     fig.suptitle(wrapped, parse_math=False, fontsize=9, ha="left", x=0.01)
     return fig

@@ -152,9 +152,10 @@ def run(
     with errors():
         config = RunConfig(model=model, dataset=dataset, data=data, images=images, split=split,
                            question_type=question_type, prompt_style=prompt_style, limit=limit,
-                           batch_size=batch_size, max_new_tokens=max_new_tokens, readout=_choice(readout, "readout"),
+                           batch_size=batch_size, max_new_tokens=max_new_tokens,
+                           readout=check_choice(readout, "readout"),
                            ablate=run_option_heads(ablate_heads, from_run, store, model, trust_remote_code),
-                           ablation=_choice(ablation, "ablation"), store=store,
+                           ablation=check_choice(ablation, "ablation"), store=store,
                            name=name, shard=parse_shard(shard), dtype=dtype, device=device, attn=attn, resume=resume,
                            seed=seed, trust_remote_code=trust_remote_code,
                            tags={"ablate": ablate_heads, "from_run": from_run} if from_run else {})
@@ -164,7 +165,7 @@ def run(
         print_summary(summary)
 
 
-def _choice(value: str, what: str) -> str:
+def check_choice(value: str, what: str) -> str:
     from vheads.capture import ABLATION_MODES, READOUTS
 
     allowed = {"readout": READOUTS, "ablation": ABLATION_MODES}[what]
@@ -200,7 +201,7 @@ def runs(store: str = typer.Option("vheads.duckdb", "--store", help=STORE_HELP),
     """List the runs in the store."""
     from vheads.store import Store
 
-    with errors(), Store(_existing(store), read_only=True) as db:
+    with errors(), Store(existing_store(store), read_only=True) as db:
         frame = db.runs()
         cols = [c for c in ("run_id", "name", "model", "dataset", "split", "readout", "ablation", "status",
                             "n_samples", "accuracy", "sweep") if c in frame.columns]
@@ -210,7 +211,7 @@ def runs(store: str = typer.Option("vheads.duckdb", "--store", help=STORE_HELP),
         emit(frame, fmt, title=f"runs in {store}")
 
 
-def _existing(store: str) -> str:
+def existing_store(store: str) -> str:
     if not Path(store).exists():
         raise FileNotFoundError(f"store {store} does not exist; run `vheads run` first or pass --store")
     return store
@@ -228,7 +229,7 @@ def heads(
     from vheads.analysis.heads import head_table
     from vheads.store import Store
 
-    with errors(), Store(_existing(store), read_only=True) as db:
+    with errors(), Store(existing_store(store), read_only=True) as db:
         name = run_name or latest_run(db)
         table = head_table(db, name, k=k)
         if top:
@@ -251,7 +252,7 @@ def query(sql: str = typer.Argument(..., help="SQL over the tables runs, samples
     """Run SQL on the store, e.g. vheads query "SELECT layer, avg(visual_weight) FROM head_stats GROUP BY 1"."""
     from vheads.store import Store
 
-    with errors(), Store(_existing(store), read_only=True) as db:
+    with errors(), Store(existing_store(store), read_only=True) as db:
         emit(db.query(sql), "csv" if csv else "table")
 
 
@@ -262,7 +263,7 @@ def export(run_name: str = typer.Option(None, "--run", "-r", help="Run name or i
     """Export runs, samples and head figures to Parquet."""
     from vheads.store import Store
 
-    with errors(), Store(_existing(store), read_only=True) as db:
+    with errors(), Store(existing_store(store), read_only=True) as db:
         for path in db.export(run_name, out):
             console.print(str(path), highlight=False)
 

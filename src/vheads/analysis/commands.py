@@ -12,7 +12,7 @@ from typing import Any
 import pandas as pd
 import typer
 
-from vheads.cli import STORE_HELP, _choice, _existing, console, err, errors, frame_table, setup_logging
+from vheads.cli import STORE_HELP, check_choice, console, err, errors, existing_store, frame_table, setup_logging
 
 JSON_POINT_KEYS = ("selector", "k", "seed", "accuracy", "low", "high", "heads")
 
@@ -56,8 +56,8 @@ def ablate(
                            batch_size=batch_size, max_new_tokens=max_new_tokens)
         update, bar = _sweep_progress()
         with bar:
-            points = sweep(_existing(store), from_run, selectors=_items(select, "--select", str),
-                           ks=_items(ks, "--k", int), seeds=seeds, ablation=_choice(ablation, "ablation"),
+            points = sweep(existing_store(store), from_run, selectors=_items(select, "--select", str),
+                           ks=_items(ks, "--k", int), seeds=seeds, ablation=check_choice(ablation, "ablation"),
                            config=config, progress=update)
     if fmt == "json":
         rows = [{key: _plain(point[key]) for key in JSON_POINT_KEYS} for point in points]
@@ -82,7 +82,7 @@ def compare(
     from vheads.analysis.compare import compare_runs, save_comparison
     from vheads.store import Store
 
-    with errors(), Store(_existing(store)) as db:
+    with errors(), Store(existing_store(store)) as db:
         result = compare_runs(db, list(runs), k=k)
         console.print(frame_table(result.pairs, title="head-map correlation (heads: same grid; depth: per-layer "
                                   "profiles on relative depth)"))

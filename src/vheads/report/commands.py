@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from vheads.cli import STORE_HELP, _existing, console, err, errors, frame_table, setup_logging
+from vheads.cli import STORE_HELP, console, err, errors, existing_store, frame_table, setup_logging
 
 
 def report(
@@ -24,7 +24,7 @@ def report(
     from vheads.report.build import build_report
 
     with errors():
-        index = build_report(_existing(store), out, runs=runs or None, overlays=overlays, device=device)
+        index = build_report(existing_store(store), out, runs=runs or None, overlays=overlays, device=device)
     console.print(str(index), highlight=False, soft_wrap=True)
 
 

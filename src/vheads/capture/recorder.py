@@ -163,7 +163,7 @@ class HeadRecorder:
             return
         group = self.groups[-1]
         probs = call.probabilities(group.call_rows)[:, :, 0]
-        masks = group.key_masks(call.key.shape[2])
+        masks = {k: None if m is None else m.to(probs.device) for k, m in group.key_masks(call.key.shape[2]).items()}
         figures = metrics.attention_figures(
             probs,
             masks["image"][:, None],
@@ -172,11 +172,11 @@ class HeadRecorder:
             masks["sink"][:, None],
         )
         if masks["region"] is not None:
-            no_box = ~group.masks["region"].any(dim=1)[:, None]
+            no_box = ~group.masks["region"].any(dim=1)[:, None].to(probs.device)
             figures["region_weight"] = figures["region_weight"].masked_fill(no_box, float("nan"))
         valid = group.valid[:, None]
         for name in FIGURES:
-            value = figures[name].double()
+            value = figures[name].double().to(valid.device)
             ok = valid & ~torch.isnan(value)
             group.sums[name][:, call.layer] += torch.where(ok, value, 0.0)
             group.counts[name][:, call.layer] += ok.double()

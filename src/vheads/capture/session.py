@@ -68,6 +68,7 @@ class AttentionCall:
         b, _, q_len, _ = self.query.shape
         kv_len = self.key.shape[2]
         device = self.key.device
+        rows = rows.to(device)
         m = self.mask
         bias = None
         if m is not None and m.dim() == 4:
@@ -93,6 +94,7 @@ class AttentionCall:
         """softmax(q·kᵀ·scale + mask) in fp32 for the selected query rows only: [batch, heads, r, kv]."""
         b, h, _, d = self.query.shape
         kvh = self.key.shape[1]
+        rows = rows.to(self.query.device)
         q = torch.gather(self.query, 2, rows[:, None, :, None].expand(b, h, -1, d)).float()
         q = q.reshape(b, kvh, h // kvh, rows.shape[1], d)
         logits = torch.einsum("bngrd,bnkd->bngrk", q, self.key.float()).reshape(b, h, rows.shape[1], -1)

@@ -113,3 +113,23 @@ def test_the_same_folder_loads_with_its_family_adapter(model_dirs):
     assert load(model_dirs("llava_next")).family == "llava_next"
     assert load(model_dirs("vipllava")).family == "vipllava"
     assert load(model_dirs("gemma3")).family == "gemma3"
+
+
+def test_a_model_without_an_image_token_is_refused(model_dirs):
+    from vheads.models import adapter_for
+
+    loaded = load(model_dirs("llava"))
+    loaded.model.config.image_token_id = None
+    with pytest.raises(ModelError, match="has no image token"):
+        adapter_for(loaded.model, loaded.processor)
+
+
+def test_a_folder_without_a_processor_is_refused(model_dirs, tmp_path):
+    import shutil
+
+    folder = tmp_path / "weights-only"
+    folder.mkdir()
+    for name in ("config.json", "model.safetensors", "generation_config.json"):
+        shutil.copy(model_dirs("llava") / name, folder / name)
+    with pytest.raises(ModelError, match="processor"):
+        load(folder)

@@ -33,15 +33,22 @@ def demo(
     store: Path = typer.Option(None, "--store", help="Store to write (default: a fresh vheads-demo.duckdb in --out, "
                                "replaced on every demo)."),
     limit: int = typer.Option(300, "--limit", "-n", min=1, help="Held-out ShapesQA questions to rank heads on."),
-    sweep_limit: int = typer.Option(120, "--sweep-limit", min=1, help="Questions each ablation point is run on."),
+    sweep_limit: int = typer.Option(None, "--sweep-limit", min=1, help="Questions each ablation point is run on "
+                                    "(default: the same questions as --limit)."),
     model: str = typer.Option(None, "--model", "-m", help="Model folder or hub id (default: the embedded demo LLaVA)."),
+    threads: int = typer.Option(1, "--threads", min=0, help="CPU threads for torch (0: torch's default). One is "
+                                "fastest for the small demo model, above all on a busy machine."),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="More log lines."),
 ) -> None:
     """The whole study in one command: run, rank heads, ablate top vs random vs late heads, write the report."""
     setup_logging(verbose)
+    import torch
+
     from vheads.analysis.commands import curve_table
     from vheads.report.demo import DemoSettings, run_demo
 
+    if threads:
+        torch.set_num_threads(threads)
     settings = DemoSettings(out=out, store=store, limit=limit, sweep_limit=sweep_limit, model=model)
 
     def show(ranking: object) -> None:

@@ -26,7 +26,7 @@ class DemoSettings:
     out: Path = Path("vheads-demo")
     store: Path | None = None
     limit: int = 300
-    sweep_limit: int = 120
+    sweep_limit: int | None = None
     ks: tuple[int, ...] = (0, 4, 8)
     seeds: int = 3
     overlays: int = 3
@@ -65,7 +65,7 @@ def run_demo(settings: DemoSettings, say: Callable[[str], None] = print,
     """Run the study: held-out ShapesQA through the model, head ranking, a small pruning sweep, the report.
 
     The sweep ablates the top visual heads, random heads (several seeds) and the weakest late heads, K at a
-    time, on its own `sweep_limit` held-out questions, each K a stored run.
+    time, each point a stored run, on the same questions (or `sweep_limit` questions drawn with the same seed).
     """
     from vheads.analysis.ablation import sweep
     from vheads.data import load_dataset
@@ -92,9 +92,10 @@ def run_demo(settings: DemoSettings, say: Callable[[str], None] = print,
     if on_ranking:
         on_ranking(ranking)
     step = time.time()
-    sweep_config = RunConfig(model=settings.model, limit=settings.sweep_limit, store=str(store),
-                             batch_size=settings.batch_size)
-    sweep_data = load_dataset(sweep_config.dataset, limit=sweep_config.limit, seed=sweep_config.seed)
+    sweep_config, sweep_data = config, dataset
+    if settings.sweep_limit is not None and settings.sweep_limit != settings.limit:
+        sweep_config = replace(config, limit=settings.sweep_limit)
+        sweep_data = load_dataset(config.dataset, limit=settings.sweep_limit, seed=config.seed)
     say(f"3/4 ablating K = {', '.join(map(str, settings.ks))} heads (top, {settings.seeds} random seeds, late) "
         f"on {len(sweep_data.samples)} questions")
     points = sweep(store, summary.name, selectors=SELECTORS, ks=settings.ks, seeds=settings.seeds,

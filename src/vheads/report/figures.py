@@ -121,8 +121,9 @@ def wc_scatter(runs: Sequence[tuple[str, float | None, pd.DataFrame]]) -> Figure
         ax.scatter(vis["mean_w"], vis["mean_c"], s=34, c=[STAGE_COLORS[s] for s in vis["stage"]],
                    edgecolor=VISUAL_EDGE, linewidth=0.9, zorder=3)
         acc = "n/a" if accuracy is None or pd.isna(accuracy) else f"{accuracy:.1%}"
-        _text(ax, f"{name}\naccuracy {acc}", "mean visual weight W", "mean concentration C")
-        ax.set_xlim(left=0)
+        _text(ax, f"{name}\naccuracy {acc}", "mean visual weight W", "mean concentration C", width=44)
+        ax.set_xlim(0, _upper(table["mean_w"]))
+        ax.set_ylim(0, _upper(table["mean_c"]))
         ax.grid(alpha=0.3)
     for ax in list(axes.flat)[n:]:
         ax.set_visible(False)
@@ -130,8 +131,15 @@ def wc_scatter(runs: Sequence[tuple[str, float | None, pd.DataFrame]]) -> Figure
                STAGE_COLORS.items()]
     handles.append(Line2D([], [], marker="o", linestyle="", markerfacecolor="white", markeredgecolor=VISUAL_EDGE,
                           label="visual head"))
-    fig.legend(handles=handles, loc="outside lower center", ncol=4, frameon=False, fontsize=9)
+    fig.legend(handles=handles, loc="outside lower center", ncol=4 if cols > 1 else 2, frameon=False, fontsize=9)
     return fig
+
+
+def _upper(values: pd.Series) -> float:
+    """An axis end a little above the largest finite value (1 when there is none)."""
+    finite = values[np.isfinite(values.to_numpy(dtype=float))]
+    top = float(finite.max()) if len(finite) else 0.0
+    return top * 1.06 if top > 0 else 1.0
 
 
 def correlation_matrices(matrices: Sequence[tuple[str, pd.DataFrame]], label: str = "Pearson r") -> Figure:

@@ -86,9 +86,9 @@ def overlay_block(store: Any, view: Any, out: Path, n: int, device: str,
         )
     label = ", ".join(f"{layer}.{head}" for layer, head in heads)
     note = (f"Attention of the best-ranked heads {label} from {READOUT_ROWS.get(readout, readout)} to each image "
-            "token, spread over the token's patch in the original image (anyres tiles and the base grid add up); "
-            "each panel is scaled to its own maximum, W is the head's total attention on the image; dashed: the "
-            "asked-about box.")
+            "token, spread over the token's patch in the original image (anyres tiles and the base grid add up). "
+            "Colour: attention per pixel against an even spread over the image (clear: no more than even; "
+            "brightest: 16 times or more). W: the head's total attention on the image; dashed: the asked-about box.")
     return [h.paragraph(note), '<div class="samples">' + "".join(cards) + "</div>"]
 
 

@@ -46,7 +46,7 @@ tr.head-row:hover { background: #fff6d5; }
 #tip { position: fixed; pointer-events: none; background: rgba(20, 24, 33, .92); color: #fff; padding: 5px 8px;
        border-radius: 4px; font-size: 12px; white-space: pre; display: none; z-index: 10; }
 .samples { display: flex; flex-wrap: wrap; gap: 10px; }
-.sample { background: #fff; border: 1px solid #e1e4ea; padding: 8px; max-width: 720px; }
+.sample { background: #fff; border: 1px solid #e1e4ea; padding: 8px; max-width: min(100%, 1100px); }
 .sample.correct { border-left: 5px solid #55A868; }
 .sample.wrong { border-left: 5px solid #C44E52; }
 .qa { font-size: 13px; margin: 4px 0 0; }

@@ -2,8 +2,9 @@
 
 A token's patch box comes from the family's `TokenGrid` (LLaVA-1.5: one grid; LLaVA-NeXT: the base grid and
 the anyres tiles, which cover the same picture at finer scale, so their densities add up). The picture is
-attention mass per pixel, so a small tile patch and a large base patch with equal attention differ in
-brightness as they should.
+attention mass per pixel relative to an even spread over the image, on a log scale: transparent where a pixel
+gets no more than its even share, brightest at `FOCUS_TOP` times it or more. A head that looks everywhere leaves
+the image clear; a head that looks at one patch lights it up.
 """
 
 from __future__ import annotations
@@ -19,6 +20,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from matplotlib.axes import Axes  # noqa: E402
+from matplotlib.cm import ScalarMappable  # noqa: E402
+from matplotlib.colors import LogNorm  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 from matplotlib.patches import Rectangle  # noqa: E402
 
@@ -26,8 +29,9 @@ from vheads.models import TokenGrid  # noqa: E402
 from vheads.report.attention import Head, SampleAttention  # noqa: E402
 
 MAX_HEAD_PANELS = 3
-PANEL_INCHES = 3.0
+PANEL_INCHES = 2.8
 BOX_COLOR = "#00e5ff"
+FOCUS_TOP = 16.0
 
 
 def attention_density(grid: TokenGrid, weights: np.ndarray, width: int, height: int) -> np.ndarray:
@@ -45,18 +49,25 @@ def attention_density(grid: TokenGrid, weights: np.ndarray, width: int, height: 
     return canvas
 
 
+def focus(density: np.ndarray) -> np.ndarray:
+    """0..1 per pixel: log of the density over its image mean, 0 at or below the mean, 1 at `FOCUS_TOP` times it."""
+    mean = density.mean()
+    if mean <= 0:
+        return np.zeros_like(density)
+    with np.errstate(divide="ignore"):
+        ratio = np.log2(np.maximum(density / mean, 1e-12)) / np.log2(FOCUS_TOP)
+    return np.clip(ratio, 0.0, 1.0)
+
+
 def _draw(ax: Axes, item: SampleAttention, weights: np.ndarray, title: str, box: Sequence[float] | None) -> None:
-    """The image, the attention density on top (transparent where low), the asked-about box outlined."""
+    """The image, the attention focus on top (transparent where even or lower), the asked-about box outlined."""
     image = np.asarray(item.image.convert("RGB"))
     height, width = image.shape[:2]
-    density = attention_density(item.grid, weights, width, height)
-    top = density.max()
+    strength = focus(attention_density(item.grid, weights, width, height))
     ax.imshow(image, interpolation="bilinear")
-    if top > 0:
-        norm = density / top
-        rgba = matplotlib.colormaps["inferno"](norm)
-        rgba[..., 3] = 0.15 + 0.7 * norm
-        ax.imshow(rgba, interpolation="nearest")
+    rgba = matplotlib.colormaps["inferno"](strength)
+    rgba[..., 3] = 0.8 * strength
+    ax.imshow(rgba, interpolation="nearest")
     if box is not None:
         x1, y1, x2, y2 = box
         ax.add_patch(Rectangle((x1, y1), x2 - x1, y2 - y1, fill=False, edgecolor=BOX_COLOR, linewidth=1.6,
@@ -65,7 +76,7 @@ def _draw(ax: Axes, item: SampleAttention, weights: np.ndarray, title: str, box:
     ax.set_ylim(height, 0)
     ax.set_xticks([])
     ax.set_yticks([])
-    ax.set_title(title, parse_math=False, fontsize=9)
+    ax.set_title(title, parse_math=False, fontsize=10)
 
 
 def overlay_figure(item: SampleAttention, box: Sequence[float] | None, question: str, answer: str | None,
@@ -75,7 +86,7 @@ def overlay_figure(item: SampleAttention, box: Sequence[float] | None, question:
     weights = item.visual_weight()
     combined = len(heads) > 1
     panels = len(heads) + combined
-    width = max(4.4, PANEL_INCHES * panels)
+    width = max(4.4, PANEL_INCHES * panels + 0.8)
     fig, axes = plt.subplots(1, panels, figsize=(width, PANEL_INCHES + 1.0), layout="constrained", squeeze=False)
     if combined:
         label = ", ".join(f"{layer}.{head}" for layer, head in heads)
@@ -83,10 +94,13 @@ def overlay_figure(item: SampleAttention, box: Sequence[float] | None, question:
     for i, (layer, head) in enumerate(heads):
         kind = " (visual)" if (layer, head) in visual else ""
         _draw(axes[0][i + combined], item, item.maps[i], f"head {layer}.{head}{kind}  W = {weights[i]:.2f}", box)
+    bar = fig.colorbar(ScalarMappable(LogNorm(1, FOCUS_TOP), "inferno"), ax=axes[0][-1], shrink=0.8, pad=0.02,
+                       label="× even share")
+    bar.set_ticks([1, 2, 4, 8, 16], labels=["1", "2", "4", "8", "≥16"])
     verdict = {True: "correct", False: "wrong", None: "unscored"}[correct]
     text = (f"[{verdict}] {item.sample.id}  Q: {question}\nanswer: {answer if answer is not None else '-'}   "
             f"prediction: {prediction if prediction is not None else '-'}")
-    chars = int(width * 13)
+    chars = int(width * 12)
     wrapped = "\n".join(textwrap.fill(line, chars, max_lines=3, placeholder=" …") for line in text.splitlines())
-    fig.suptitle(wrapped, parse_math=False, fontsize=9, ha="left", x=0.01)
+    fig.suptitle(wrapped, parse_math=False, fontsize=10, ha="left", x=0.01)
     return fig

@@ -61,3 +61,29 @@ def test_screenshot_shows_the_heatmap(page, tmp_path):
     coloured = (heatmap.max(axis=-1) - heatmap.min(axis=-1) > 40).mean()
     assert heatmap.std() > 25
     assert coloured > 0.4, f"only {coloured:.0%} of the heatmap region is coloured"
+
+
+HOVER = """<script>
+(function () {
+  var box = document.querySelector('.heatmap'), img = box.querySelector('img');
+  var data = JSON.parse(document.getElementById(box.getAttribute('data-json')).textContent);
+  function hover() {
+    var r = img.getBoundingClientRect(), e = data.panels[1].extent;
+    var x = r.left + (e[0] + 20.5 / data.heads * (e[2] - e[0])) * r.width;
+    var y = r.top + (e[1] + 12.5 / data.layers * (e[3] - e[1])) * r.height;
+    img.dispatchEvent(new MouseEvent('mousemove', {clientX: x, clientY: y, bubbles: true}));
+    document.body.setAttribute('data-tip', document.getElementById('tip').textContent);
+  }
+  if (img.complete) { hover(); } else { img.addEventListener('load', hover); }
+})();
+</script>"""
+
+
+def test_hovering_a_heatmap_cell_shows_its_head(page, tmp_path):
+    """A mouse move over cell (12, 20) of the score panel, as a user would make it, names that head."""
+    probe = page.with_name("hover.html")
+    probe.write_text(page.read_text().replace("</body>", HOVER + "</body>"))
+    result = chromium(tmp_path, "--dump-dom", "--window-size=1280,2000", probe.as_uri())
+    tip = re.search(r'data-tip="([^"]*)"', result.stdout)
+    assert tip, result.stderr[-2000:]
+    assert tip[1].startswith("layer 12, head 20") and "visual head" in tip[1]

@@ -86,7 +86,7 @@ def build_report(store_path: str | Path, out_dir: str | Path = "vheads-report", 
         if not names:
             raise ValueError(f"{store_path} has no finished run to report; run `vheads run` first")
         views = [_view(store, name, i) for i, name in enumerate(names)]
-        sections = [_overview(store, views)]
+        sections = [_overview(views)]
         models: dict[tuple[str, str], Any] = {}
         for view in views:
             sections.append(_run_section(store, view, out, overlays, device, models))
@@ -111,7 +111,7 @@ def _view(store: Store, name: str, index: int) -> RunView:
     return RunView(info=info, table=table, stem=stem)
 
 
-def _overview(store: Store, views: Sequence[RunView]) -> h.Section:
+def _overview(views: Sequence[RunView]) -> h.Section:
     rows = []
     for view in views:
         info, table = view.info, view.table

@@ -13,6 +13,7 @@ import pandas as pd
 from vheads.analysis.heads import head_table
 from vheads.pipeline import RunConfig, RunSummary
 from vheads.report.build import build_report
+from vheads.store import Store
 
 STORE_NAME = "vheads-demo.duckdb"
 RUN_NAME = "demo"
@@ -83,8 +84,6 @@ def run_demo(settings: DemoSettings, say: Callable[[str], None] = print,
     say(f"1/4 running {loaded.name} on {len(dataset.samples)} held-out ShapesQA questions")
     summary = run(replace(config, name=name), loaded=loaded, dataset=dataset)
     seconds["run"] = time.time() - began
-    from vheads.store import Store
-
     with Store(store, read_only=True) as db:
         ranking = head_table(db, summary.name)
     say(f"2/4 ranked {len(ranking)} heads; accuracy {summary.accuracy:.3f}" if summary.accuracy is not None
@@ -112,8 +111,6 @@ def run_demo(settings: DemoSettings, say: Callable[[str], None] = print,
 def _names(store: Path) -> set[str]:
     if not store.exists():
         return set()
-    from vheads.store import Store
-
     with Store(store, read_only=True) as db:
         runs = db.runs()
     return set(runs["name"]) if len(runs) else set()

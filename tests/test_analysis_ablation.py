@@ -200,3 +200,19 @@ def test_cli_run_ablates_the_heads_a_selector_names(swept):
     assert info["tags"] == {"ablate": "top:2", "from_run": "source"}
     no_from = runner.invoke(app, ["run", "--ablate", "late:2", "--store", store])
     assert no_from.exit_code == 2 and "pass --from RUN" in no_from.output
+
+
+def test_sweep_points_of_a_store_without_sweeps_is_empty(tmp_path):
+    import numpy as np
+
+    from vheads.analysis.ablation import sweep_points
+    from vheads.store import Store
+
+    with Store(tmp_path / "s.duckdb") as store:
+        run = store.start_run("plain", model="m", family="llava", dataset="d", split="", layers=1, heads=2,
+                              readout="prompt", ablation="none", config={})
+        store.add_batch(run, [{"sample_id": "x", "meta": {"box": [1, 2, 3, 4]}}],
+                        *[np.zeros((1, 1, 2), np.float32)] * 5)
+        store.finish_run(run)
+        assert sweep_points(store).empty
+        assert store.samples("plain")["meta"].iloc[0] == {"box": [1, 2, 3, 4]}

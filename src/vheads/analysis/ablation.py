@@ -166,11 +166,11 @@ def _sweep_runs(store: Store, sweep: str | None, from_run: str | None) -> pd.Dat
     """Finished runs that are sweep points, with their tags decoded."""
     runs = store.runs()
     runs = runs[runs["sweep"].notna() & (runs["status"] == "done")]
-    runs = runs[runs["tags"].map(lambda t: isinstance(t, dict) and "selector" in t)]
+    runs = runs[runs["tags"].map(lambda t: isinstance(t, dict) and "selector" in t).astype(bool)]
     if sweep is not None:
         runs = runs[runs["sweep"] == sweep]
     if from_run is not None:
-        runs = runs[runs["tags"].map(lambda t: t.get("from_run") == from_run)]
+        runs = runs[runs["tags"].map(lambda t: t.get("from_run") == from_run).astype(bool)]
     return runs
 
 

@@ -3,7 +3,6 @@ drawn on each image, as PNGs and the HTML that shows them beside the question, a
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import MutableMapping
 from pathlib import Path
@@ -93,12 +92,7 @@ def overlay_block(store: Any, view: Any, out: Path, n: int, device: str,
 
 
 def _meta(value: Any) -> dict[str, Any]:
-    """A sample's meta as a dict (the pipeline stores it as JSON text inside the JSON column)."""
-    if isinstance(value, str):
-        try:
-            value = json.loads(value)
-        except json.JSONDecodeError:
-            return {}
+    """A sample's meta as a dict (empty when the store has none)."""
     return value if isinstance(value, dict) else {}
 
 

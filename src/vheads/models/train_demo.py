@@ -1,0 +1,355 @@
+"""Train the embedded demo model on ShapesQA generated on the fly, and measure it with the inference contract."""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import random
+import sys
+import time
+from collections import defaultdict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from PIL import Image
+from transformers import LlavaForConditionalGeneration, LlavaProcessor
+
+from vheads.data.sample import Sample
+from vheads.data.shapes import COLORS, SHAPES, scene_for, shapes_sample, shapes_samples
+from vheads.models.demo_build import build_demo
+
+QUESTION_TYPES = ("general", "obj", "super")
+STYLE_MIX = (("visual", 0.7), ("plain", 0.15), ("none", 0.15))
+
+
+@dataclass(frozen=True)
+class Stage:
+    """What the training batches hold at one point of the curriculum."""
+
+    max_count: int
+    question_types: tuple[str, ...]
+
+
+CURRICULUM = (
+    Stage(2, ("obj",)),
+    Stage(3, ("obj",)),
+    Stage(3, QUESTION_TYPES),
+    Stage(4, QUESTION_TYPES),
+    Stage(5, QUESTION_TYPES),
+)
+ADVANCE_AT = 0.85
+LAST_STAGE_BY = 0.6
+
+
+def curriculum(level: int) -> Stage:
+    """Stage `level` of the curriculum: object questions with few targets first, then all types up to 5."""
+    return CURRICULUM[min(level, len(CURRICULUM) - 1)]
+
+
+def train_batch(step: int, batch_size: int, seed: int, stage: Stage) -> list[Sample]:
+    """The training samples of one step: deterministic in (seed, step), train split only, styles mixed."""
+    rng = random.Random(seed * 1_000_003 + step)
+    styles, weights = zip(*STYLE_MIX, strict=True)
+    samples = []
+    for j in range(batch_size):
+        samples.append(
+            shapes_sample(
+                step * batch_size + j,
+                seed=seed,
+                split="train",
+                question_type=rng.choice(stage.question_types),
+                prompt_style=rng.choices(styles, weights=weights)[0],
+                max_count=stage.max_count,
+            )
+        )
+    return samples
+
+
+class Probes(torch.nn.Module):
+    """Training-only linear read-outs that give the model direct signals early on; not part of the saved model.
+
+    On each image token (the projector's output): the class of the object there (none, or colour x shape)
+    and whether it is boxed. On the last prompt position at the middle layer of the language model:
+    the target's colour and shape, where the question and image determine them.
+    """
+
+    def __init__(self, hidden: int) -> None:
+        super().__init__()
+        self.cell_class = torch.nn.Linear(hidden, 1 + len(COLORS) * len(SHAPES))
+        self.cell_boxed = torch.nn.Linear(hidden, 2)
+        self.target_color = torch.nn.Linear(hidden, len(COLORS))
+        self.target_shape = torch.nn.Linear(hidden, len(SHAPES))
+
+    def loss(self, cells: torch.Tensor, last: torch.Tensor, targets: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Summed cross-entropies; `cells` is (batch, image tokens, hidden), `last` is (batch, hidden)."""
+        ce = torch.nn.functional.cross_entropy
+        total = ce(self.cell_class(cells).flatten(0, 1), targets["cell_class"].flatten())
+        total = total + ce(self.cell_boxed(cells).flatten(0, 1), targets["cell_boxed"].flatten())
+        known = targets["known"]
+        if known.any():
+            total = total + ce(self.target_color(last[known]), targets["color"][known])
+            total = total + ce(self.target_shape(last[known]), targets["shape"][known])
+        return total
+
+
+def probe_targets(samples: Sequence[Sample], stage: Stage, grid: int) -> dict[str, torch.Tensor]:
+    """What `Probes` should read: per image token (grid x grid) the class centred there and whether it is boxed;
+    per sample the target class, and whether the question plus image determine it."""
+    colors, shapes = list(COLORS), list(SHAPES)
+    cell_class = torch.zeros((len(samples), grid * grid), dtype=torch.long)
+    cell_boxed = torch.zeros_like(cell_class)
+    for row, sample in enumerate(samples):
+        scene = scene_for(sample.meta["index"], sample.meta["seed"], "train", scene_size(sample), stage.max_count)
+        for k, thing in enumerate(scene.things):
+            cell = int(thing.cy * grid / scene.image_size) * grid + int(thing.cx * grid / scene.image_size)
+            cell_class[row, cell] = 1 + colors.index(thing.color) * len(shapes) + shapes.index(thing.shape)
+            cell_boxed[row, cell] = int(k == scene.exemplar and sample.prompt_style == "visual")
+    return {
+        "cell_class": cell_class,
+        "cell_boxed": cell_boxed,
+        "color": torch.tensor([colors.index(s.meta["color"]) for s in samples]),
+        "shape": torch.tensor([shapes.index(s.meta["shape"]) for s in samples]),
+        "known": torch.tensor([s.question_type == "obj" or s.prompt_style == "visual" for s in samples]),
+    }
+
+
+def scene_size(sample: Sample) -> int:
+    """The side of a ShapesQA sample's square image."""
+    return int(sample.meta["image_size"][0])
+
+
+def prompt_for(processor: LlavaProcessor, sample: Sample) -> str:
+    """The chat prompt of the inference contract for one sample."""
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": sample.text}]}]
+    return processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+
+
+def encode_train(processor: LlavaProcessor, samples: Sequence[Sample]) -> dict[str, torch.Tensor]:
+    """Right-padded training tensors: the inference prompt tokens, then answer + eos; loss on the answer only."""
+    tok = processor.tokenizer
+    enc = processor(
+        images=[s.image() for s in samples],
+        text=[prompt_for(processor, s) for s in samples],
+        return_tensors="pt",
+        padding=True,
+    )
+    rows, labels = [], []
+    for ids, mask, sample in zip(enc["input_ids"], enc["attention_mask"], samples, strict=True):
+        prompt = ids[mask.bool()].tolist()
+        answer = tok(str(sample.answer), add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+        rows.append(prompt + answer)
+        labels.append([-100] * len(prompt) + answer)
+    width = max(len(r) for r in rows)
+    input_ids = torch.full((len(rows), width), tok.pad_token_id, dtype=torch.long)
+    label_ids = torch.full((len(rows), width), -100, dtype=torch.long)
+    attention = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, (row, lab) in enumerate(zip(rows, labels, strict=True)):
+        input_ids[i, : len(row)] = torch.tensor(row)
+        label_ids[i, : len(lab)] = torch.tensor(lab)
+        attention[i, : len(row)] = 1
+    return {
+        "input_ids": input_ids,
+        "attention_mask": attention,
+        "pixel_values": enc["pixel_values"],
+        "labels": label_ids,
+    }
+
+
+@torch.no_grad()
+def predict(
+    model: LlavaForConditionalGeneration,
+    processor: LlavaProcessor,
+    samples: Sequence[Sample],
+    batch_size: int = 64,
+    blank: bool = False,
+) -> list[str]:
+    """Greedy answers exactly as the vheads pipeline produces them (left padding, 4 new tokens)."""
+    was_training = model.training
+    model.eval()
+    answers: list[str] = []
+    for start in range(0, len(samples), batch_size):
+        chunk = samples[start : start + batch_size]
+        images = [s.image() for s in chunk]
+        if blank:
+            images = [_blank_like(im) for im in images]
+        inputs = processor(
+            images=images, text=[prompt_for(processor, s) for s in chunk], return_tensors="pt", padding=True
+        )
+        out = model.generate(**inputs, max_new_tokens=4, do_sample=False)
+        decoded = processor.batch_decode(out[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
+        answers += [d.strip() for d in decoded]
+    model.train(was_training)
+    return answers
+
+
+def _blank_like(image: Image.Image) -> Image.Image:
+    """A white image of the same size."""
+    return Image.new("RGB", image.size, (255, 255, 255))
+
+
+def evaluate(
+    model: LlavaForConditionalGeneration,
+    processor: LlavaProcessor,
+    samples: Sequence[Sample],
+    blank: bool = False,
+) -> dict[str, float]:
+    """Greedy accuracy overall and per question type."""
+    answers = predict(model, processor, samples, blank=blank)
+    hits: dict[str, list[bool]] = defaultdict(list)
+    for sample, answer in zip(samples, answers, strict=True):
+        ok = answer == str(sample.answer)
+        hits["all"].append(ok)
+        hits[str(sample.question_type)].append(ok)
+    return {k: sum(v) / len(v) for k, v in sorted(hits.items())}
+
+
+def held_out(n: int, prompt_style: str = "visual") -> list[Sample]:
+    """Held-out ShapesQA questions (test split, all question types mixed)."""
+    return shapes_samples(n, seed=0, split="test", prompt_style=prompt_style)
+
+
+def lr_factor(progress: float, warmup: float = 0.03, floor: float = 0.05) -> float:
+    """Linear warm-up then cosine decay to `floor` of the peak, as a function of training progress in [0, 1]."""
+    if progress < warmup:
+        return max(progress / warmup, 0.01)
+    t = min((progress - warmup) / (1 - warmup), 1.0)
+    return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * t))
+
+
+def answer_positions(labels: torch.Tensor) -> torch.Tensor:
+    """Index of each row's first supervised token (the answer)."""
+    return (labels != -100).int().argmax(dim=1)
+
+
+def answer_accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:
+    """Share of rows whose first supervised token (the answer) is the argmax of the logits before it."""
+    first = answer_positions(labels)
+    rows = torch.arange(labels.shape[0])
+    guess = logits[rows, first - 1].argmax(dim=-1)
+    return (guess == labels[rows, first]).float().mean().item()
+
+
+def _optimizer(model: torch.nn.Module, lr: float) -> torch.optim.AdamW:
+    """AdamW with weight decay on matrices only (not on norms, biases or embeddings)."""
+    decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embed" not in n]
+    no_decay = [p for n, p in model.named_parameters() if p.ndim < 2 or "embed" in n]
+    groups = [{"params": decay, "weight_decay": 0.01}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.98))
+
+
+def train_demo(
+    out_dir: str | Path,
+    steps: int | None = None,
+    minutes: float | None = None,
+    seed: int = 0,
+    batch_size: int = 32,
+    lr: float = 1e-3,
+    eval_every: int = 200,
+    eval_samples: int = 300,
+    final_eval_samples: int = 1000,
+    probe_weight: float = 1.0,
+    tiny: bool = False,
+    log: Callable[[str], None] = print,
+) -> dict:
+    """Train the demo LLaVA on ShapesQA and save the best checkpoint (by held-out accuracy) to `out_dir`.
+
+    Give `steps` (reproducible: the same seed gives the same model on one machine) or `minutes`
+    (a wall-clock budget; the schedule follows elapsed time), or both (whichever ends first).
+    `probe_weight` scales the auxiliary losses of `Probes`; `tiny` builds a toy-sized
+    model (for tests). Returns the metrics also written to `out_dir/training.json`.
+    """
+    if steps is None and minutes is None:
+        raise ValueError("give steps or minutes")
+    torch.manual_seed(seed)
+    model, processor = build_demo(seed, tiny=tiny)
+    model.train()
+    probe = Probes(model.config.text_config.hidden_size)
+    middle = model.config.text_config.num_hidden_layers // 2
+    grid = model.config.vision_config.image_size // model.config.vision_config.patch_size
+    features: list[torch.Tensor] = []
+    hook = model.model.multi_modal_projector.register_forward_hook(lambda _m, _i, out: features.append(out))
+    opt = _optimizer(torch.nn.ModuleList([model, probe]), lr)
+    eval_set = held_out(eval_samples)
+    start = time.monotonic()
+    best: tuple[float, int, dict] = (-1.0, 0, {})
+    history: list[dict] = []
+    step, level, losses, probe_losses, train_acc = 0, 0, [], [0.0], 0.0
+    while True:
+        elapsed = time.monotonic() - start
+        progress = max(step / steps if steps else 0.0, elapsed / (60 * minutes) if minutes else 0.0)
+        if progress >= 1.0:
+            break
+        if progress >= LAST_STAGE_BY:
+            level = max(level, len(CURRICULUM) - 1)
+        for group in opt.param_groups:
+            group["lr"] = lr * lr_factor(progress)
+        samples = train_batch(step, batch_size, seed, curriculum(level))
+        batch = encode_train(processor, samples)
+        features.clear()
+        out = model(**batch, output_hidden_states=probe_weight > 0)
+        total = out.loss
+        if probe_weight > 0:
+            last = out.hidden_states[middle][torch.arange(len(samples)), answer_positions(batch["labels"]) - 1]
+            probe_loss = probe.loss(features[0], last, probe_targets(samples, curriculum(level), grid))
+            probe_losses.append(probe_loss.item())
+            total = total + probe_weight * probe_loss
+        total.backward()
+        torch.nn.utils.clip_grad_norm_([*model.parameters(), *probe.parameters()], 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        step += 1
+        losses.append(out.loss.item())
+        train_acc = 0.95 * train_acc + 0.05 * answer_accuracy(out.logits, batch["labels"])
+        if train_acc >= ADVANCE_AT and level < len(CURRICULUM) - 1:
+            level, train_acc = level + 1, 0.0
+            log(f"step {step}: curriculum stage {level} {curriculum(level)}")
+        if step % eval_every == 0:
+            acc = evaluate(model, processor, eval_set)
+            loss = _mean(losses[-eval_every:])
+            minutes_so_far = round(elapsed / 60, 2)
+            history.append({"step": step, "stage": level, "loss": round(loss, 4), "minutes": minutes_so_far, **acc})
+            log(f"step {step} stage {level} loss {loss:.3f} probe {_mean(probe_losses[-eval_every:]):.3f} "
+                f"train-acc {train_acc:.2f} "
+                f"lr {opt.param_groups[0]['lr']:.2e} {elapsed / 60:.1f} min held-out {acc}")
+            if acc["all"] > best[0]:
+                best = (acc["all"], step, copy.deepcopy(model.state_dict()))
+    hook.remove()
+    acc = evaluate(model, processor, eval_set)
+    if acc["all"] >= best[0]:
+        best = (acc["all"], step, copy.deepcopy(model.state_dict()))
+    model.load_state_dict(best[2])
+    model.eval()
+    wall = time.monotonic() - start
+    final = evaluate(model, processor, held_out(final_eval_samples))
+    blank = evaluate(model, processor, held_out(final_eval_samples), blank=True)
+    log(f"done: {step} steps, {wall / 60:.1f} min, best step {best[1]}; held-out {final}; blank {blank}")
+    metrics = {
+        "command": " ".join(sys.argv),
+        "seed": seed,
+        "steps": step,
+        "best_step": best[1],
+        "minutes": round(wall / 60, 2),
+        "batch_size": batch_size,
+        "lr": lr,
+        "threads": torch.get_num_threads(),
+        "held_out_samples": final_eval_samples,
+        "held_out_accuracy": final,
+        "blank_image_accuracy": blank,
+        "initial_loss": round(_mean(losses[:10]), 4),
+        "final_loss": round(_mean(losses[-max(10, len(losses) // 10) :]), 4),
+        "history": history,
+    }
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out)
+    processor.save_pretrained(out)
+    (out / "training.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    return metrics
+
+
+def _mean(values: Sequence[float]) -> float:
+    """Arithmetic mean (NaN when empty)."""
+    return sum(values) / len(values) if values else float("nan")

@@ -1,0 +1,130 @@
+"""The embedded demo model: its build, a short training, saving and reloading, and the shipped weights."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForImageTextToText, AutoProcessor
+
+from vheads.models.demo_build import IMAGE, build_demo
+from vheads.models.train_demo import (
+    curriculum,
+    encode_train,
+    evaluate,
+    held_out,
+    predict,
+    prompt_for,
+    train_batch,
+    train_demo,
+)
+
+DEMO_DIR = Path(__file__).resolve().parents[1] / "src" / "vheads" / "models" / "demo"
+
+
+def _load(folder: Path):  # noqa: ANN202
+    """The generic loader's two calls."""
+    return AutoProcessor.from_pretrained(folder), AutoModelForImageTextToText.from_pretrained(
+        folder, use_safetensors=True
+    )
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
+    """A tiny model trained for a few hundred steps."""
+    out = tmp_path_factory.mktemp("demo")
+    metrics = train_demo(
+        out, steps=300, seed=0, batch_size=8, tiny=True, eval_every=150, eval_samples=24,
+        final_eval_samples=24, log=lambda _: None,
+    )
+    return out, metrics
+
+
+def test_tokenizer_splits_words_and_punctuation() -> None:
+    _, processor = build_demo(0, tiny=True)
+    tok = processor.tokenizer
+    assert tok.tokenize("How many are there?") == ["how", "many", "are", "there", "?"]
+    assert tok.tokenize("[0.25, 1.00]")[:5] == ["[", "0", ".", "2", "5"]
+    assert tok.padding_side == "left"
+    three = tok("3", add_special_tokens=False)["input_ids"]
+    assert tok.decode(three + [tok.eos_token_id], skip_special_tokens=True) == "3"
+    assert tok.unk_token_id not in tok(held_out(3)[0].text)["input_ids"]
+
+
+def test_image_tokens_match_image_features() -> None:
+    model, processor = build_demo(0, tiny=True)
+    sample = held_out(1)[0]
+    inputs = processor(images=[sample.image()], text=[prompt_for(processor, sample)], return_tensors="pt")
+    assert model.config.image_token_id == processor.tokenizer.convert_tokens_to_ids(IMAGE)
+    n_tokens = int((inputs["input_ids"] == model.config.image_token_id).sum())
+    with torch.no_grad():
+        features = model.get_image_features(pixel_values=inputs["pixel_values"]).pooler_output
+    n_features = sum(f.shape[0] for f in features) if isinstance(features, (list, tuple)) else features.shape[-2]
+    assert n_tokens == n_features == model.config.image_seq_length
+
+
+def test_training_rows_match_inference_prompt() -> None:
+    _, processor = build_demo(0, tiny=True)
+    samples = train_batch(3, 6, seed=0, stage=curriculum(4))
+    batch = encode_train(processor, samples)
+    for i, sample in enumerate(samples):
+        text = [prompt_for(processor, sample)]
+        ids = processor(images=[sample.image()], text=text, return_tensors="pt")["input_ids"][0]
+        assert torch.equal(batch["input_ids"][i, : len(ids)], ids)
+        answer = batch["labels"][i][batch["labels"][i] != -100].tolist()
+        assert answer == [processor.tokenizer.convert_tokens_to_ids(sample.answer), processor.tokenizer.eos_token_id]
+    assert all(batch["attention_mask"][:, 0] == 1)
+
+
+def test_train_batches_are_deterministic_and_train_split() -> None:
+    first, again = train_batch(5, 4, 0, curriculum(2)), train_batch(5, 4, 0, curriculum(2))
+    assert [s.id for s in first] == [s.id for s in again]
+    assert [s.text for s in first] == [s.text for s in again]
+    assert all("-train-" in s.id for s in first)
+
+
+def test_short_training_lowers_loss(trained: tuple[Path, dict]) -> None:
+    _, metrics = trained
+    assert metrics["final_loss"] < 0.75 * metrics["initial_loss"]
+    assert set(metrics["held_out_accuracy"]) >= {"all", "general", "obj", "super"}
+
+
+def test_saved_folder_reloads_with_identical_predictions(trained: tuple[Path, dict]) -> None:
+    out, metrics = trained
+    saved = json.loads((out / "training.json").read_text())
+    assert saved["seed"] == 0 and saved["steps"] == 300
+    processor, model = _load(out)
+    assert processor.tokenizer.padding_side == "left"
+    acc = evaluate(model, processor, held_out(metrics["held_out_samples"]))
+    assert acc == metrics["held_out_accuracy"]
+
+
+def test_reload_gives_identical_greedy_outputs(tmp_path: Path) -> None:
+    model, processor = build_demo(1, tiny=True)
+    model.save_pretrained(tmp_path)
+    processor.save_pretrained(tmp_path)
+    loaded_processor, loaded = _load(tmp_path)
+    samples = held_out(6)
+    prompts = [prompt_for(processor, s) for s in samples]
+    images = [s.image() for s in samples]
+    a = processor(images=images, text=prompts, return_tensors="pt", padding=True)
+    b = loaded_processor(images=images, text=prompts, return_tensors="pt", padding=True)
+    assert torch.equal(a["input_ids"], b["input_ids"]) and torch.equal(a["pixel_values"], b["pixel_values"])
+    model.eval()
+    with torch.no_grad():
+        out_a = model.generate(**a, max_new_tokens=4, do_sample=False)
+        out_b = loaded.generate(**b, max_new_tokens=4, do_sample=False)
+    assert torch.equal(out_a, out_b)
+
+
+@pytest.mark.skipif(not (DEMO_DIR / "model.safetensors").exists(), reason="no shipped demo model")
+def test_shipped_model_counts() -> None:
+    processor, model = _load(DEMO_DIR)
+    assert (DEMO_DIR / "training.json").exists()
+    assert sum(f.stat().st_size for f in DEMO_DIR.iterdir()) < 15 * 2**20
+    samples = held_out(30)
+    answers = predict(model, processor, samples)
+    right = [a == s.answer for a, s in zip(answers, samples, strict=True)]
+    assert sum(right) >= 24, list(zip(answers, [s.answer for s in samples], strict=True))

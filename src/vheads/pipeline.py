@@ -56,6 +56,17 @@ class RunConfig:
     sweep: str | None = None
     tags: dict[str, Any] = field(default_factory=dict)
 
+    def load_dataset(self) -> Dataset:
+        """The dataset these options name."""
+        return load_dataset(self.dataset, data=self.data, images=self.images, split=self.split,
+                            question_type=self.question_type, prompt_style=self.prompt_style, limit=self.limit,
+                            seed=self.seed)
+
+    def load_model(self) -> Loaded:
+        """The model these options name, loaded for vheads."""
+        return load(self.model, dtype=self.dtype, device=self.device, attn=self.attn,
+                    trust_remote_code=self.trust_remote_code)
+
     def store_path(self) -> Path:
         """The store file this run writes (a shard writes its own file beside the store)."""
         path = Path(self.store)
@@ -254,13 +265,8 @@ def run(config: RunConfig, loaded: Loaded | None = None, dataset: Dataset | None
     """
     store_path = config.store_path()
     check_writable(store_path)
-    if dataset is None:
-        dataset = load_dataset(config.dataset, data=config.data, images=config.images, split=config.split,
-                               question_type=config.question_type, prompt_style=config.prompt_style,
-                               limit=config.limit, seed=config.seed)
-    if loaded is None:
-        loaded = load(config.model, dtype=config.dtype, device=config.device, attn=config.attn,
-                      trust_remote_code=config.trust_remote_code)
+    dataset = dataset if dataset is not None else config.load_dataset()
+    loaded = loaded if loaded is not None else config.load_model()
     text = loaded.model.config.get_text_config()
     layers, heads = int(text.num_hidden_layers), int(text.num_attention_heads)
     bad_heads = [f"{layer}.{head}" for layer, head in config.ablate if not (0 <= layer < layers and 0 <= head < heads)]

@@ -143,17 +143,8 @@ def _started(progress: Callable[[str, int, int, int], None], label: str, total: 
 
 def _prepare(config: RunConfig, loaded: Any, dataset: Any, grid: tuple[int, int]) -> tuple[Any, Any]:
     """Load the dataset and model once for every point, and check the model has the source run's heads."""
-    if dataset is None:
-        from vheads.data import load_dataset
-
-        dataset = load_dataset(config.dataset, data=config.data, images=config.images, split=config.split,
-                               question_type=config.question_type, prompt_style=config.prompt_style,
-                               limit=config.limit, seed=config.seed)
-    if loaded is None:
-        from vheads.models import load
-
-        loaded = load(config.model, dtype=config.dtype, device=config.device, attn=config.attn,
-                      trust_remote_code=config.trust_remote_code)
+    dataset = dataset if dataset is not None else config.load_dataset()
+    loaded = loaded if loaded is not None else config.load_model()
     text = loaded.model.config.get_text_config()
     model_grid = (int(text.num_hidden_layers), int(text.num_attention_heads))
     if model_grid != grid:

@@ -2,6 +2,7 @@
 
 from vheads.capture.ablation import MODES as ABLATION_MODES
 from vheads.capture.ablation import ablate
+from vheads.capture.observer import Observer
 from vheads.capture.recorder import FIGURES, READOUTS, HeadFigures, HeadRecorder
 from vheads.capture.session import CaptureError, CaptureSession, language_layers
 
@@ -13,6 +14,7 @@ __all__ = [
     "CaptureSession",
     "HeadFigures",
     "HeadRecorder",
+    "Observer",
     "ablate",
     "language_layers",
 ]

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from vheads import metrics
+from vheads.capture.observer import Observer, is_prefill, prompt_layout
 from vheads.capture.session import AttentionCall, CaptureError, CaptureSession
 
 READOUTS = ("prompt", "first-generated", "generated")
@@ -75,7 +76,7 @@ class _Group:
         return out
 
 
-class HeadRecorder:
+class HeadRecorder(Observer):
     """Context manager that records per-head figures of every `model(...)` / `model.generate(...)` inside it.
 
     `readout` picks the query rows: `prompt` (the last prompt position, which produces the first answer
@@ -100,23 +101,10 @@ class HeadRecorder:
         self.groups: list[_Group] = []
         self._recording = False
 
-    def __enter__(self) -> HeadRecorder:
-        self.session = CaptureSession.attach(self.model)
-        self.session.observers.append(self)
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        session, self.session = self.session, None
-        if session is not None:
-            session.observers.remove(self)
-            session.detach()
-
     def on_forward(self, session: CaptureSession, kwargs: dict[str, Any]) -> None:
         """Called before each forward of the model: starts a sample group on prefill, a step on decode."""
         input_ids = kwargs.get("input_ids")
-        past = kwargs.get("past_key_values")
-        prefill = past is None or past.get_seq_length() == 0
-        if prefill:
+        if is_prefill(kwargs):
             if input_ids is None:
                 raise CaptureError("HeadRecorder needs input_ids to find the image tokens (got inputs_embeds)")
             self.groups.append(self._new_group(session, input_ids, kwargs.get("attention_mask")))
@@ -140,10 +128,8 @@ class HeadRecorder:
 
     def _new_group(self, session: CaptureSession, input_ids: torch.Tensor,
                    attention_mask: torch.Tensor | None) -> _Group:
-        real = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
-        image = (input_ids == self.image_token_id) & real
+        real, image, last = prompt_layout(input_ids, attention_mask, self.image_token_id)
         positions = torch.arange(input_ids.shape[1], device=input_ids.device)
-        last = torch.where(real, positions, -1).max(dim=1).values
         first = torch.where(real, positions, input_ids.shape[1]).min(dim=1).values
         sink = positions[None, :] == first[:, None]
         text = real & ~image & ~sink
@@ -202,9 +188,8 @@ class HeadRecorder:
 
 
 def _image_token_id(model: nn.Module) -> int:
-    config = model.config
     for name in ("image_token_id", "image_token_index"):
-        value = getattr(config, name, None)
+        value = getattr(model.config, name, None)
         if value is not None:
             return int(value)
     raise CaptureError(f"{type(model).__name__} has no image token id in its config (image_token_id)")

@@ -18,6 +18,7 @@ from PIL import Image
 from torch import nn
 
 from vheads.capture import CaptureSession, ablate
+from vheads.capture.observer import Observer, is_prefill, prompt_layout
 from vheads.capture.session import AttentionCall, CaptureError
 from vheads.data import Sample
 from vheads.models import Loaded, TokenGrid, image_token_id
@@ -25,7 +26,7 @@ from vheads.models import Loaded, TokenGrid, image_token_id
 Head = tuple[int, int]
 
 
-class TokenAttention:
+class TokenAttention(Observer):
     """Context manager recording [heads, image tokens] attention of the readout row for each sample run inside it.
 
     `readout` `prompt` reads the last prompt position (prefill); `first-generated` and `generated` read the
@@ -50,30 +51,15 @@ class TokenAttention:
         self._step = 0
         self._recording = False
 
-    def __enter__(self) -> TokenAttention:
-        self.session = CaptureSession.attach(self.model)
-        self.session.observers.append(self)
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        session, self.session = self.session, None
-        if session is not None:
-            session.observers.remove(self)
-            session.detach()
-
     def on_forward(self, session: CaptureSession, kwargs: dict[str, Any]) -> None:
         """Start a batch on prefill (image positions, readout rows); count decode steps after it."""
         input_ids = kwargs.get("input_ids")
-        past = kwargs.get("past_key_values")
-        if past is None or past.get_seq_length() == 0:
+        if is_prefill(kwargs):
             if input_ids is None:
                 raise CaptureError("TokenAttention needs input_ids to find the image tokens")
-            mask = kwargs.get("attention_mask")
-            real = torch.ones_like(input_ids, dtype=torch.bool) if mask is None else mask.bool()
-            image = (input_ids == self.image_token_id) & real
+            _, image, last = prompt_layout(input_ids, kwargs.get("attention_mask"), self.image_token_id)
             self._positions = [torch.nonzero(row).squeeze(1) for row in image]
-            positions = torch.arange(input_ids.shape[1], device=input_ids.device)
-            self._rows = torch.where(real, positions, -1).max(dim=1).values[:, None]
+            self._rows = last[:, None]
             self._step = 0
             self._recording = self.readout == "prompt"
             self.maps.extend(np.full((len(self.heads), len(p)), np.nan, dtype=np.float32) for p in self._positions)

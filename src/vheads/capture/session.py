@@ -72,7 +72,7 @@ class AttentionCall:
         m = self.mask
         bias = None
         if m is not None and m.dim() == 4:
-            m = m[:, 0].expand(b, -1, -1)
+            m = m[:, 0].expand(b, q_len, -1)
             picked = torch.gather(m, 1, rows[..., None].expand(-1, -1, m.shape[-1]))[..., :kv_len]
             if picked.dtype == torch.bool:
                 return picked, None

@@ -1,0 +1,66 @@
+"""The `vheads sweep` command: many models x datasets (x shards) on Ray, or in-process, merged into one store."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from vheads.cli import STORE_HELP, check_choice, console, err, errors, fail, frame_table, setup_logging
+
+
+def sweep(
+    models: str = typer.Option("demo", "--models", "-m", help="Comma list of hub ids or model folders (demo: the "
+                               "embedded demo LLaVA). Distinct folder names: they name the runs."),
+    datasets: str = typer.Option("shapes", "--datasets", "-d", help="Comma list of datasets, NAME or NAME:PATH "
+                                 "(e.g. shapes,pope:/data/pope.jsonl)."),
+    shards: int = typer.Option(1, "--shards", min=1, help="Cut each dataset into N shards, one task each."),
+    split: str = typer.Option(None, "--split", help="Split of every dataset (default: each loader's)."),
+    limit: int = typer.Option(None, "--limit", "-n", help="At most this many questions per dataset."),
+    batch_size: int = typer.Option(8, "--batch-size", "-b", min=1, help="Samples per batch (halved on OOM)."),
+    readout: str = typer.Option("prompt", "--readout", help="prompt, first-generated or generated."),
+    store: Path = typer.Option(Path("vheads.duckdb"), "--store", help=STORE_HELP + " Every run is merged into it."),
+    workdir: Path = typer.Option(None, "--workdir", help="Folder for the task files (default: the store's); "
+                                 "on a multi-machine cluster a shared filesystem every node reaches."),
+    address: str = typer.Option(None, "--address", help="Ray cluster address (auto, ray://HOST:10001); default: "
+                                "start a local Ray."),
+    gpus_per_task: float = typer.Option(None, "--gpus-per-task", min=0, help="GPUs per task (default: 1 when the "
+                                        "cluster has GPUs, else 0; 0.5 packs two tasks per GPU)."),
+    cpus_per_task: float = typer.Option(1, "--cpus-per-task", min=0.1, help="CPUs per task."),
+    no_ray: bool = typer.Option(False, "--no-ray", help="Run the tasks one after another in this process."),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="More log lines."),
+) -> None:
+    """Run every model on every dataset (one task per shard) on Ray, and merge all runs into the store.
+
+    Re-running the same command continues: finished tasks are kept, unfinished ones resume.
+    """
+    setup_logging(verbose)
+    from vheads.pipeline import RunConfig
+    from vheads.sweep import SweepError, plan, run_sweep
+
+    with errors():
+        base = RunConfig(split=split, limit=limit, batch_size=batch_size, readout=check_choice(readout, "readout"),
+                         store=str(store))
+        configs = plan(_items(models), _items(datasets), shards, base, workdir=workdir)
+        err.print(f"{len(configs)} task(s) " + ("in this process" if no_ray else f"on Ray ({address or 'local'})"),
+                  highlight=False)
+        try:
+            result = run_sweep(configs, into=store, address=address, gpus_per_task=gpus_per_task,
+                               cpus_per_task=cpus_per_task, local=no_ray)
+        except SweepError as exc:
+            fail(str(exc))
+    console.print(frame_table(result.tasks.fillna(""), title="sweep"))
+    for merged in result.merges:
+        console.print(str(merged), highlight=False, soft_wrap=True)
+    if not result.ok:
+        err.print("[yellow]some tasks did not finish; run the same command again to retry them[/]")
+        raise typer.Exit(1)
+
+
+def _items(text: str) -> list[str]:
+    return [item.strip() for item in text.split(",") if item.strip()]
+
+
+def register(app: typer.Typer) -> None:
+    """Add `sweep` to the command line."""
+    app.command()(sweep)

@@ -336,3 +336,6 @@ _register_analysis(app)
 from vheads.report.commands import register as _register_report  # noqa: E402
 
 _register_report(app)
+from vheads.sweep_commands import register as _register_sweep  # noqa: E402
+
+_register_sweep(app)

@@ -127,7 +127,6 @@ def run_task(config: RunConfig, models: ModelCache | None = None) -> TaskResult:
     except Interrupted:
         raise
     except Exception as exc:  # noqa: BLE001 - one failed task must not stop the sweep
-        log.warning("task %s shard %s failed: %s", config.name, config.shard, _first_line(exc))
         return TaskResult("failed", seconds=time.time() - began, error=_first_line(exc))
     return TaskResult(summary.status, summary.samples, summary.accuracy, time.time() - began)
 
@@ -197,7 +196,7 @@ def _run_local(configs: Sequence[RunConfig]) -> dict[int, TaskResult]:
     results = {}
     for i, config in enumerate(configs, 1):
         results[id(config)] = result = run_task(config, models)
-        log.info("task %d/%d %s shard %s: %s", i, len(configs), config.name, config.shard, result.status)
+        _log_task(i, len(configs), config, result)
     return results
 
 
@@ -228,8 +227,7 @@ def _ray_runner(address: str | None, gpus_per_task: float | None, cpus_per_task:
                 except Exception as exc:  # noqa: BLE001 - a crashed worker fails its task only
                     result = TaskResult("failed", error=_first_line(exc))
                 results[id(config)] = result
-                log.info("task %d/%d %s shard %s: %s", len(results), len(configs), config.name, config.shard,
-                         result.status)
+                _log_task(len(results), len(configs), config, result)
             return results
         except KeyboardInterrupt:
             raise Interrupted("sweep interrupted; run the same command again to continue it") from None
@@ -267,9 +265,19 @@ def _merge_runs(configs: Sequence[RunConfig], rows: list[dict[str, Any]], into: 
         try:
             merges.append(merge(files, into))
         except StoreError as exc:
+            log.warning("run %s not merged: %s", configs[indices[0]].name, _first_line(exc))
             for i in indices:
                 rows[i].update(status="merge failed", error=rows[i]["error"] or _first_line(exc))
     return merges
+
+
+def _log_task(i: int, total: int, config: RunConfig, result: TaskResult) -> None:
+    """One line per finished task: info when it is done, a warning with the reason when not."""
+    shard = "{}/{}".format(*(config.shard or (1, 1)))
+    if result.error:
+        log.warning("task %d/%d %s %s %s: %s", i, total, config.name, shard, result.status, result.error)
+    else:
+        log.info("task %d/%d %s %s %s (%d samples)", i, total, config.name, shard, result.status, result.samples)
 
 
 def _row(config: RunConfig, result: TaskResult) -> dict[str, Any]:

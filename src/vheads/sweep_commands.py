@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import typer
 
-from vheads.cli import STORE_HELP, check_choice, console, err, errors, fail, frame_table, setup_logging
+from vheads.cli import STORE_HELP, check_choice, console, emit, err, errors, fail, frame_table, setup_logging
+
+if TYPE_CHECKING:
+    from vheads.sweep import SweepResult
 
 
 def sweep(
@@ -28,6 +32,7 @@ def sweep(
                                         "cluster has GPUs, else 0; 0.5 packs two tasks per GPU)."),
     cpus_per_task: float = typer.Option(1, "--cpus-per-task", min=0.1, help="CPUs per task."),
     no_ray: bool = typer.Option(False, "--no-ray", help="Run the tasks one after another in this process."),
+    fmt: str = typer.Option("table", "--format", help="table, csv or json (the task rows, errors included)."),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="More log lines."),
 ) -> None:
     """Run every model on every dataset (one task per shard) on Ray, and merge all runs into the store.
@@ -35,6 +40,8 @@ def sweep(
     Re-running the same command continues: finished tasks are kept, unfinished ones resume.
     """
     setup_logging(verbose)
+    if fmt not in ("table", "csv", "json"):
+        fail(f"unknown --format {fmt!r}; expected table, csv or json")
     from vheads.pipeline import RunConfig
     from vheads.sweep import SweepError, plan, run_sweep
 
@@ -49,12 +56,29 @@ def sweep(
                                cpus_per_task=cpus_per_task, local=no_ray)
         except SweepError as exc:
             fail(str(exc))
-    console.print(frame_table(result.tasks.fillna(""), title="sweep"))
-    for merged in result.merges:
-        console.print(str(merged), highlight=False, soft_wrap=True)
+    if fmt == "table":
+        _print_table(result)
+    else:
+        emit(result.tasks, fmt)
     if not result.ok:
-        err.print("[yellow]some tasks did not finish; run the same command again to retry them[/]")
+        failed = int((result.tasks["status"] != "done").sum())
+        err.print(f"[yellow]{failed} of {len(result.tasks)} task(s) did not finish (reasons above); run the same "
+                  "command again to retry them[/]", highlight=False)
         raise typer.Exit(1)
+
+
+def _print_table(result: SweepResult) -> None:
+    """The tasks as a narrow table (failures' reasons were logged as they came), then what each merge added."""
+    import pandas as pd
+
+    tasks = result.tasks
+    shown = tasks[["run", "shard", "status", "samples"]].assign(
+        accuracy=[f"{a:.3f}" if pd.notna(a) else "" for a in tasks["accuracy"]],
+        seconds=[f"{s:.1f}" for s in tasks["seconds"]])
+    console.print(frame_table(shown, title="sweep"))
+    for merged in result.merges:
+        if merged.status:
+            console.print(str(merged), highlight=False, soft_wrap=True)
 
 
 def _items(text: str) -> list[str]:

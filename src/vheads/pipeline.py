@@ -125,13 +125,19 @@ def shard_samples(samples: Sequence[Sample], shard: tuple[int, int] | None) -> l
     return list(samples[(k - 1) * size: k * size])
 
 
-def default_name(store: Store, config: RunConfig, model_name: str, split: str | None) -> str:
-    """`<model>-<dataset>-<split>[-<readout>][-ablated]`, with a number added while that name is taken."""
-    base = "-".join(p for p in (Path(model_name).name or "model", config.dataset, split or "all") if p)
+def base_name(model_label: str, config: RunConfig, split: str | None) -> str:
+    """`<model>-<dataset>[-<split>][-<readout>][-<ablation>K]`: the name a run of these options gets by default."""
+    parts = [model_label, config.dataset] + ([split] if split else [])
     if config.readout != "prompt":
-        base += f"-{config.readout}"
+        parts.append(config.readout)
     if config.ablate:
-        base += f"-{config.ablation}{len(config.ablate)}"
+        parts.append(f"{config.ablation}{len(config.ablate)}")
+    return "-".join(parts)
+
+
+def default_name(store: Store, config: RunConfig, model_name: str, split: str | None) -> str:
+    """`base_name` of the run, with a number added while that name is taken (the latest one to --resume)."""
+    base = base_name(Path(model_name).name or "model", config, split)
     taken = set(store.runs()["name"]) if len(store.runs()) else set()
     if config.resume:
         matches = sorted((n for n in taken if n == base or n.startswith(base + "-")), key=len)

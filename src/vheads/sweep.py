@@ -22,7 +22,7 @@ from typing import Any
 import pandas as pd
 
 from vheads.models import Loaded
-from vheads.pipeline import Interrupted, RunConfig, run
+from vheads.pipeline import Interrupted, RunConfig, base_name, run
 from vheads.store import MergeSummary, Store, StoreError, merge
 
 log = logging.getLogger("vheads.sweep")
@@ -76,12 +76,7 @@ def model_label(model: str | None) -> str:
 
 def run_name(model: str | None, dataset: str, base: RunConfig) -> str:
     """`<model>-<dataset>[-<split>][-<readout>][-<ablation>K]`, the same for every shard of one (model, dataset)."""
-    parts = [model_label(model), dataset] + ([base.split] if base.split else [])
-    if base.readout != "prompt":
-        parts.append(base.readout)
-    if base.ablate:
-        parts.append(f"{base.ablation}{len(base.ablate)}")
-    return "-".join(parts)
+    return base_name(model_label(model), replace(base, dataset=dataset), base.split)
 
 
 def task_folder(store: str | Path, workdir: str | Path | None = None) -> Path:

@@ -109,9 +109,14 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--lengths", default="700,2900")
+    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     parser.add_argument("--one", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one:
+        if args.threads:
+            import torch
+
+            torch.set_num_threads(args.threads)
         mode, length = args.one.split(":")
         print(json.dumps(measure(mode, int(length), args.layers, args.repeats, args.device, args.dtype)))
         return
@@ -119,11 +124,13 @@ def main() -> None:
     for length in (int(v) for v in args.lengths.split(",")):
         for mode in ("plain", "capture", "eager"):
             cmd = [sys.executable, __file__, "--one", f"{mode}:{length}", "--layers", str(args.layers),
-                   "--repeats", str(args.repeats), "--device", args.device, "--dtype", args.dtype]
+                   "--repeats", str(args.repeats), "--device", args.device, "--dtype", args.dtype,
+                   "--threads", str(args.threads)]
             out = subprocess.run(cmd, capture_output=True, text=True, check=True)
             rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
             print(f"  {mode:8s} {length:5d} tokens: {rows[-1]['seconds']:.3f} s", file=sys.stderr)
-    print(f"\n{args.layers} layers, hidden 4096, 32 heads, {args.dtype} on {args.device}\n")
+    threads = f", {args.threads} thread(s)" if args.threads else ""
+    print(f"\n{args.layers} layers, hidden 4096, 32 heads, {args.dtype} on {args.device}{threads}\n")
     print("| tokens | mode | time (s) | x plain | peak mem (MB) | x plain | over model (MB) |")
     print("|---:|---|---:|---:|---:|---:|---:|")
     for row in rows:

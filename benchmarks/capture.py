@@ -10,6 +10,7 @@ Each (mode, length) runs in its own process so peak memory is clean: on CPU the 
 (total, and the increase over the loaded model), on CUDA `max_memory_allocated`.
 
     python benchmarks/capture.py [--layers 2] [--repeats 3] [--device cpu|cuda] [--dtype float32|bfloat16]
+                                 [--attn sdpa|flash_attention_2] [--threads N]
 """
 
 from __future__ import annotations
@@ -61,14 +62,14 @@ def eager_figures(attentions, ids):
     return metrics.attention_figures(rows, image[:, None], None, text[:, None], sink[:, None])
 
 
-def measure(mode: str, length: int, layers: int, repeats: int, device: str, dtype: str) -> dict:
+def measure(mode: str, length: int, layers: int, repeats: int, device: str, dtype: str, attn: str) -> dict:
     """Time and peak memory of one (mode, length) in this process."""
     import torch
 
     from vheads.capture import HeadRecorder
 
     torch.set_grad_enabled(False)
-    model = build(layers, device, dtype, "eager" if mode == "eager" else "sdpa")
+    model = build(layers, device, dtype, "eager" if mode == "eager" else attn)
     ids = inputs_for(length, device)
 
     def once():
@@ -110,6 +111,7 @@ def main() -> None:
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--lengths", default="700,2900")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    parser.add_argument("--attn", default="sdpa", help="kernel of plain and capture: sdpa or flash_attention_2")
     parser.add_argument("--one", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one:
@@ -118,14 +120,14 @@ def main() -> None:
 
             torch.set_num_threads(args.threads)
         mode, length = args.one.split(":")
-        print(json.dumps(measure(mode, int(length), args.layers, args.repeats, args.device, args.dtype)))
+        print(json.dumps(measure(mode, int(length), args.layers, args.repeats, args.device, args.dtype, args.attn)))
         return
     rows = []
     for length in (int(v) for v in args.lengths.split(",")):
         for mode in ("plain", "capture", "eager"):
             cmd = [sys.executable, __file__, "--one", f"{mode}:{length}", "--layers", str(args.layers),
                    "--repeats", str(args.repeats), "--device", args.device, "--dtype", args.dtype,
-                   "--threads", str(args.threads)]
+                   "--threads", str(args.threads), "--attn", args.attn]
             out = subprocess.run(cmd, capture_output=True, text=True, check=True)
             rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
             print(f"  {mode:8s} {length:5d} tokens: {rows[-1]['seconds']:.3f} s", file=sys.stderr)

@@ -206,9 +206,9 @@ def evaluate(
     return {k: sum(v) / len(v) for k, v in sorted(hits.items())}
 
 
-def held_out(n: int, prompt_style: str = "visual") -> list[Sample]:
-    """Held-out ShapesQA questions (test split, all question types mixed)."""
-    return shapes_samples(n, seed=0, split="test", prompt_style=prompt_style)
+def held_out(n: int, prompt_style: str = "visual", split: str = "test") -> list[Sample]:
+    """Held-out ShapesQA questions (test split by default; "val" picks checkpoints), question types cycled."""
+    return shapes_samples(n, seed=0, split=split, prompt_style=prompt_style)
 
 
 def lr_factor(progress: float, warmup: float = 0.03, floor: float = 0.05) -> float:
@@ -240,6 +240,49 @@ def _optimizer(model: torch.nn.Module, lr: float) -> torch.optim.AdamW:
     return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.98))
 
 
+class DemoTrainer:
+    """The model, its processor, the probes and the optimiser, and one optimisation step on a batch."""
+
+    def __init__(self, seed: int, lr: float, probe_weight: float, tiny: bool = False) -> None:
+        torch.manual_seed(seed)
+        self.model, self.processor = build_demo(seed, tiny=tiny)
+        self.model.train()
+        self.probes = Probes(self.model.config.text_config.hidden_size)
+        self.probe_weight = probe_weight
+        self.middle = self.model.config.text_config.num_hidden_layers // 2
+        vision = self.model.config.vision_config
+        self.grid = vision.image_size // vision.patch_size
+        self.lr = lr
+        self.opt = _optimizer(torch.nn.ModuleList([self.model, self.probes]), lr)
+        self._features: list[torch.Tensor] = []
+        projector = self.model.model.multi_modal_projector
+        self._hook = projector.register_forward_hook(lambda _m, _i, out: self._features.append(out))
+
+    def step(self, samples: Sequence[Sample], stage: Stage, lr_scale: float) -> tuple[float, float, float]:
+        """One AdamW step (clipped gradients) at `lr_scale` of the peak; returns (answer loss, probe loss, accuracy)."""
+        for group in self.opt.param_groups:
+            group["lr"] = self.lr * lr_scale
+        batch = encode_train(self.processor, samples)
+        self._features.clear()
+        out = self.model(**batch, output_hidden_states=self.probe_weight > 0)
+        total, probe_loss = out.loss, torch.zeros(())
+        if self.probe_weight > 0:
+            rows = torch.arange(len(samples))
+            last = out.hidden_states[self.middle][rows, answer_positions(batch["labels"]) - 1]
+            probe_loss = self.probes.loss(self._features[0], last, probe_targets(samples, stage, self.grid))
+            total = total + self.probe_weight * probe_loss
+        total.backward()
+        torch.nn.utils.clip_grad_norm_([*self.model.parameters(), *self.probes.parameters()], 1.0)
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        return out.loss.item(), probe_loss.item(), answer_accuracy(out.logits, batch["labels"])
+
+    def finish(self) -> None:
+        """Detach the probes from the model (the saved model is a plain LLaVA)."""
+        self._hook.remove()
+        self.model.eval()
+
+
 def train_demo(
     out_dir: str | Path,
     steps: int | None = None,
@@ -247,32 +290,28 @@ def train_demo(
     seed: int = 0,
     batch_size: int = 32,
     lr: float = 1e-3,
-    eval_every: int = 200,
+    eval_every: int = 250,
     eval_samples: int = 300,
     final_eval_samples: int = 1000,
     probe_weight: float = 1.0,
     tiny: bool = False,
     log: Callable[[str], None] = print,
 ) -> dict:
-    """Train the demo LLaVA on ShapesQA and save the best checkpoint (by held-out accuracy) to `out_dir`.
+    """Train the demo LLaVA on ShapesQA and save the best checkpoint (by validation accuracy) to `out_dir`.
 
     Give `steps` (reproducible: the same seed gives the same model on one machine) or `minutes`
     (a wall-clock budget; the schedule follows elapsed time), or both (whichever ends first).
-    `probe_weight` scales the auxiliary losses of `Probes`; `tiny` builds a toy-sized
-    model (for tests). Returns the metrics also written to `out_dir/training.json`.
+    Every `eval_every` steps greedy accuracy is measured on `eval_samples` validation questions (val split)
+    to pick the checkpoint; the final figures use `final_eval_samples` test questions, on real and on blank
+    images. Training only ever sees the train split.
+    `probe_weight` scales the auxiliary losses of `Probes`; `tiny` builds a toy-sized model (for tests).
+    Returns the metrics also written to `out_dir/training.json`.
     """
     if steps is None and minutes is None:
         raise ValueError("give steps or minutes")
-    torch.manual_seed(seed)
-    model, processor = build_demo(seed, tiny=tiny)
-    model.train()
-    probe = Probes(model.config.text_config.hidden_size)
-    middle = model.config.text_config.num_hidden_layers // 2
-    grid = model.config.vision_config.image_size // model.config.vision_config.patch_size
-    features: list[torch.Tensor] = []
-    hook = model.model.multi_modal_projector.register_forward_hook(lambda _m, _i, out: features.append(out))
-    opt = _optimizer(torch.nn.ModuleList([model, probe]), lr)
-    eval_set = held_out(eval_samples)
+    trainer = DemoTrainer(seed, lr, probe_weight, tiny)
+    model, processor = trainer.model, trainer.processor
+    eval_set = held_out(eval_samples, split="val")
     start = time.monotonic()
     best: tuple[float, int, dict] = (-1.0, 0, {})
     history: list[dict] = []
@@ -284,44 +323,33 @@ def train_demo(
             break
         if progress >= LAST_STAGE_BY:
             level = max(level, len(CURRICULUM) - 1)
-        for group in opt.param_groups:
-            group["lr"] = lr * lr_factor(progress)
         samples = train_batch(step, batch_size, seed, curriculum(level))
-        batch = encode_train(processor, samples)
-        features.clear()
-        out = model(**batch, output_hidden_states=probe_weight > 0)
-        total = out.loss
-        if probe_weight > 0:
-            last = out.hidden_states[middle][torch.arange(len(samples)), answer_positions(batch["labels"]) - 1]
-            probe_loss = probe.loss(features[0], last, probe_targets(samples, curriculum(level), grid))
-            probe_losses.append(probe_loss.item())
-            total = total + probe_weight * probe_loss
-        total.backward()
-        torch.nn.utils.clip_grad_norm_([*model.parameters(), *probe.parameters()], 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        loss, probe_loss, acc = trainer.step(samples, curriculum(level), lr_factor(progress))
         step += 1
-        losses.append(out.loss.item())
-        train_acc = 0.95 * train_acc + 0.05 * answer_accuracy(out.logits, batch["labels"])
+        losses.append(loss)
+        probe_losses.append(probe_loss)
+        train_acc = 0.95 * train_acc + 0.05 * acc
         if train_acc >= ADVANCE_AT and level < len(CURRICULUM) - 1:
             level, train_acc = level + 1, 0.0
             log(f"step {step}: curriculum stage {level} {curriculum(level)}")
         if step % eval_every == 0:
-            acc = evaluate(model, processor, eval_set)
-            loss = _mean(losses[-eval_every:])
-            minutes_so_far = round(elapsed / 60, 2)
-            history.append({"step": step, "stage": level, "loss": round(loss, 4), "minutes": minutes_so_far, **acc})
-            log(f"step {step} stage {level} loss {loss:.3f} probe {_mean(probe_losses[-eval_every:]):.3f} "
-                f"train-acc {train_acc:.2f} "
-                f"lr {opt.param_groups[0]['lr']:.2e} {elapsed / 60:.1f} min held-out {acc}")
-            if acc["all"] > best[0]:
-                best = (acc["all"], step, copy.deepcopy(model.state_dict()))
-    hook.remove()
-    acc = evaluate(model, processor, eval_set)
-    if acc["all"] >= best[0]:
-        best = (acc["all"], step, copy.deepcopy(model.state_dict()))
+            scores = evaluate(model, processor, eval_set)
+            mean_loss = _mean(losses[-eval_every:])
+            history.append(
+                {"step": step, "stage": level, "loss": round(mean_loss, 4), "minutes": round(elapsed / 60, 2), **scores}
+            )
+            log(
+                f"step {step} stage {level} loss {mean_loss:.3f} probe {_mean(probe_losses[-eval_every:]):.3f} "
+                f"train-acc {train_acc:.2f} lr {lr * lr_factor(progress):.2e} {elapsed / 60:.1f} min "
+                f"val {scores}"
+            )
+            if scores["all"] > best[0]:
+                best = (scores["all"], step, copy.deepcopy(model.state_dict()))
+    trainer.finish()
+    scores = evaluate(model, processor, eval_set)
+    if scores["all"] >= best[0]:
+        best = (scores["all"], step, copy.deepcopy(model.state_dict()))
     model.load_state_dict(best[2])
-    model.eval()
     wall = time.monotonic() - start
     final = evaluate(model, processor, held_out(final_eval_samples))
     blank = evaluate(model, processor, held_out(final_eval_samples), blank=True)
@@ -342,12 +370,16 @@ def train_demo(
         "final_loss": round(_mean(losses[-max(10, len(losses) // 10) :]), 4),
         "history": history,
     }
-    out = Path(out_dir)
+    _save(Path(out_dir), model, processor, metrics)
+    return metrics
+
+
+def _save(out: Path, model: LlavaForConditionalGeneration, processor: LlavaProcessor, metrics: dict) -> None:
+    """Model safetensors, processor files and training.json."""
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out)
     processor.save_pretrained(out)
     (out / "training.json").write_text(json.dumps(metrics, indent=2) + "\n")
-    return metrics
 
 
 def _mean(values: Sequence[float]) -> float:

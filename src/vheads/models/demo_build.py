@@ -18,6 +18,8 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
+from vheads.data.shapes import shapes_vocabulary
+
 PAD, BOS, EOS, UNK, IMAGE = "<pad>", "<s>", "</s>", "<unk>", "<image>"
 SPECIAL_TOKENS = (PAD, BOS, EOS, UNK)
 TEMPLATE_WORDS = ("user", "assistant", "system")
@@ -48,9 +50,7 @@ CHAT_TEMPLATE = (
 
 
 def demo_words() -> list[str]:
-    """Every word the demo tokenizer knows: the ShapesQA vocabulary plus template words, digits, punctuation."""
-    from vheads.data.shapes import shapes_vocabulary
-
+    """The words of the demo tokenizer beyond the template words, digits and punctuation: ShapesQA's vocabulary."""
     return list(shapes_vocabulary())
 
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -31,14 +33,26 @@ def _load(folder: Path) -> tuple:
     return processor, AutoModelForImageTextToText.from_pretrained(folder, use_safetensors=True)
 
 
+@contextmanager
+def one_thread() -> Iterator[None]:
+    """Run torch on one thread (small matrices; a busy shared machine makes more threads far slower)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
     """A tiny model trained for a few hundred steps."""
     out = tmp_path_factory.mktemp("demo")
-    metrics = train_demo(
-        out, steps=200, seed=0, batch_size=8, tiny=True, eval_every=100, eval_samples=24,
-        final_eval_samples=24, log=lambda _: None,
-    )
+    with one_thread():
+        metrics = train_demo(
+            out, steps=200, seed=0, batch_size=8, tiny=True, eval_every=100, eval_samples=24,
+            final_eval_samples=24, log=lambda _: None,
+        )
     return out, metrics
 
 
@@ -98,8 +112,9 @@ def test_probe_targets_follow_the_scene() -> None:
 
 def test_same_seed_same_model(tmp_path: Path) -> None:
     kwargs = dict(steps=12, seed=3, batch_size=4, tiny=True, eval_every=100, eval_samples=4, final_eval_samples=4)
-    train_demo(tmp_path / "a", log=lambda _: None, **kwargs)
-    train_demo(tmp_path / "b", log=lambda _: None, **kwargs)
+    with one_thread():
+        train_demo(tmp_path / "a", log=lambda _: None, **kwargs)
+        train_demo(tmp_path / "b", log=lambda _: None, **kwargs)
     assert (tmp_path / "a" / "model.safetensors").read_bytes() == (tmp_path / "b" / "model.safetensors").read_bytes()
 
 

@@ -116,7 +116,7 @@ def build_processor(tokenizer: PreTrainedTokenizerFast) -> LlavaProcessor:
 
 
 def build_config(tokenizer: PreTrainedTokenizerFast, tiny: bool = False) -> LlavaConfig:
-    """The LLaVA config: a small CLIP vision tower and an 8-layer, 8-head Llama (`tiny`: a toy size for tests)."""
+    """The LLaVA config: a small CLIP vision tower (VISION) and a small Llama (TEXT); `tiny`: toy sizes for tests."""
     vision_sizes, text_sizes = (TINY_VISION, TINY_TEXT) if tiny else (VISION, TEXT)
     vision = CLIPVisionConfig(
         image_size=IMAGE_SIZE, patch_size=PATCH_SIZE, projection_dim=vision_sizes["hidden_size"], **vision_sizes

@@ -172,6 +172,20 @@ def test_shipped_folder_is_complete_and_small() -> None:
 
 
 @shipped
+def test_shipped_model_matches_the_build(demo: tuple) -> None:
+    processor, model = demo
+    fresh, fresh_processor = build_demo(0)
+    for part in ("text_config", "vision_config"):
+        shipped_cfg, built_cfg = getattr(model.config, part).to_dict(), getattr(fresh.config, part).to_dict()
+        keys = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "image_size",
+                "patch_size", "vocab_size", "num_key_value_heads")
+        assert {k: shipped_cfg.get(k) for k in keys} == {k: built_cfg.get(k) for k in keys}, part
+    assert model.config.image_token_id == fresh.config.image_token_id
+    assert processor.tokenizer.get_vocab() == fresh_processor.tokenizer.get_vocab()
+    assert processor.tokenizer.padding_side == "left"
+
+
+@shipped
 def test_shipped_model_counts(demo: tuple) -> None:
     processor, model = demo
     samples = held_out(15)

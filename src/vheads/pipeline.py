@@ -138,7 +138,7 @@ def base_name(model_label: str, config: RunConfig, split: str | None) -> str:
 def default_name(store: Store, config: RunConfig, model_name: str, split: str | None) -> str:
     """`base_name` of the run, with a number added while that name is taken (the latest one to --resume)."""
     base = base_name(Path(model_name).name or "model", config, split)
-    taken = set(store.runs()["name"]) if len(store.runs()) else set()
+    taken = set(store.runs()["name"])
     if config.resume:
         matches = sorted((n for n in taken if n == base or n.startswith(base + "-")), key=len)
         return matches[-1] if matches else base

@@ -12,6 +12,7 @@ from torch import nn
 from vheads import metrics
 from vheads.capture.observer import Observer, is_prefill, prompt_layout
 from vheads.capture.session import AttentionCall, CaptureError, CaptureSession
+from vheads.models.families import image_token_id
 
 READOUTS = ("prompt", "first-generated", "generated")
 FIGURES = ("visual_weight", "concentration", "region_weight", "text_weight", "sink_weight")
@@ -171,10 +172,8 @@ class HeadRecorder(Observer):
 
     def result(self) -> HeadFigures:
         """The figures of every sample recorded so far (NaN where a figure is undefined or never read)."""
-        if self.session is None and not self.groups:
-            raise CaptureError("nothing recorded: run the model inside the `with HeadRecorder(...)` block")
         if not self.groups:
-            raise CaptureError("nothing recorded: the model was not called inside the recorder")
+            raise CaptureError("nothing recorded: run the model inside the `with HeadRecorder(...)` block")
         out = {}
         for name in FIGURES:
             parts = []
@@ -188,11 +187,10 @@ class HeadRecorder(Observer):
 
 
 def _image_token_id(model: nn.Module) -> int:
-    for name in ("image_token_id", "image_token_index"):
-        value = getattr(model.config, name, None)
-        if value is not None:
-            return int(value)
-    raise CaptureError(f"{type(model).__name__} has no image token id in its config (image_token_id)")
+    token = image_token_id(model.config)
+    if token is None:
+        raise CaptureError(f"{type(model).__name__} has no image token id in its config (image_token_id)")
+    return token
 
 
 def _eos_ids(model: nn.Module) -> list[int]:

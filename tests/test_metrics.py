@@ -53,6 +53,29 @@ def test_figures_broadcast_and_work_on_torch_tensors_too():
     assert np.isnan(metrics.attention_figures(attn, image)["region_weight"]).all()
 
 
+def test_figure_stack_equals_the_five_figures_one_by_one():
+    rng = np.random.default_rng(1)
+    attn = rng.dirichlet(np.ones(9), size=(4, 3))
+    attn[0, 0, 1:5] = 0.0
+    image = np.zeros((4, 9), bool)
+    image[:, 1:5] = True
+    image[3] = False
+    image[2, 1:4] = False
+    region = image & (np.arange(9) < 3)
+    sink = np.zeros((4, 9), bool)
+    sink[:, 0] = True
+    text = ~image & ~sink
+    masks = np.stack([image, region, text, sink], -1).astype(np.float64)
+    expected = metrics.attention_figures(attn, image[:, None], region[:, None], text[:, None], sink[:, None])
+    on_torch = metrics.figure_stack(torch.tensor(attn), torch.tensor(masks)).numpy()
+    for stack in (metrics.figure_stack(attn, masks), on_torch):
+        assert stack.shape == (4, 3, 5)
+        for i, name in enumerate(metrics.FIGURES):
+            np.testing.assert_allclose(stack[..., i], expected[name], atol=1e-12, equal_nan=True, err_msg=name)
+    assert np.isnan(metrics.figure_stack(attn, masks)[0, 0, 1]), "no image attention: C undefined"
+    assert np.isnan(metrics.figure_stack(attn, masks)[2:, :, 1]).all(), "one or no image token: C undefined"
+
+
 def test_head_score_is_the_share_of_samples_in_the_top_k():
     w = np.array([
         [[0.9, 0.1], [0.5, 0.2]],

@@ -77,6 +77,30 @@ def attention_figures(
     }
 
 
+FIGURES = ("visual_weight", "concentration", "region_weight", "text_weight", "sink_weight")
+
+
+def figure_stack(attn: Any, key_masks: Any) -> Any:
+    """The five figures of `attention_figures` as one array [..., rows, 5] (order of FIGURES), in two products.
+
+    `attn` is [..., rows, keys]; `key_masks` [..., keys, 4] holds the image, region, text and sink masks as
+    0/1 columns. C uses H(p) = log W - sum(a log a) / W with a the attention on image tokens, which equals
+    the entropy of a renormalised over them; this is what the capture engine runs for every layer.
+    """
+    xp = _xp(attn)
+    sums = attn @ key_masks
+    positive = attn > 0
+    a_log_a = xp.where(positive, attn * xp.log(xp.where(positive, attn, xp.ones_like(attn))), xp.zeros_like(attn))
+    a_log_a = (a_log_a @ key_masks[..., :1])[..., 0]
+    w = sums[..., 0]
+    n = key_masks[..., 0].sum(-1)[..., None] * xp.ones_like(w)
+    safe_w = xp.where(w > 0, w, xp.ones_like(w))
+    entropy = xp.log(safe_w) - a_log_a / safe_w
+    log_n = xp.log(xp.where(n >= 2, n, 2 * xp.ones_like(n)))
+    c = xp.where((w > 0) & (n >= 2), 1.0 - entropy / log_n, xp.full_like(w, float("nan")))
+    return xp.stack([w, c, sums[..., 1], sums[..., 2], sums[..., 3]], -1)
+
+
 def default_top_k(layers: int, heads: int) -> int:
     """DESIGN.md's K: round(0.1 * layers * heads), at least 1 (the paper used 100 of 1,024)."""
     return max(1, int(round(0.1 * layers * heads)))

@@ -15,7 +15,8 @@ from vheads.capture.session import AttentionCall, CaptureError, CaptureSession
 from vheads.models.families import image_token_id
 
 READOUTS = ("prompt", "first-generated", "generated")
-FIGURES = ("visual_weight", "concentration", "region_weight", "text_weight", "sink_weight")
+FIGURES = metrics.FIGURES
+REGION = FIGURES.index("region_weight")
 
 
 @dataclass
@@ -56,25 +57,33 @@ class _Group:
         self.prompt_len = masks["image"].shape[1]
         self.rows = rows
         self.image_tokens = image_tokens
-        self.sums = {f: torch.zeros(b, layers, heads, dtype=torch.float64, device=device) for f in FIGURES}
-        self.counts = {f: torch.zeros(b, layers, heads, dtype=torch.float64, device=device) for f in FIGURES}
+        region = masks["region"]
+        self.has_region = torch.zeros_like(rows, dtype=torch.bool) if region is None else region.any(dim=1)
+        columns = [masks["image"], region if region is not None else torch.zeros_like(masks["image"]),
+                   masks["text"], masks["sink"]]
+        self.key_matrix = torch.stack(columns, dim=-1).double()
+        self.sums = torch.zeros(b, layers, heads, len(FIGURES), dtype=torch.float64, device=device)
+        self.counts = torch.zeros(b, layers, heads, len(FIGURES), dtype=torch.float64, device=device)
         self.steps = torch.zeros(b, dtype=torch.long, device=device)
         self.finished = torch.zeros(b, dtype=torch.bool, device=device)
         self.step = 0
         self.valid: torch.Tensor | None = None
         self.call_rows: torch.Tensor | None = None
+        self._keys: tuple[int, int, torch.Tensor] | None = None
 
-    def key_masks(self, kv_len: int) -> dict[str, torch.Tensor | None]:
-        """Prompt masks aligned to the keys of the current call (generated keys are in no mask)."""
+    def keys(self, kv_len: int, device: torch.device) -> torch.Tensor:
+        """The prompt masks as 0/1 columns [batch, kv_len, 4] aligned to the current call's keys.
+
+        Generated keys are in no mask. Built once per step and device, not once per layer.
+        """
         total = self.prompt_len + self.step
-        out = {}
-        for name, m in self.masks.items():
-            if m is None:
-                out[name] = None
-                continue
-            padded = torch.nn.functional.pad(m, (0, max(0, total - m.shape[1])), value=False)
-            out[name] = padded[:, total - kv_len: total]
-        return out
+        cached = self._keys
+        if cached is not None and cached[0] == total and cached[1] == kv_len and cached[2].device == device:
+            return cached[2]
+        padded = torch.nn.functional.pad(self.key_matrix, (0, 0, 0, max(0, total - self.prompt_len)))
+        matrix = padded[:, total - kv_len: total].to(device)
+        self._keys = (total, kv_len, matrix)
+        return matrix
 
 
 class HeadRecorder(Observer):
@@ -149,24 +158,14 @@ class HeadRecorder(Observer):
         if not self._recording or not self.groups:
             return
         group = self.groups[-1]
-        probs = call.probabilities(group.call_rows)[:, :, 0]
-        masks = {k: None if m is None else m.to(probs.device) for k, m in group.key_masks(call.key.shape[2]).items()}
-        figures = metrics.attention_figures(
-            probs,
-            masks["image"][:, None],
-            None if masks["region"] is None else masks["region"][:, None],
-            masks["text"][:, None],
-            masks["sink"][:, None],
-        )
-        if masks["region"] is not None:
-            no_box = ~group.masks["region"].any(dim=1)[:, None].to(probs.device)
-            figures["region_weight"] = figures["region_weight"].masked_fill(no_box, float("nan"))
-        valid = group.valid[:, None]
-        for name in FIGURES:
-            value = figures[name].double().to(valid.device)
-            ok = valid & ~torch.isnan(value)
-            group.sums[name][:, call.layer] += torch.where(ok, value, 0.0)
-            group.counts[name][:, call.layer] += ok.double()
+        probs = call.probabilities(group.call_rows)[:, :, 0].double()
+        figures = metrics.figure_stack(probs, group.keys(call.key.shape[2], probs.device))
+        no_box = ~group.has_region.to(probs.device)[:, None]
+        figures[..., REGION] = figures[..., REGION].masked_fill(no_box, float("nan"))
+        figures = figures.to(group.sums.device)
+        ok = group.valid[:, None, None] & ~torch.isnan(figures)
+        group.sums[:, call.layer] += torch.where(ok, figures, 0.0)
+        group.counts[:, call.layer] += ok
         if call.layer == self.session.num_layers - 1:
             group.steps += group.valid.long()
 
@@ -174,13 +173,12 @@ class HeadRecorder(Observer):
         """The figures of every sample recorded so far (NaN where a figure is undefined or never read)."""
         if not self.groups:
             raise CaptureError("nothing recorded: run the model inside the `with HeadRecorder(...)` block")
-        out = {}
-        for name in FIGURES:
-            parts = []
-            for g in self.groups:
-                mean = g.sums[name] / g.counts[name].clamp(min=1)
-                parts.append(torch.where(g.counts[name] > 0, mean, float("nan")).float().cpu().numpy())
-            out[name] = np.concatenate(parts, axis=0)
+        means = []
+        for g in self.groups:
+            mean = g.sums / g.counts.clamp(min=1)
+            means.append(torch.where(g.counts > 0, mean, float("nan")).float().cpu().numpy())
+        stacked = np.concatenate(means, axis=0)
+        out = {name: np.ascontiguousarray(stacked[..., i]) for i, name in enumerate(FIGURES)}
         counts = np.concatenate([g.image_tokens.cpu().numpy() for g in self.groups]).astype(np.int64)
         steps = np.concatenate([g.steps.cpu().numpy() for g in self.groups]).astype(np.int64)
         return HeadFigures(**out, image_token_count=counts, readout_steps=steps)

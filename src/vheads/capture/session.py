@@ -152,9 +152,9 @@ def language_layers(model: nn.Module) -> tuple[list[nn.Module], list[Any]]:
 class CaptureSession:
     """The attention function registered for one model while vheads contexts are active on it."""
 
-    def __init__(self, model: nn.Module):
+    def __init__(self, model: nn.Module, layers: tuple[list[nn.Module], list[Any]] | None = None):
         self.model = model
-        self.attention, self.configs = language_layers(model)
+        self.attention, self.configs = layers if layers is not None else language_layers(model)
         self.layer_of = {id(m): i for i, m in enumerate(self.attention)}
         self.base = self.configs[0]._attn_implementation or "eager"
         if self.base.startswith(PREFIX):
@@ -178,12 +178,12 @@ class CaptureSession:
     @classmethod
     def attach(cls, model: nn.Module) -> CaptureSession:
         """The session active on `model`, or a new one routed in now."""
-        _, configs = language_layers(model)
-        current = ALL_ATTENTION_FUNCTIONS._global_mapping.get(configs[0]._attn_implementation or "")
+        layers = language_layers(model)
+        current = ALL_ATTENTION_FUNCTIONS._global_mapping.get(layers[1][0]._attn_implementation or "")
         if isinstance(current, CaptureSession) and current.model is model:
             session = current
         else:
-            session = cls(model)
+            session = cls(model, layers)
             session._route_in()
         session.users += 1
         return session

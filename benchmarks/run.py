@@ -64,6 +64,7 @@ def main() -> None:
         plain.append(plain_generate(loaded, dataset.samples, args.batch_size, args.max_new_tokens))
         ours.append(vheads_run(loaded, dataset, args.batch_size, args.max_new_tokens))
     p, v = min(plain), min(ours)
+    print("plain runs:", " ".join(f"{t:.2f}" for t in plain), "| vheads runs:", " ".join(f"{t:.2f}" for t in ours))
     print(f"model {Path(loaded.name).name}, {args.n} held-out ShapesQA questions, batch {args.batch_size}, "
           f"{torch.get_num_threads()} threads")
     print("| side | seconds | samples/s |")

@@ -80,25 +80,42 @@ def attention_figures(
 FIGURES = ("visual_weight", "concentration", "region_weight", "text_weight", "sink_weight")
 
 
-def figure_stack(attn: Any, key_masks: Any) -> Any:
-    """The five figures of `attention_figures` as one array [..., rows, 5] (order of FIGURES), in two products.
-
-    `attn` is [..., rows, keys]; `key_masks` [..., keys, 4] holds the image, region, text and sink masks as
-    0/1 columns. C uses H(p) = log W - sum(a log a) / W with a the attention on image tokens, which equals
-    the entropy of a renormalised over them; this is what the capture engine runs for every layer.
-    """
+def masked_sums(attn: Any, key_masks: Any) -> Any:
+    """The linear part of the figures, [..., rows, 5]: W, region, text and sink weight, and sum(a log a) over
+    the image tokens. `attn` is [..., rows, keys]; `key_masks` [..., keys, 4] holds the image, region, text
+    and sink masks as 0/1 columns. Two matrix products, so the capture engine can run it for every layer."""
     xp = _xp(attn)
-    sums = attn @ key_masks
-    positive = attn > 0
-    a_log_a = xp.where(positive, attn * xp.log(xp.where(positive, attn, xp.ones_like(attn))), xp.zeros_like(attn))
-    a_log_a = (a_log_a @ key_masks[..., :1])[..., 0]
-    w = sums[..., 0]
-    n = key_masks[..., 0].sum(-1)[..., None] * xp.ones_like(w)
+    if xp is np:
+        positive = attn > 0
+        a_log_a = np.where(positive, attn * np.log(np.where(positive, attn, 1.0)), 0.0)
+    else:
+        a_log_a = xp.special.xlogy(attn, attn)
+    return xp.concatenate([attn @ key_masks, a_log_a @ key_masks[..., :1]], -1)
+
+
+def figures_from_sums(sums: Any, image_tokens: Any) -> Any:
+    """The five figures [..., 5] (order of FIGURES) from `masked_sums` and the image-token count N [...].
+
+    C uses H(p) = log W - sum(a log a) / W with a the attention on image tokens, which equals the entropy
+    of a renormalised over them; C is NaN where W = 0 or N < 2, as in `concentration`.
+    """
+    xp = _xp(sums)
+    w, a_log_a = sums[..., 0], sums[..., 4]
+    n = image_tokens * xp.ones_like(w)
     safe_w = xp.where(w > 0, w, xp.ones_like(w))
     entropy = xp.log(safe_w) - a_log_a / safe_w
     log_n = xp.log(xp.where(n >= 2, n, 2 * xp.ones_like(n)))
     c = xp.where((w > 0) & (n >= 2), 1.0 - entropy / log_n, xp.full_like(w, float("nan")))
     return xp.stack([w, c, sums[..., 1], sums[..., 2], sums[..., 3]], -1)
+
+
+def figure_stack(attn: Any, key_masks: Any) -> Any:
+    """All five figures of `attention_figures` as one array [..., rows, 5] (order of FIGURES).
+
+    `attn` is [..., rows, keys]; `key_masks` [..., keys, 4] holds the image, region, text and sink masks
+    as 0/1 columns.
+    """
+    return figures_from_sums(masked_sums(attn, key_masks), key_masks[..., 0].sum(-1)[..., None])
 
 
 def default_top_k(layers: int, heads: int) -> int:

@@ -18,7 +18,8 @@ import torch
 from vheads.capture import HeadRecorder, ablate
 from vheads.data import BadSample, Dataset, Sample, load_dataset, score
 from vheads.models import GeometryError, Loaded, load
-from vheads.store import RunHandle, Store, StoreError, check_writable, shard_path
+from vheads.store import RunHandle, Store, StoreError, shard_path
+from vheads.writer import BatchWriter
 
 log = logging.getLogger("vheads.run")
 
@@ -114,6 +115,13 @@ def parse_shard(text: str | None) -> tuple[int, int] | None:
     if not 1 <= k <= n:
         raise ValueError(f"--shard {text!r}: K must be between 1 and N")
     return k, n
+
+
+def check_heads(heads: Sequence[tuple[int, int]], layers: int, per_layer: int) -> None:
+    """Raise ValueError naming the `--ablate` heads that the model does not have."""
+    bad = [f"{layer}.{head}" for layer, head in heads if not (0 <= layer < layers and 0 <= head < per_layer)]
+    if bad:
+        raise ValueError(f"--ablate: heads {', '.join(bad)} do not exist ({layers} layers x {per_layer} heads)")
 
 
 def shard_samples(samples: Sequence[Sample], shard: tuple[int, int] | None) -> list[Sample]:
@@ -267,21 +275,19 @@ def run(config: RunConfig, loaded: Loaded | None = None, dataset: Dataset | None
     """Run a model over a dataset and store the result; safe to kill and `resume`.
 
     Errors that stop the run before it starts (bad data file, model, store) raise DataError / ModelError /
-    StoreError. `progress(done, total, correct)` is called after each stored batch.
+    StoreError. `progress(done, total, correct)` is called after each computed batch; batches are stored on a
+    background thread (`BatchWriter`) while the next one computes, and all of them before `run` returns.
     """
     store_path = config.store_path()
-    check_writable(store_path)
-    dataset = dataset if dataset is not None else config.load_dataset()
-    loaded = loaded if loaded is not None else config.load_model()
-    text = loaded.model.config.get_text_config()
-    layers, heads = int(text.num_hidden_layers), int(text.num_attention_heads)
-    bad_heads = [f"{layer}.{head}" for layer, head in config.ablate if not (0 <= layer < layers and 0 <= head < heads)]
-    if bad_heads:
-        raise ValueError(f"--ablate: heads {', '.join(bad_heads)} do not exist ({layers} layers x {heads} heads)")
-    samples = shard_samples(dataset.samples, config.shard)
-    began = time.time()
-    runtime_skips: Counter[str] = Counter()
-    with Store(store_path) as store:
+    with Store(store_path) as store:  # opened first: a busy or unwritable store fails before the model loads
+        dataset = dataset if dataset is not None else config.load_dataset()
+        loaded = loaded if loaded is not None else config.load_model()
+        text = loaded.model.config.get_text_config()
+        layers, heads = int(text.num_hidden_layers), int(text.num_attention_heads)
+        check_heads(config.ablate, layers, heads)
+        samples = shard_samples(dataset.samples, config.shard)
+        began = time.time()
+        runtime_skips: Counter[str] = Counter()
         name = config.name or default_name(store, config, loaded.name, dataset.split)
         settings = {k: v for k, v in asdict(config).items() if k not in ("store", "name", "resume", "tags")}
         handle = store.start_run(
@@ -295,8 +301,12 @@ def run(config: RunConfig, loaded: Loaded | None = None, dataset: Dataset | None
             start(len(todo))
         runner = Runner(loaded, config)
         done = correct = 0
+
+        def stored(rows: Sequence[dict[str, Any]]) -> None:
+            log.info("stored %d samples of run %s", len(rows), name)
+
         try:
-            with interrupt_guard():
+            with interrupt_guard(), BatchWriter(store, handle, on_stored=stored) as writer:
                 for i in range(0, len(todo), config.batch_size):
                     good, images, bad = runner.prepare(todo[i:i + config.batch_size])
                     for sample, reason in bad:
@@ -305,11 +315,9 @@ def run(config: RunConfig, loaded: Loaded | None = None, dataset: Dataset | None
                     for lo, hi, (answers, figures, region_tokens) in runner.run_adaptive(good, images):
                         rows = [sample_row(s, a, n, r) for s, a, n, r in
                                 zip(good[lo:hi], answers, figures.image_token_count, region_tokens, strict=True)]
-                        store.add_batch(handle, rows, figures.visual_weight, figures.concentration,
-                                        figures.region_weight, figures.text_weight, figures.sink_weight)
+                        writer.submit(rows, figures)
                         done += len(rows)
                         correct += sum(bool(r["correct"]) for r in rows)
-                        log.info("stored %d/%d samples of run %s", done, len(todo), name)
                         if progress:
                             progress(done, len(todo), correct)
         except KeyboardInterrupt:

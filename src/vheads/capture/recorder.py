@@ -69,21 +69,22 @@ class _Group:
         self.step = 0
         self.valid: torch.Tensor | None = None
         self.call_rows: torch.Tensor | None = None
-        self._keys: tuple[int, int, torch.Tensor] | None = None
+        self._keys: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.pending: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
-    def keys(self, kv_len: int, device: torch.device) -> torch.Tensor:
-        """The prompt masks as 0/1 columns [batch, kv_len, 4] aligned to the current call's keys.
+    def keys(self, kv_len: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """The prompt masks as 0/1 columns [batch, kv_len, 4] aligned to the current call's keys, and the
+        number of image tokens among those keys [batch].
 
-        Generated keys are in no mask. Built once per step and device, not once per layer.
+        Generated keys are in no mask. Built once per step, key length and device, not once per layer.
         """
         total = self.prompt_len + self.step
-        cached = self._keys
-        if cached is not None and cached[0] == total and cached[1] == kv_len and cached[2].device == device:
-            return cached[2]
-        padded = torch.nn.functional.pad(self.key_matrix, (0, 0, 0, max(0, total - self.prompt_len)))
-        matrix = padded[:, total - kv_len: total].to(device)
-        self._keys = (total, kv_len, matrix)
-        return matrix
+        key = (total, kv_len, device)
+        if key not in self._keys:
+            padded = torch.nn.functional.pad(self.key_matrix, (0, 0, 0, max(0, total - self.prompt_len)))
+            matrix = padded[:, total - kv_len: total].to(device)
+            self._keys = {key: (matrix, matrix[..., 0].sum(-1))}
+        return self._keys[key]
 
 
 class HeadRecorder(Observer):
@@ -113,6 +114,8 @@ class HeadRecorder(Observer):
 
     def on_forward(self, session: CaptureSession, kwargs: dict[str, Any]) -> None:
         """Called before each forward of the model: starts a sample group on prefill, a step on decode."""
+        if self.groups:
+            self._flush(self.groups[-1])
         input_ids = kwargs.get("input_ids")
         if is_prefill(kwargs):
             if input_ids is None:
@@ -154,25 +157,41 @@ class HeadRecorder(Observer):
         return _Group(session.num_layers, session.num_heads, masks, last, image.sum(dim=1))
 
     def observe(self, call: AttentionCall) -> None:
-        """Reduce the readout rows of one layer's attention to per-head figures and add them up."""
+        """Reduce the readout rows of one layer's attention to the linear sums of the figures; the figures of
+        all layers are finished together after the last one (`_flush`), which keeps per-layer work small."""
         if not self._recording or not self.groups:
             return
         group = self.groups[-1]
         probs = call.probabilities(group.call_rows)[:, :, 0].double()
-        figures = metrics.figure_stack(probs, group.keys(call.key.shape[2], probs.device))
-        no_box = ~group.has_region.to(probs.device)[:, None]
-        figures[..., REGION] = figures[..., REGION].masked_fill(no_box, float("nan"))
-        figures = figures.to(group.sums.device)
-        ok = group.valid[:, None, None] & ~torch.isnan(figures)
-        group.sums[:, call.layer] += torch.where(ok, figures, 0.0)
-        group.counts[:, call.layer] += ok
+        keys, image_tokens = group.keys(call.key.shape[2], probs.device)
+        group.pending[call.layer] = (metrics.masked_sums(probs, keys).to(group.sums.device),
+                                     image_tokens.to(group.sums.device))
         if call.layer == self.session.num_layers - 1:
-            group.steps += group.valid.long()
+            self._flush(group)
+
+    def _flush(self, group: _Group) -> None:
+        """Turn the pending per-layer sums of one step into figures and add them to the sample's running means."""
+        if not group.pending:
+            return
+        layers = sorted(group.pending)
+        sums = torch.stack([group.pending[i][0] for i in layers], dim=1)
+        image_tokens = torch.stack([group.pending[i][1] for i in layers], dim=1)[..., None]
+        group.pending.clear()
+        figures = metrics.figures_from_sums(sums, image_tokens)
+        no_box = ~group.has_region.to(figures.device)[:, None, None]
+        figures[..., REGION] = figures[..., REGION].masked_fill(no_box, float("nan"))
+        ok = group.valid.to(figures.device)[:, None, None, None] & ~torch.isnan(figures)
+        index = slice(None) if layers == list(range(group.sums.shape[1])) else layers
+        group.sums[:, index] += torch.where(ok, figures, 0.0)
+        group.counts[:, index] += ok
+        group.steps += group.valid.to(group.steps.device).long()
 
     def result(self) -> HeadFigures:
         """The figures of every sample recorded so far (NaN where a figure is undefined or never read)."""
         if not self.groups:
             raise CaptureError("nothing recorded: run the model inside the `with HeadRecorder(...)` block")
+        for g in self.groups:
+            self._flush(g)
         means = []
         for g in self.groups:
             mean = g.sums / g.counts.clamp(min=1)

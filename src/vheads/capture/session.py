@@ -127,8 +127,10 @@ def language_layers(model: nn.Module) -> tuple[list[nn.Module], list[Any]]:
     """
     config = model.config
     text_config = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
-    decoders = [m for m in model.modules() if getattr(m, "config", None) is text_config
-                and isinstance(getattr(m, "layers", None), nn.ModuleList)]
+    decoders = [d for d in (_declared_decoder(model),) if d is not None and d.config is text_config]
+    if not decoders:
+        decoders = [m for m in model.modules() if getattr(m, "config", None) is text_config
+                    and isinstance(getattr(m, "layers", None), nn.ModuleList)]
     if not decoders:
         decoders = [m for m in model.modules() if isinstance(getattr(m, "layers", None), nn.ModuleList)
                     and getattr(getattr(m, "config", None), "num_attention_heads", None) is not None
@@ -147,6 +149,17 @@ def language_layers(model: nn.Module) -> tuple[list[nn.Module], list[Any]]:
         if all(m.config is not c for c in configs):
             configs.append(m.config)
     return attention, configs
+
+
+def _declared_decoder(model: nn.Module) -> nn.Module | None:
+    """The text decoder the model names through `get_decoder()`, if it has decoder layers (saves a module walk)."""
+    get = getattr(model, "get_decoder", None)
+    try:
+        decoder = get() if callable(get) else None
+    except (AttributeError, NotImplementedError, TypeError):
+        return None
+    layers = getattr(decoder, "layers", None)
+    return decoder if isinstance(layers, nn.ModuleList) and hasattr(decoder, "config") else None
 
 
 class CaptureSession:

@@ -2,14 +2,22 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
 from PIL import Image
 from transformers import BatchFeature
 
-from vheads.models.geometry import GeometryError, TokenGrid, clip_grid, llava_next_grid, merged_grid, pooled_grid
+from vheads.models.geometry import (
+    GeometryError,
+    TokenGrid,
+    clip_grid,
+    llava_next_grid,
+    merged_grid,
+    pooled_grid,
+    processor_key,
+)
 
 Box = tuple[float, float, float, float]
 
@@ -51,6 +59,17 @@ class Adapter:
         if tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.eos_token
         self.tokenizer = tokenizer
+        self._grids: dict[tuple, TokenGrid] = {}
+
+    def cached_grid(self, key: tuple, build: Callable[[], TokenGrid]) -> TokenGrid:
+        """The token grid of an image geometry `key` (sizes and settings), built once per adapter: a dataset
+        has few distinct image sizes and every batch asks again."""
+        grid = self._grids.get(key)
+        if grid is None:
+            if len(self._grids) >= 4096:
+                self._grids.clear()
+            grid = self._grids[key] = build()
+        return grid
 
     @property
     def image_placeholder(self) -> str:
@@ -132,8 +151,10 @@ class LlavaAdapter(Adapter):
 
     def image_grids(self, images: Sequence[Image.Image], inputs: BatchFeature, first: int) -> list[TokenGrid]:
         ip = self.processor.image_processor
-        patch = int(self.model.config.vision_config.patch_size)
-        return [clip_grid(img.width, img.height, ip, patch, self._cls()) for img in images]
+        patch, cls = int(self.model.config.vision_config.patch_size), self._cls()
+        key = (patch, cls, processor_key(ip))
+        return [self.cached_grid((img.width, img.height, *key),
+                                 lambda img=img: clip_grid(img.width, img.height, ip, patch, cls)) for img in images]
 
 
 class VipLlavaAdapter(LlavaAdapter):
@@ -154,9 +175,12 @@ class LlavaNextAdapter(Adapter):
         config = self.model.config
         vision = config.vision_config
         cls = getattr(config, "vision_feature_select_strategy", "default") == "full"
-        return [llava_next_grid(img.width, img.height, self.processor.image_processor, config.image_grid_pinpoints,
-                                int(vision.image_size), int(vision.patch_size), cls, newline=True)
-                for img in images]
+        return [self.cached_grid(
+            (img.width, img.height, cls, processor_key(self.processor.image_processor)),
+            lambda img=img: llava_next_grid(img.width, img.height, self.processor.image_processor,
+                                            config.image_grid_pinpoints, int(vision.image_size),
+                                            int(vision.patch_size), cls, newline=True),
+        ) for img in images]
 
 
 class Gemma3Adapter(Adapter):

@@ -86,6 +86,12 @@ def grid_boxes(rows: int, cols: int, cell_h: float, cell_w: float) -> np.ndarray
     return np.stack([c * cell_w, r * cell_h, (c + 1) * cell_w, (r + 1) * cell_h], axis=1)
 
 
+def processor_key(image_processor: object) -> tuple:
+    """The image-processor settings the token grids depend on, as a hashable key for caching grids."""
+    names = ("do_pad", "do_resize", "size", "do_center_crop", "crop_size")
+    return tuple(str(getattr(image_processor, name, None)) for name in names)
+
+
 def clip_transform(width: int, height: int, image_processor: object) -> tuple[Affine, int, int]:
     """The affine map of a CLIP-style processor (optional pad to square, resize, centre crop) and its output size."""
     t = Affine()

@@ -1,0 +1,99 @@
+"""`BatchWriter`: stores a run's batches on a background thread while the next batch computes.
+
+DuckDB releases the GIL while it inserts and commits, so writing batch k overlaps generating batch k+1
+instead of adding to it. Batches are stored in order, each in its own transaction (`Store.add_batch`); at
+most `depth` computed batches wait in memory. Closing waits until every submitted batch is stored, on an
+interrupt too, so nothing computed is lost; a write error stops the writer and is raised in the caller.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+from vheads.capture import HeadFigures
+from vheads.store import RunHandle, Store
+
+log = logging.getLogger("vheads.run")
+
+_STOP = object()
+
+
+class BatchWriter:
+    """Context manager owning the store's connection for the run's batches until it is closed.
+
+    While it is open, nothing else may use `store`. `on_stored(rows)` is called on the writer thread after
+    each batch commits.
+    """
+
+    def __init__(self, store: Store, run: RunHandle, depth: int = 2,
+                 on_stored: Callable[[Sequence[Mapping[str, Any]]], None] | None = None):
+        self.store = store
+        self.run = run
+        self.on_stored = on_stored
+        self.error: BaseException | None = None
+        self._abandon = False
+        self._queue: queue.Queue = queue.Queue(maxsize=max(1, depth))
+        self._thread = threading.Thread(target=self._work, name=f"vheads-writer-{run.name}", daemon=True)
+        self._thread.start()
+        self._closed = False
+
+    def submit(self, rows: Sequence[Mapping[str, Any]], figures: HeadFigures) -> None:
+        """Queue one batch (sample rows and their head figures); raises the writer's error if a write failed."""
+        if self._closed:
+            raise RuntimeError("BatchWriter is closed")
+        self._raise_error()
+        self._queue.put((list(rows), figures))
+
+    def close(self) -> None:
+        """Wait until every submitted batch is stored, then raise the first write error if there was one.
+
+        A second interrupt while waiting stops the writer after the transaction in progress (that batch is
+        stored whole or not at all; the ones after it are dropped) and is re-raised.
+        """
+        if not self._closed:
+            self._closed = True
+            try:
+                self._queue.put(_STOP)
+                self._thread.join()
+            except KeyboardInterrupt:
+                self._abandon = True
+                self._queue.put(_STOP)
+                self._thread.join()
+                raise
+        self._raise_error()
+
+    def __enter__(self) -> BatchWriter:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: Any) -> None:
+        if exc_type is None:
+            self.close()
+            return
+        try:
+            self.close()
+        except Exception as error:  # noqa: BLE001 - the exception already in flight is the one to report
+            log.error("could not store a finished batch: %s", error)
+
+    def _raise_error(self) -> None:
+        if self.error is not None:
+            raise self.error
+
+    def _work(self) -> None:
+        while True:
+            item = self._queue.get()
+            if item is _STOP:
+                return
+            if self.error is not None or self._abandon:
+                continue
+            rows, figures = item
+            try:
+                self.store.add_batch(self.run, rows, figures.visual_weight, figures.concentration,
+                                     figures.region_weight, figures.text_weight, figures.sink_weight)
+                if self.on_stored is not None:
+                    self.on_stored(rows)
+            except BaseException as error:  # noqa: BLE001 - handed to the caller's thread
+                self.error = error

@@ -120,6 +120,9 @@ _DDL = (
 )
 
 
+_TABLES = {re.search(r"EXISTS (\w+)", statement).group(1) for statement in _DDL}
+
+
 class StoreError(Exception):
     """A store problem the user can act on (file in use, unwritable path, unknown or clashing run)."""
 
@@ -465,7 +468,7 @@ class Store:
             raise StoreError(f"{self.path} is a DuckDB file but not a vheads store")
         if not tables and self.read_only:
             raise StoreError(f"{self.path} is an empty DuckDB file, not a vheads store")
-        if not self.read_only:
+        if not self.read_only and not tables >= _TABLES:
             create_schema(self._con)
         version = self._con.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
         if version is None or int(version[0]) > SCHEMA_VERSION:

@@ -375,6 +375,11 @@ class Store:
         )
         self._open_runs.pop(run_id, None)
 
+    def set_threads(self, threads: int | None) -> None:
+        """Limit the threads DuckDB uses on this connection (None: back to its default, one per core)."""
+        if self._con is not None:
+            self._con.execute("RESET threads" if threads is None else f"SET threads = {int(threads)}")
+
     def mark(self, run_name: str | int, status: str) -> None:
         """Set a run's status by hand, e.g. to flag one as failed after the fact."""
         self._require_writable()

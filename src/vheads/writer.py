@@ -4,6 +4,8 @@ DuckDB releases the GIL while it inserts and commits, so writing batch k overlap
 instead of adding to it. Batches are stored in order, each in its own transaction (`Store.add_batch`); at
 most `depth` computed batches wait in memory. Closing waits until every submitted batch is stored, on an
 interrupt too, so nothing computed is lost; a write error stops the writer and is raised in the caller.
+While it runs, DuckDB works on one thread: inserting a batch gains nothing from more, and the model
+needs the cores.
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ class BatchWriter:
         self.error: BaseException | None = None
         self._abandon = False
         self._queue: queue.Queue = queue.Queue(maxsize=max(1, depth))
+        store.set_threads(1)
         self._thread = threading.Thread(target=self._work, name=f"vheads-writer-{run.name}", daemon=True)
         self._thread.start()
         self._closed = False
@@ -64,6 +67,8 @@ class BatchWriter:
                 self._queue.put(_STOP)
                 self._thread.join()
                 raise
+            finally:
+                self.store.set_threads(None)
         self._raise_error()
 
     def __enter__(self) -> BatchWriter:

@@ -61,14 +61,14 @@ class _Group:
         self.has_region = torch.zeros_like(rows, dtype=torch.bool) if region is None else region.any(dim=1)
         columns = [masks["image"], region if region is not None else torch.zeros_like(masks["image"]),
                    masks["text"], masks["sink"]]
-        self.key_matrix = torch.stack(columns, dim=-1).double()
+        self.key_matrix = torch.stack(columns, dim=-1).float()
         self.sums = torch.zeros(b, layers, heads, len(FIGURES), dtype=torch.float64, device=device)
         self.counts = torch.zeros(b, layers, heads, len(FIGURES), dtype=torch.float64, device=device)
         self.steps = torch.zeros(b, dtype=torch.long, device=device)
         self.finished = torch.zeros(b, dtype=torch.bool, device=device)
         self.step = 0
         self.valid: torch.Tensor | None = None
-        self.call_rows: torch.Tensor | None = None
+        self.call_rows: torch.Tensor | int | None = None
         self._keys: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
         self.pending: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
@@ -123,7 +123,8 @@ class HeadRecorder(Observer):
             self.groups.append(self._new_group(session, input_ids, kwargs.get("attention_mask")))
             group = self.groups[-1]
             self._recording = self.readout in ("prompt", "generated")
-            group.call_rows = group.rows[:, None]
+            last = group.rows
+            group.call_rows = int(last[0]) if bool((last == last[0]).all()) else last[:, None]
             group.valid = torch.ones_like(group.finished)
             return
         if not self.groups:
@@ -135,7 +136,7 @@ class HeadRecorder(Observer):
             eos = torch.tensor(self.eos_token_ids, device=input_ids.device)
             group.finished |= torch.isin(input_ids[:, -1], eos)
         q_len = input_ids.shape[1] if input_ids is not None else 1
-        group.call_rows = torch.full_like(group.rows, q_len - 1)[:, None]
+        group.call_rows = q_len - 1
         group.valid = ~group.finished
         self._recording = self.readout == "generated" or (self.readout == "first-generated" and group.step == 1)
 
@@ -162,10 +163,11 @@ class HeadRecorder(Observer):
         if not self._recording or not self.groups:
             return
         group = self.groups[-1]
-        probs = call.probabilities(group.call_rows)[:, :, 0].double()
+        probs = call.probabilities(group.call_rows)[:, :, 0]
         keys, image_tokens = group.keys(call.key.shape[2], probs.device)
-        group.pending[call.layer] = (metrics.masked_sums(probs, keys).to(group.sums.device),
-                                     image_tokens.to(group.sums.device))
+        sums = metrics.masked_sums(probs, keys)
+        group.pending[call.layer] = (sums.to(group.sums.device, torch.float64),
+                                     image_tokens.to(group.sums.device, torch.float64))
         if call.layer == self.session.num_layers - 1:
             self._flush(group)
 

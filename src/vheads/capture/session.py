@@ -58,30 +58,37 @@ class AttentionCall:
         s = self.kwargs.get("scaling")
         return float(s) if s is not None else self.query.shape[-1] ** -0.5
 
-    def visible(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def visible(self, rows: torch.Tensor | int) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Which keys each selected query row may see, and an additive bias (float masks), per batch row.
 
-        `rows` is [batch, r] query indices within this call; returns bool [batch, r, kv] and a float bias
-        [batch, r, kv] or None. Handles the masks of every kernel: 4D bool (sdpa), 4D additive (eager),
-        2D padding (flash attention) and None (causal, unpadded).
+        `rows` is [batch, r] query indices within this call, or one index shared by every batch row (the
+        usual case: with left padding the prompt readout is the last position of every row); returns bool
+        [batch, r, kv] and a float bias [batch, r, kv] or None. Handles the masks of every kernel: 4D bool
+        (sdpa), 4D additive (eager), 2D padding (flash attention) and None (causal, unpadded).
         """
         b, _, q_len, _ = self.query.shape
         kv_len = self.key.shape[2]
         device = self.key.device
-        rows = rows.to(device)
+        shared = isinstance(rows, int)
+        if not shared:
+            rows = rows.to(device)
         m = self.mask
         bias = None
         if m is not None and m.dim() == 4:
-            m = m[:, 0].expand(b, q_len, -1)
-            picked = torch.gather(m, 1, rows[..., None].expand(-1, -1, m.shape[-1]))[..., :kv_len]
+            if shared:
+                row = rows if m.shape[2] > 1 else 0
+                picked = m[:, 0, row: row + 1, :kv_len].expand(b, -1, -1)
+            else:
+                m = m[:, 0].expand(b, q_len, -1)
+                picked = torch.gather(m, 1, rows[..., None].expand(-1, -1, m.shape[-1]))[..., :kv_len]
             if picked.dtype == torch.bool:
                 return picked, None
             bias = picked.float()
             return bias > torch.finfo(bias.dtype).min / 2, bias
         k_idx = torch.arange(kv_len, device=device)
-        q_abs = rows + (kv_len - q_len)
+        q_abs = (torch.full((b, 1), rows, device=device) if shared else rows) + (kv_len - q_len)
         causal = getattr(self.module, "is_causal", True)
-        vis = (k_idx <= q_abs[..., None]) if causal else torch.ones(b, rows.shape[1], kv_len, dtype=torch.bool,
+        vis = (k_idx <= q_abs[..., None]) if causal else torch.ones(b, q_abs.shape[1], kv_len, dtype=torch.bool,
                                                                       device=device)
         window = self.kwargs.get("sliding_window")
         if window:
@@ -90,15 +97,21 @@ class AttentionCall:
             vis = vis & m[:, None, -kv_len:].bool()
         return vis.expand(b, -1, -1), bias
 
-    def probabilities(self, rows: torch.Tensor) -> torch.Tensor:
-        """softmax(q·kᵀ·scale + mask) in fp32 for the selected query rows only: [batch, heads, r, kv]."""
+    def probabilities(self, rows: torch.Tensor | int) -> torch.Tensor:
+        """softmax(q·kᵀ·scale + mask) in fp32 for the selected query rows only: [batch, heads, r, kv].
+
+        `rows` as in `visible`: [batch, r] indices, or one index shared by every batch row.
+        """
         b, h, _, d = self.query.shape
         kvh = self.key.shape[1]
-        rows = rows.to(self.query.device)
-        q = torch.gather(self.query, 2, rows[:, None, :, None].expand(b, h, -1, d)).float()
-        q = q.reshape(b, kvh, h // kvh, rows.shape[1], d)
-        logits = torch.einsum("bngrd,bnkd->bngrk", q, self.key.float()).reshape(b, h, rows.shape[1], -1)
-        logits = logits * self.scaling
+        if isinstance(rows, int):
+            q = self.query[:, :, rows: rows + 1].float()
+        else:
+            rows = rows.to(self.query.device)
+            q = torch.gather(self.query, 2, rows[:, None, :, None].expand(b, h, -1, d)).float()
+        r = q.shape[2]
+        q = q.reshape(b, kvh, h // kvh, r, d) * self.scaling
+        logits = torch.einsum("bngrd,bnkd->bngrk", q, self.key.float()).reshape(b, h, r, -1)
         softcap = self.kwargs.get("softcap")
         if softcap:
             logits = torch.tanh(logits / softcap) * softcap
@@ -108,7 +121,7 @@ class AttentionCall:
         logits = logits.masked_fill(~vis[:, None], float("-inf"))
         sinks = self.kwargs.get("s_aux")
         if sinks is not None:
-            sink = sinks.float().reshape(1, h, 1, 1).expand(b, -1, rows.shape[1], 1)
+            sink = sinks.float().reshape(1, h, 1, 1).expand(b, -1, r, 1)
             probs = torch.softmax(torch.cat([logits, sink], dim=-1), dim=-1)[..., :-1]
         else:
             probs = torch.softmax(logits, dim=-1)

@@ -108,11 +108,11 @@ class Adapter:
         """Per batch row, the `TokenGrid` of each of its images, checked against the row's image tokens."""
         grids = []
         first = 0
-        ids = inputs["input_ids"]
+        counts = (inputs["input_ids"] == self.image_token_id).sum(dim=1).tolist()
         for row, row_images in enumerate(images):
             per_image = self.image_grids(row_images, inputs, first)
             first += len(row_images)
-            n = int((ids[row] == self.image_token_id).sum())
+            n = counts[row]
             total = sum(len(g) for g in per_image)
             if total != n:
                 raise GeometryError(f"row {row} has {n} image tokens but the {self.family} geometry gives "
@@ -129,16 +129,14 @@ class Adapter:
         """Bool [batch, seq]: the tokens of each row's first image whose patch overlaps the row's box, or None."""
         if all(box is None for box in boxes):
             return None
-        ids = inputs["input_ids"]
-        mask = torch.zeros_like(ids, dtype=torch.bool)
-        for row, (per_image, box) in enumerate(zip(self.row_grids(images, inputs), boxes, strict=True)):
-            if box is None:
-                continue
-            hit = np.zeros(int((ids[row] == self.image_token_id).sum()), dtype=bool)
-            hit[: len(per_image[0])] = per_image[0].overlaps(box)
-            positions = torch.nonzero(ids[row] == self.image_token_id).squeeze(1)
-            mask[row, positions[torch.from_numpy(hit)]] = True
-        return mask
+        image = inputs["input_ids"] == self.image_token_id
+        grids = self.row_grids(images, inputs)
+        hits = np.zeros((len(grids), max(1, int(image.sum(dim=1).max()))), dtype=bool)
+        for row, (per_image, box) in enumerate(zip(grids, boxes, strict=True)):
+            if box is not None:
+                hits[row, : len(per_image[0])] = per_image[0].overlaps(box)
+        nth_image_token = (image.cumsum(dim=1) - 1).clamp(min=0)
+        return image & torch.from_numpy(hits).gather(1, nth_image_token)
 
 
 class LlavaAdapter(Adapter):

@@ -346,19 +346,24 @@ def _skips(dataset: Dataset, runtime: Counter[str]) -> dict[str, int]:
 
 def _summarize(store: Store, handle: RunHandle, store_path: Path, dataset: Dataset, runtime: Counter[str],
                seconds: float) -> RunSummary:
-    frame = store.samples(handle)
-    scored = frame[frame["correct"].notna()]
-    accuracy = float(scored["correct"].astype(bool).mean()) if len(scored) else None
-    by_type = {str(k): float(v) for k, v in scored.groupby(scored["question_type"].fillna("all"))["correct"]
-               .mean().items()} if len(scored) else {}
+    """The run's totals, computed in the store (a resumed run counts its earlier batches too)."""
+    counts = store.query(
+        "SELECT coalesce(question_type, 'all') AS question_type, count(*) AS n, count(correct) AS scored, "
+        "count(*) FILTER (WHERE correct) AS correct FROM samples WHERE run_id = ? GROUP BY 1 ORDER BY 1",
+        [handle.run_id],
+    )
+    n, scored, correct = (int(counts[c].sum()) for c in ("n", "scored", "correct"))
+    by_type = {str(row.question_type): row.correct / row.scored for row in counts.itertuples() if row.scored}
     extra: dict[str, Any] = {}
-    if len(scored) and dataset.samples and dataset.samples[0].scoring == "yesno":
+    if scored and dataset.samples and dataset.samples[0].scoring == "yesno":
         from vheads.data import pope_metrics
 
-        extra["pope"] = pope_metrics(list(scored["prediction"]), list(scored["answer"]))
-    return RunSummary(name=handle.name, run_id=handle.run_id, store=str(store_path), samples=len(frame),
-                      correct=int(scored["correct"].astype(bool).sum()) if len(scored) else 0, accuracy=accuracy,
-                      by_type=by_type, skipped=_skips(dataset, runtime), status="done", seconds=seconds, extra=extra)
+        answered = store.query("SELECT prediction, answer FROM samples WHERE run_id = ? AND correct IS NOT NULL "
+                               "ORDER BY sample_id", [handle.run_id])
+        extra["pope"] = pope_metrics(list(answered["prediction"]), list(answered["answer"]))
+    return RunSummary(name=handle.name, run_id=handle.run_id, store=str(store_path), samples=n, correct=correct,
+                      accuracy=correct / scored if scored else None, by_type=by_type,
+                      skipped=_skips(dataset, runtime), status="done", seconds=seconds, extra=extra)
 
 
 __all__ = ["Interrupted", "RunConfig", "RunSummary", "StoreError", "parse_heads", "parse_shard", "run"]

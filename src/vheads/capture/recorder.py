@@ -127,7 +127,7 @@ class HeadRecorder(Observer):
             group.call_rows = int(last[0]) if bool((last == last[0]).all()) else last[:, None]
             group.valid = torch.ones_like(group.finished)
             return
-        if not self.groups:
+        if not self.groups or self.readout == "prompt":
             self._recording = False
             return
         group = self.groups[-1]

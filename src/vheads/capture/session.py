@@ -110,15 +110,15 @@ class AttentionCall:
             rows = rows.to(self.query.device)
             q = torch.gather(self.query, 2, rows[:, None, :, None].expand(b, h, -1, d)).float()
         r = q.shape[2]
-        q = q.reshape(b, kvh, h // kvh, r, d) * self.scaling
-        logits = torch.einsum("bngrd,bnkd->bngrk", q, self.key.float()).reshape(b, h, r, -1)
+        q = q.reshape(b, kvh, (h // kvh) * r, d) * self.scaling
+        logits = torch.matmul(q, self.key.float().transpose(-1, -2)).reshape(b, h, r, -1)
         softcap = self.kwargs.get("softcap")
         if softcap:
             logits = torch.tanh(logits / softcap) * softcap
         vis, bias = self.visible(rows)
         if bias is not None:
             logits = logits + bias[:, None]
-        logits = logits.masked_fill(~vis[:, None], float("-inf"))
+        logits = torch.where(vis[:, None], logits, float("-inf"))
         sinks = self.kwargs.get("s_aux")
         if sinks is not None:
             sink = sinks.float().reshape(1, h, 1, 1).expand(b, -1, r, 1)

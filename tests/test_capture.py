@@ -308,3 +308,37 @@ def test_ablating_a_head_that_does_not_exist_names_it(model_dirs):
     with pytest.raises(ValueError, match=r"7\.0 do not exist"), ablate(fast.model, [(7, 0)]):
         pass
     assert not fast.model.config.text_config._attn_implementation.startswith("vheads_")
+
+
+def reference_probabilities(query, key, bias, rows, scaling):
+    """softmax(q·kᵀ·scale + bias) of every row, picked afterwards: [batch, heads, r, kv]."""
+    group = query.shape[1] // key.shape[1]
+    logits = torch.einsum("bhqd,bhkd->bhqk", query, key.repeat_interleave(group, dim=1)) * scaling + bias
+    probs = torch.nan_to_num(torch.softmax(logits, dim=-1), nan=0.0)
+    return torch.stack([probs[i, :, rows[i]] for i in range(query.shape[0])])
+
+
+@pytest.mark.parametrize("mask_kind", ["bool4d", "float4d", "padding2d", "none"])
+def test_readout_rows_by_index_or_shared_give_the_same_probabilities(mask_kind):
+    from vheads.capture.session import AttentionCall
+
+    torch.manual_seed(0)
+    b, h, kvh, q_len, d = 3, 4, 2, 7, 8
+    query, key = torch.randn(b, h, q_len, d), torch.randn(b, kvh, q_len, d)
+    padding = torch.ones(b, q_len, dtype=torch.bool)
+    padding[1, :2] = False
+    padding[2, :4] = False
+    causal = torch.ones(q_len, q_len).tril().bool()
+    allowed = causal[None] & padding[:, None, :]
+    bias = torch.zeros(b, 1, q_len, q_len).masked_fill(~allowed[:, None], float("-inf"))
+    mask = {"bool4d": allowed[:, None], "float4d": bias.masked_fill(~allowed[:, None], torch.finfo(torch.float32).min),
+            "padding2d": padding.long(), "none": None}[mask_kind]
+    if mask_kind == "none":
+        bias = torch.zeros(1, 1, q_len, q_len).masked_fill(~causal, float("-inf"))
+    call = AttentionCall(0, torch.nn.Module(), query, key, key, mask, {"scaling": 0.3}, [])
+    last = torch.full((b, 1), q_len - 1)
+    expected = reference_probabilities(query, key, bias, last, 0.3)
+    torch.testing.assert_close(call.probabilities(q_len - 1), expected)
+    torch.testing.assert_close(call.probabilities(last), expected)
+    some = torch.tensor([[6, 5], [4, 6], [6, 5]])
+    torch.testing.assert_close(call.probabilities(some), reference_probabilities(query, key, bias, some, 0.3))

@@ -53,7 +53,7 @@ def test_figures_broadcast_and_work_on_torch_tensors_too():
     assert np.isnan(metrics.attention_figures(attn, image)["region_weight"]).all()
 
 
-def test_figure_stack_equals_the_five_figures_one_by_one():
+def test_figures_from_masked_sums_equal_the_five_figures_one_by_one():
     rng = np.random.default_rng(1)
     attn = rng.dirichlet(np.ones(9), size=(4, 3))
     attn[0, 0, 1:5] = 0.0
@@ -67,13 +67,15 @@ def test_figure_stack_equals_the_five_figures_one_by_one():
     text = ~image & ~sink
     masks = np.stack([image, region, text, sink], -1).astype(np.float64)
     expected = metrics.attention_figures(attn, image[:, None], region[:, None], text[:, None], sink[:, None])
-    on_torch = metrics.figure_stack(torch.tensor(attn), torch.tensor(masks)).numpy()
-    for stack in (metrics.figure_stack(attn, masks), on_torch):
-        assert stack.shape == (4, 3, 5)
+    on_numpy = metrics.figures_from_sums(metrics.masked_sums(attn, masks), image.sum(-1)[:, None])
+    on_torch = metrics.figures_from_sums(metrics.masked_sums(torch.tensor(attn), torch.tensor(masks)),
+                                         torch.tensor(image.sum(-1)[:, None]))
+    for figures in (on_numpy, on_torch.numpy()):
+        assert figures.shape == (4, 3, 5)
         for i, name in enumerate(metrics.FIGURES):
-            np.testing.assert_allclose(stack[..., i], expected[name], atol=1e-12, equal_nan=True, err_msg=name)
-    assert np.isnan(metrics.figure_stack(attn, masks)[0, 0, 1]), "no image attention: C undefined"
-    assert np.isnan(metrics.figure_stack(attn, masks)[2:, :, 1]).all(), "one or no image token: C undefined"
+            np.testing.assert_allclose(figures[..., i], expected[name], atol=1e-12, equal_nan=True, err_msg=name)
+    assert np.isnan(on_numpy[0, 0, 1]), "no image attention: C undefined"
+    assert np.isnan(on_numpy[2:, :, 1]).all(), "one or no image token: C undefined"
 
 
 def test_head_score_is_the_share_of_samples_in_the_top_k():

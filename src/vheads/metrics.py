@@ -109,15 +109,6 @@ def figures_from_sums(sums: Any, image_tokens: Any) -> Any:
     return xp.stack([w, c, sums[..., 1], sums[..., 2], sums[..., 3]], -1)
 
 
-def figure_stack(attn: Any, key_masks: Any) -> Any:
-    """All five figures of `attention_figures` as one array [..., rows, 5] (order of FIGURES).
-
-    `attn` is [..., rows, keys]; `key_masks` [..., keys, 4] holds the image, region, text and sink masks
-    as 0/1 columns.
-    """
-    return figures_from_sums(masked_sums(attn, key_masks), key_masks[..., 0].sum(-1)[..., None])
-
-
 def default_top_k(layers: int, heads: int) -> int:
     """DESIGN.md's K: round(0.1 * layers * heads), at least 1 (the paper used 100 of 1,024)."""
     return max(1, int(round(0.1 * layers * heads)))

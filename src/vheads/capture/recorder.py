@@ -53,7 +53,6 @@ class _Group:
                  image_tokens: torch.Tensor):
         b = rows.shape[0]
         device = rows.device
-        self.masks = masks
         self.prompt_len = masks["image"].shape[1]
         self.rows = rows
         self.image_tokens = image_tokens

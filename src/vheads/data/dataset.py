@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 
 from vheads.data.sample import BadSample, DataError, Sample
-from vheads.data.skips import DUPLICATE_ID, BadRecord, Skip, skip_from, summarize, warn
+from vheads.data.skips import DUPLICATE_ID, BadRecord, Skip, skip_from, summarize
 
 
 @dataclass(frozen=True)
@@ -93,7 +93,7 @@ def _groups(entries: list[Entry]) -> list[list[int]]:
 
 
 def _make(entry: Entry, skipped: list[Skip], seen: set[str]) -> Sample | None:
-    """Build one sample, or record and log why it was skipped (a repeated id is skipped too)."""
+    """Build one sample, or record why it was skipped (a repeated id is skipped too)."""
     try:
         sample = entry.make()
         if sample.id in seen:
@@ -101,9 +101,7 @@ def _make(entry: Entry, skipped: list[Skip], seen: set[str]) -> Sample | None:
         seen.add(sample.id)
         return sample
     except BadSample as error:
-        skip = skip_from(entry.file, entry.record, error)
-        warn(skip)
-        skipped.append(skip)
+        skipped.append(skip_from(entry.file, entry.record, error))
         return None
 
 
@@ -117,7 +115,6 @@ def select(items: Iterable[Entry | Skip], limit: int | None, seed: int) -> tuple
     entries: list[Entry] = []
     for item in items:
         if isinstance(item, Skip):
-            warn(item)
             skipped.append(item)
         else:
             entries.append(item)

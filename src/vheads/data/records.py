@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 from vheads.data.sample import DataError
-from vheads.data.skips import BAD_FIELD, BAD_JSON, MISSING_FIELD, BadRecord, Skip
+from vheads.data.skips import BAD_FIELD, BAD_JSON, MISSING_FIELD, OUTSIDE_IMAGES, BadRecord, Skip
 
 
 def data_file(path: Path | None, name: str) -> Path:
@@ -134,6 +135,13 @@ def box_field(value: Any, key: str) -> tuple[float, float, float, float]:
 
 
 def resolve_image(root: Path, name: str) -> Path:
-    """An image path from a record: absolute as given, else relative to the image folder."""
+    """An image path from a record: absolute as given, else relative to the image folder and kept inside it.
+
+    The check is on the written path (`..` may not climb out of `root`), so symlinks inside the folder still work.
+    """
     path = Path(name)
-    return path if path.is_absolute() else root / path
+    if path.is_absolute():
+        return path
+    if os.path.normpath(path).split(os.sep)[0] == os.pardir:
+        raise BadRecord(OUTSIDE_IMAGES, name)
+    return root / path

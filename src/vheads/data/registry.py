@@ -6,9 +6,10 @@ from pathlib import Path
 from typing import Any
 
 from vheads.data.dataset import Dataset, Loader, Request, select
+from vheads.data.images import DEFAULT_MAX_PIXELS, pixel_cap
 from vheads.data.loaders import hf, jsonl, mmbench, pointqa, pope, qbench, seedbench, shapes
 from vheads.data.sample import DataError
-from vheads.data.skips import summarize
+from vheads.data.skips import report, summarize
 
 _LOADERS: dict[str, Loader] = {}
 
@@ -43,12 +44,14 @@ def _loader(name: str) -> Loader:
 def load_dataset(name: str, data: str | Path | None = None, images: str | Path | None = None,
                  split: str | None = None, question_type: str | None = None,
                  prompt_style: str | None = None, limit: int | None = None, seed: int = 0,
-                 **options: Any) -> Dataset:
-    """Load a benchmark by name into samples, skipping (and logging once each) records that cannot be used.
+                 max_pixels: int | None = DEFAULT_MAX_PIXELS, **options: Any) -> Dataset:
+    """Load a benchmark by name into samples, skipping records that cannot be used (logged summarised by reason).
 
     `data` is the benchmark file (or folder); `images` the folder relative image paths start from
-    (default: the data file's folder). `limit` draws that many questions at random with `seed`
-    (a MMBench question with its circular copies counts once). Extra keyword `options` go to the
+    (default: the data file's folder); a relative path that leaves it is skipped, an absolute one is used as
+    given. An image with more than `max_pixels` pixels (read from its header; None: no cap) is skipped.
+    `limit` draws that many questions at random with `seed` (a MMBench question with its circular copies
+    counts once). Extra keyword `options` go to the
     loader (see each loader's help). Raises `DataError` for unknown names or options, a missing or
     empty file, or a file with no usable record.
     """
@@ -67,8 +70,12 @@ def load_dataset(name: str, data: str | Path | None = None, images: str | Path |
         split=split, question_type=question_type, prompt_style=prompt_style,
         limit=limit, seed=seed, options=dict(options),
     )
-    parsed = loader.parse(request)
-    samples, skipped = select(parsed.items, limit, seed)
+    if max_pixels is not None and max_pixels < 1:
+        raise DataError(f"max_pixels must be >= 1, got {max_pixels}")
+    with pixel_cap(max_pixels):
+        parsed = loader.parse(request)
+        samples, skipped = select(parsed.items, limit, seed)
+    report(skipped)
     if not samples and limit != 0:
         if skipped:
             counts = ", ".join(f"{n} {reason}" for reason, n in summarize(skipped).items())

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 from collections import Counter
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from vheads.data.sample import BadSample
 
@@ -20,6 +20,10 @@ BAD_BASE64 = "bad base64"
 BOX_OUTSIDE = "box outside image"
 BAD_RECORD = "bad record"
 DUPLICATE_ID = "duplicate id"
+OUTSIDE_IMAGES = "image outside --images"
+TOO_LARGE = "image too large"
+
+SHOWN_PER_REASON = 3
 
 
 class BadRecord(BadSample):
@@ -56,6 +60,36 @@ def skip_from(file: str, record: str, error: BadSample) -> Skip:
 def warn(skip: Skip) -> None:
     """Log the skip as exactly one warning line on the `vheads.data` logger."""
     log.warning(skip.line())
+
+
+@dataclass
+class SkipLog:
+    """Logs skips without burying the output: the first `shown` per reason as warnings, the rest at info level
+    (listed with --verbose), then one warning line per reason with its count (`close`)."""
+
+    logger: logging.Logger = log
+    shown: int = SHOWN_PER_REASON
+    counts: Counter[str] = field(default_factory=Counter)
+
+    def add(self, reason: str, line: str) -> None:
+        """Log one skip: a warning while its reason has been seen at most `shown` times, info after."""
+        self.counts[reason] += 1
+        self.logger.log(logging.WARNING if self.counts[reason] <= self.shown else logging.INFO, line)
+
+    def close(self) -> None:
+        """One warning line per reason that had more skips than were shown."""
+        for reason, n in self.counts.most_common():
+            if n > self.shown:
+                self.logger.warning("%s records skipped: %s (the first %d are listed above; --verbose lists "
+                                    "them all)", f"{n:,}", reason, self.shown)
+
+
+def report(skips: Iterable[Skip]) -> None:
+    """Log a loader's skips summarised by reason (see `SkipLog`)."""
+    summary = SkipLog()
+    for skip in skips:
+        summary.add(skip.reason, skip.line())
+    summary.close()
 
 
 def summarize(skips: Iterable[Skip]) -> dict[str, int]:

@@ -17,6 +17,8 @@ import torch
 
 from vheads.capture import HeadRecorder, ablate
 from vheads.data import BadSample, Dataset, Sample, load_dataset, score
+from vheads.data.images import DEFAULT_MAX_PIXELS
+from vheads.data.skips import SkipLog
 from vheads.models import GeometryError, Loaded, load
 from vheads.store import RunHandle, Store, StoreError, shard_path
 from vheads.writer import BatchWriter
@@ -56,12 +58,13 @@ class RunConfig:
     trust_remote_code: bool = False
     sweep: str | None = None
     tags: dict[str, Any] = field(default_factory=dict)
+    max_pixels: int | None = DEFAULT_MAX_PIXELS
 
     def load_dataset(self) -> Dataset:
         """The dataset these options name."""
         return load_dataset(self.dataset, data=self.data, images=self.images, split=self.split,
                             question_type=self.question_type, prompt_style=self.prompt_style, limit=self.limit,
-                            seed=self.seed)
+                            seed=self.seed, max_pixels=self.max_pixels)
 
     def load_model(self) -> Loaded:
         """The model these options name, loaded for vheads."""
@@ -300,6 +303,7 @@ def run(config: RunConfig, loaded: Loaded | None = None, dataset: Dataset | None
         if start:
             start(len(todo))
         runner = Runner(loaded, config)
+        skip_log = SkipLog(log)
         done = correct = 0
 
         def stored(rows: Sequence[dict[str, Any]]) -> None:
@@ -310,7 +314,7 @@ def run(config: RunConfig, loaded: Loaded | None = None, dataset: Dataset | None
                 for i in range(0, len(todo), config.batch_size):
                     good, images, bad = runner.prepare(todo[i:i + config.batch_size])
                     for sample, reason in bad:
-                        log.warning("skipped sample %s: %s", sample.id, reason)
+                        skip_log.add(reason.split(" (")[0], f"skipped sample {sample.id}: {reason}")
                         runtime_skips[reason.split(" (")[0]] += 1
                     for lo, hi, (answers, figures, region_tokens) in runner.run_adaptive(good, images):
                         rows = [sample_row(s, a, n, r) for s, a, n, r in
@@ -321,12 +325,14 @@ def run(config: RunConfig, loaded: Loaded | None = None, dataset: Dataset | None
                         if progress:
                             progress(done, len(todo), correct)
         except KeyboardInterrupt:
+            skip_log.close()
             store.finish_run(handle, status="interrupted", skipped=_skips(dataset, runtime_skips))
             raise Interrupted(f"run {name!r} interrupted; finished batches are stored. Continue it with "
                               f"--name {name} --resume") from None
         except Exception:
             store.finish_run(handle, status="failed", skipped=_skips(dataset, runtime_skips))
             raise
+        skip_log.close()
         summary = _summarize(store, handle, store_path, dataset, runtime_skips, time.time() - began)
         store.finish_run(handle, status="done", accuracy=summary.accuracy, skipped=summary.skipped)
     return summary

@@ -10,7 +10,7 @@ import pandas as pd
 
 from vheads.data import Sample, load_dataset
 
-DATASET_FIELDS = ("data", "images", "split", "question_type", "prompt_style", "limit", "seed")
+DATASET_FIELDS = ("data", "images", "split", "question_type", "prompt_style", "limit", "seed", "max_pixels")
 
 
 def pick_samples(frame: pd.DataFrame, n: int) -> pd.DataFrame:

@@ -1,0 +1,89 @@
+"""Ordinary mistakes on the command line end in one clear line and exit 2, never a traceback or a silent overwrite."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from vheads.cli import app
+from vheads.store import Store
+
+runner = CliRunner(env={"COLUMNS": "80"})
+
+
+@pytest.fixture()
+def empty_store(tmp_path: Path) -> str:
+    path = str(tmp_path / "s.duckdb")
+    with Store(path):
+        pass
+    return path
+
+
+def one_error_line(result, *needles: str) -> None:
+    """The command failed with exit 2 and its last line is an error naming every needle."""
+    assert result.exit_code == 2, result.output
+    assert "Traceback" not in result.output
+    last = result.output.strip().splitlines()[-1]
+    assert last.startswith("error:"), result.output
+    for needle in needles:
+        assert needle in last, last
+
+
+@pytest.mark.parametrize("device,needle", [("foo", "--device 'foo'"), ("cuda:x", "--device 'cuda:x'")]
+                         + ([] if torch.cuda.is_available() else [("cuda", "no CUDA")]))
+def test_a_device_this_machine_lacks_is_one_line(tmp_path, device, needle):
+    result = runner.invoke(app, ["run", "--limit", "2", "--device", device, "--store", str(tmp_path / "d.duckdb")])
+    one_error_line(result, needle)
+    assert not (tmp_path / "d.duckdb").exists() or "Traceback" not in result.output
+
+
+@pytest.mark.parametrize("command", [["export"], ["report"], ["data", "shapes", "--n", "2"]])
+def test_out_naming_an_existing_file_is_one_line(tmp_path, empty_store, command):
+    target = tmp_path / "taken.txt"
+    target.write_text("keep me")
+    store = [] if command[0] == "data" else ["--store", empty_store]
+    result = runner.invoke(app, [*command, *store, "--out", str(target)])
+    one_error_line(result, str(target), "not a folder")
+    assert target.read_text() == "keep me"
+
+
+@pytest.mark.parametrize("sql", ["", "   ", "-- only a comment"])
+def test_an_empty_query_is_one_line(empty_store, sql):
+    one_error_line(runner.invoke(app, ["query", sql, "--store", empty_store]), "SQL")
+
+
+def test_export_refuses_to_overwrite_parquet_unless_forced(tmp_path, empty_store):
+    out = tmp_path / "pq"
+    assert runner.invoke(app, ["export", "--store", empty_store, "--out", str(out)]).exit_code == 0
+    again = runner.invoke(app, ["export", "--store", empty_store, "--out", str(out)])
+    one_error_line(again, "runs.parquet", "--force")
+    forced = runner.invoke(app, ["export", "--store", empty_store, "--out", str(out), "--force"])
+    assert forced.exit_code == 0, forced.output
+
+
+def test_a_mistyped_model_folder_fails_at_once_naming_it(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "models").mkdir()
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    began = time.monotonic()
+    offline = runner.invoke(app, ["run", "--limit", "2", "--model", "mymodel"])
+    one_error_line(offline, "mymodel", "no model folder")
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    partial = runner.invoke(app, ["run", "--limit", "2", "--model", "models/llava-typo"])
+    one_error_line(partial, "models/llava-typo", "no model folder")
+    assert time.monotonic() - began < 30
+
+
+def test_a_pickle_only_model_folder_says_how_to_convert_it(tmp_path, model_dirs):
+    folder = tmp_path / "pickled"
+    folder.mkdir()
+    for item in model_dirs("llava").iterdir():
+        if item.suffix != ".safetensors":
+            (folder / item.name).write_bytes(item.read_bytes())
+    (folder / "pytorch_model.bin").write_bytes(b"not loaded")
+    result = runner.invoke(app, ["run", "--limit", "2", "--model", str(folder), "--store", str(tmp_path / "s.duckdb")])
+    one_error_line(result, "pytorch_model.bin", "safetensors", "save_pretrained")

@@ -51,7 +51,7 @@ def test_out_naming_an_existing_file_is_one_line(tmp_path, empty_store, command)
     assert target.read_text() == "keep me"
 
 
-@pytest.mark.parametrize("sql", ["", "   ", "-- only a comment"])
+@pytest.mark.parametrize("sql", ["", "   ", " ; ", "/* only a comment */"])
 def test_an_empty_query_is_one_line(empty_store, sql):
     one_error_line(runner.invoke(app, ["query", sql, "--store", empty_store]), "SQL")
 

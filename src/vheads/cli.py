@@ -11,8 +11,9 @@ from pathlib import Path
 from typing import Any
 
 import typer
-from rich.console import Console
-from rich.table import Table
+from rich.text import Text
+
+from vheads.output import FORMATS, ProgressView, check_format, console, emit, emit_many, err, frame_table, say
 
 app = typer.Typer(
     help="Find and test the attention heads vision-language models use to look at images (visual heads).\n\n"
@@ -25,17 +26,28 @@ app = typer.Typer(
 data_app = typer.Typer(help="Datasets: write the built-in ShapesQA set, list the loaders.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
 
-console = Console()
-err = Console(stderr=True)
-
 STORE_HELP = "DuckDB results store."
 MODEL_HELP = "Hub id or local folder of an image-text-to-text model (default: the embedded demo LLaVA)."
+FORMAT_HELP = "table, csv or json."
+LIMIT_HELP = ("At most this many questions, drawn with --seed (default: 1,000 for shapes, every question for the "
+              "other datasets).")
+MAX_PIXELS_HELP = ("Skip images with more pixels than this, read from the file header before decoding (0: no cap); "
+                   "counted as 'image too large'.")
+
+__all__ = ["FORMATS", "check_format", "console", "emit", "emit_many", "err", "fail", "frame_table", "say"]
 
 
 def fail(message: str, code: int = 2) -> None:
-    """Print one clear error line and exit non-zero."""
-    err.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    """Print one clear error line (the message literally) and exit non-zero."""
+    err.print(Text.assemble(("error:", "bold red"), " ", message), soft_wrap=True)
     raise typer.Exit(code)
+
+
+def out_folder(path: Path, option: str = "--out") -> Path:
+    """`path` when it is a folder or does not exist yet; ValueError naming the option when it is a file."""
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"{option} {path} is a file, not a folder; name a folder (it is created if missing)")
+    return path
 
 
 @contextmanager
@@ -50,10 +62,13 @@ def errors() -> Iterator[None]:
     try:
         yield
     except Interrupted as exc:
-        err.print(f"[yellow]{exc}[/]", highlight=False, soft_wrap=True)
+        err.print(Text(str(exc), style="yellow"), soft_wrap=True)
         raise typer.Exit(130) from None
     except (DataError, ModelError, StoreError, CaptureError, ValueError, FileNotFoundError) as exc:
         fail(str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+    except OSError as exc:
+        where = f"{exc.filename}: " if exc.filename else ""
+        fail(f"{where}{exc.strerror or type(exc).__name__}")
 
 
 def setup_logging(verbose: bool) -> None:
@@ -68,46 +83,24 @@ def setup_logging(verbose: bool) -> None:
     hf_logging.disable_progress_bar()
 
 
-def frame_table(frame: Any, title: str | None = None, floats: str = "{:.3f}") -> Table:
-    """A rich table of a pandas DataFrame."""
-    table = Table(title=title, header_style="bold")
-    for column in frame.columns:
-        table.add_column(str(column), justify="right" if frame[column].dtype.kind in "iuf" else "left")
-    for row in frame.itertuples(index=False):
-        table.add_row(*[floats.format(v) if isinstance(v, float) else str(v) for v in row])
-    return table
-
-
-def emit(frame: Any, fmt: str, title: str | None = None) -> None:
-    """Print a DataFrame as a table, CSV or JSON records."""
-    if fmt == "csv":
-        sys.stdout.write(frame.to_csv(index=False))
-    elif fmt == "json":
-        sys.stdout.write(frame.to_json(orient="records", indent=2) + "\n")
-    elif fmt == "table":
-        console.print(frame_table(frame, title))
-    else:
-        fail(f"unknown --format {fmt!r}; expected table, csv or json")
-
-
-def progress_callbacks(label: str) -> tuple[Callable[[int], None], Callable[[int, int, int], None], Any]:
-    """A rich progress bar with samples/s and running accuracy, as (start, update, bar)."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-    bar = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                   TextColumn("{task.fields[rate]:.1f} samples/s"), TextColumn("acc {task.fields[acc]}"),
-                   TimeElapsedColumn(), console=err, transient=False)
-    state: dict[str, Any] = {}
+def run_progress(view: ProgressView, label: str = "run") -> tuple[Callable[[int], None],
+                                                                 Callable[[int, int, int], None]]:
+    """`start(total)` and `update(done, total, correct)` of a run, shown on `view` with rate and accuracy."""
+    began: dict[str, float] = {}
 
     def start(total: int) -> None:
-        state["task"] = bar.add_task(label, total=total, rate=0.0, acc="-")
+        import time
+
+        began["t"] = time.monotonic()
+        view.update(label, 0, total, "")
 
     def update(done: int, total: int, correct: int) -> None:
-        task = bar.tasks[state["task"]]
-        elapsed = task.elapsed or 1e-9
-        bar.update(state["task"], completed=done, rate=done / elapsed, acc=f"{correct / max(done, 1):.3f}")
+        import time
 
-    return start, update, bar
+        rate = done / max(time.monotonic() - began.get("t", time.monotonic()), 1e-9)
+        view.update(label, done, total, f"{rate:.1f} samples/s, acc {correct / max(done, 1):.3f}")
+
+    return start, update
 
 
 @app.command()
@@ -115,26 +108,33 @@ def run(
     model: str = typer.Option(None, "--model", "-m", help=MODEL_HELP),
     dataset: str = typer.Option("shapes", "--dataset", "-d", help="Dataset loader: shapes, pointqa, pope, mmbench, "
                                 "seedbench, qbench, jsonl, hf (see `vheads data list`)."),
-    data: str = typer.Option(None, "--data", help="The benchmark file or folder (not needed for shapes)."),
-    images: str = typer.Option(None, "--images", help="Folder that image paths are relative to."),
-    split: str = typer.Option(None, "--split", help="Split (POPE: adversarial/popular/random; shapes: test/train)."),
-    question_type: str = typer.Option(None, "--question-type", help="PointQA / ShapesQA: general, obj or super."),
+    data: str = typer.Option(None, "--data", help="The benchmark file or folder (default: none; not needed for "
+                             "shapes)."),
+    images: str = typer.Option(None, "--images", help="Folder that relative image paths start from (default: the "
+                               "data file's folder); a relative path may not leave it, absolute paths are used as "
+                               "given."),
+    split: str = typer.Option(None, "--split", help="Split (default: the loader's; POPE: adversarial/popular/random; "
+                              "shapes: test/train)."),
+    question_type: str = typer.Option(None, "--question-type", help="PointQA / ShapesQA: general, obj or super "
+                                      "(default: all types)."),
     prompt_style: str = typer.Option(None, "--prompt-style", help="Box prompt: visual (drawn), plain (text "
-                                     "coordinates) or none."),
-    limit: int = typer.Option(None, "--limit", "-n", help="At most this many questions (drawn with --seed)."),
+                                     "coordinates) or none (default: the loader's)."),
+    limit: int = typer.Option(None, "--limit", "-n", help=LIMIT_HELP),
+    max_pixels: int = typer.Option(50_000_000, "--max-pixels", min=0, help=MAX_PIXELS_HELP),
     batch_size: int = typer.Option(8, "--batch-size", "-b", min=1, help="Samples per batch (halved on OOM)."),
     max_new_tokens: int = typer.Option(8, "--max-new-tokens", min=1, help="Answer length limit (greedy)."),
     readout: str = typer.Option("prompt", "--readout", help="Query rows measured: prompt (last prompt position), "
                                 "first-generated, or generated (all generated tokens, averaged)."),
-    ablate_heads: str = typer.Option(None, "--ablate", help="Heads to ablate: a LAYER.HEAD list (3.1,4.7) or a "
-                                     "selector: top:K, late:K (rank the heads of --from), random:K[:seed], "
-                                     "stage:early|mid|late."),
-    from_run: str = typer.Option(None, "--from", help="Run whose head ranking top:K / late:K select from."),
+    ablate_heads: str = typer.Option(None, "--ablate", help="Heads to ablate (default: none): a LAYER.HEAD list "
+                                     "(3.1,4.7) or a selector: top:K, late:K (rank the heads of --from), "
+                                     "random:K[:seed], stage:early|mid|late."),
+    from_run: str = typer.Option(None, "--from", help="Run whose head ranking top:K / late:K select from "
+                                 "(default: none)."),
     ablation: str = typer.Option("zero", "--ablation", help="zero (output zeroed) or uniform (uniform weights)."),
     store: str = typer.Option("vheads.duckdb", "--store", help=STORE_HELP),
     name: str = typer.Option(None, "--name", help="Run name (default: model-dataset-split, numbered if taken)."),
     shard: str = typer.Option(None, "--shard", help="K/N: run the K-th of N contiguous shards into its own file "
-                              "beside the store; fold them in with `vheads merge`."),
+                              "beside the store; fold them in with `vheads merge` (default: the whole dataset)."),
     dtype: str = typer.Option("auto", "--dtype", help="auto (bf16 on GPU, fp32 on CPU), float32, bfloat16, float16."),
     device: str = typer.Option("auto", "--device", help="auto (all GPUs via accelerate), cpu, cuda, cuda:N."),
     attn: str = typer.Option("sdpa", "--attn", help="Kernel the model runs: sdpa, eager, flash_attention_2."),
@@ -146,10 +146,12 @@ def run(
     """Run a model over a dataset: answer (greedy), score, and store every sample's per-head figures."""
     setup_logging(verbose)
     from vheads.analysis.selectors import run_option_heads
+    from vheads.models import check_device
     from vheads.pipeline import RunConfig, parse_shard
     from vheads.pipeline import run as run_pipeline
 
     with errors():
+        check_device(device)
         config = RunConfig(model=model, dataset=dataset, data=data, images=images, split=split,
                            question_type=question_type, prompt_style=prompt_style, limit=limit,
                            batch_size=batch_size, max_new_tokens=max_new_tokens,
@@ -158,9 +160,11 @@ def run(
                            ablation=check_choice(ablation, "ablation"), store=store,
                            name=name, shard=parse_shard(shard), dtype=dtype, device=device, attn=attn, resume=resume,
                            seed=seed, trust_remote_code=trust_remote_code,
-                           tags={"ablate": ablate_heads, "from_run": from_run} if from_run else {})
-        start, update, bar = progress_callbacks("run")
-        with bar:
+                           tags={"ablate": ablate_heads, "from_run": from_run} if from_run else {},
+                           max_pixels=max_pixels or None)
+        with ProgressView() as view:
+            start, update = run_progress(view)
+            view.status(f"loading the model ({model or 'embedded demo'}) and the data ({dataset}) ...")
             summary = run_pipeline(config, progress=update, start=start)
         print_summary(summary)
 
@@ -180,35 +184,70 @@ def print_summary(summary: Any) -> None:
     from vheads.store import Store
 
     acc = "n/a" if summary.accuracy is None else f"{summary.accuracy:.3f}"
-    console.print(f"\n[bold]run[/] {summary.name}  samples {summary.samples}  accuracy {acc}  "
-                  f"({summary.seconds:.1f} s)", highlight=False)
+    say(f"\nrun {summary.name}  samples {summary.samples}  accuracy {acc}  ({summary.seconds:.1f} s)")
     if summary.by_type:
-        console.print("  by question type: " + ", ".join(f"{k} {v:.3f}" for k, v in sorted(summary.by_type.items())))
+        say("  by question type: " + ", ".join(f"{k} {v:.3f}" for k, v in sorted(summary.by_type.items())))
     if "pope" in summary.extra:
-        console.print("  POPE: " + ", ".join(f"{k} {v:.3f}" for k, v in summary.extra["pope"].items()))
+        say("  POPE: " + ", ".join(f"{k} {v:.3f}" for k, v in summary.extra["pope"].items()))
     skipped = sum(summary.skipped.values())
     if skipped:
-        console.print(f"  skipped {skipped}: " + ", ".join(f"{n} {why}" for why, n in summary.skipped.items()))
+        say(f"  skipped {skipped}: " + ", ".join(f"{n} {why}" for why, n in summary.skipped.items())
+            + " (--verbose lists every one)")
     with Store(summary.store, read_only=True) as store:
         table = head_table(store, summary.run_id).head(10)
-    console.print(frame_table(table, title=f"top-10 heads (K = {table.attrs['k']})"))
-    console.print(f"stored in {summary.store} as run [bold]{summary.name}[/]", highlight=False)
+    print_heads(table, f"top-10 heads (K = {table.attrs['k']})")
+    say(f"stored in {summary.store} as run {summary.name}")
+
+
+HEAD_HEADERS = {"rank": "#", "layer": "layer", "head": "head", "score": "score", "mean_w": "W", "mean_c": "C",
+                "mean_region_share": "region", "stage": "stage", "visual": "visual"}
+HEAD_LEGEND = ("score: share of samples with the head in the top K by W; W: mean visual weight; C: mean "
+               "concentration; region: mean share of the image attention on the asked-about box; —: undefined")
+
+
+def print_heads(table: Any, title: str, fmt: str = "table") -> None:
+    """A head ranking: short headers and a legend in a table, the full column names in CSV and JSON."""
+    emit(table, fmt, title=title, headers=HEAD_HEADERS, legend=HEAD_LEGEND)
 
 
 @app.command()
 def runs(store: str = typer.Option("vheads.duckdb", "--store", help=STORE_HELP),
-         fmt: str = typer.Option("table", "--format", help="table, csv or json.")) -> None:
+         fmt: str = typer.Option("table", "--format", help=FORMAT_HELP)) -> None:
     """List the runs in the store."""
     from vheads.store import Store
 
     with errors(), Store(existing_store(store), read_only=True) as db:
+        check_format(fmt)
         frame = db.runs()
         cols = [c for c in ("run_id", "name", "model", "dataset", "split", "readout", "ablation", "status",
                             "n_samples", "accuracy", "sweep") if c in frame.columns]
         frame = frame[cols].copy()
-        if fmt == "table" and "model" in frame:
-            frame["model"] = frame["model"].map(lambda m: Path(str(m)).name)
-        emit(frame, fmt, title=f"runs in {store}")
+        if fmt == "table":
+            frame = runs_table(frame)
+        emit(frame, fmt, title=f"runs in {store}",
+             legend="data: dataset/split; n: samples; acc: accuracy; —: none" if fmt == "table" else None)
+
+
+def runs_table(frame: Any) -> Any:
+    """The runs listing for an 80-column terminal: model folders by their last part, dataset and split together,
+    the readout and sweep only when some run has one other than the default."""
+    import pandas as pd
+
+    table = pd.DataFrame({"id": frame["run_id"], "name": frame["name"],
+                          "model": frame["model"].map(lambda m: Path(str(m)).name),
+                          "data": [f"{d}/{s}" if s else str(d) for d, s in zip(frame["dataset"], frame["split"],
+                                                                                   strict=True)]})
+    if "readout" in frame and (frame["readout"] != "prompt").any():
+        table["readout"] = frame["readout"]
+    table["ablation"] = frame["ablation"].replace({"none": None})
+    if table["ablation"].isna().all():
+        table = table.drop(columns="ablation")
+    table["status"] = frame["status"]
+    table["n"] = frame["n_samples"]
+    table["acc"] = frame["accuracy"]
+    if "sweep" in frame and frame["sweep"].notna().any():
+        table["sweep"] = frame["sweep"]
+    return table
 
 
 def existing_store(store: str) -> str:
@@ -221,20 +260,21 @@ def existing_store(store: str) -> str:
 def heads(
     run_name: str = typer.Option(None, "--run", "-r", help="Run name or id (default: the latest run)."),
     top: int = typer.Option(20, "--top", help="Show this many heads (0 = all)."),
-    k: int = typer.Option(None, "--k", help="Top-K per sample for the head score (default round(0.1 x heads))."),
+    k: int = typer.Option(None, "--k", help="Top-K per sample for the head score (default: round(0.1 x heads))."),
     store: str = typer.Option("vheads.duckdb", "--store", help=STORE_HELP),
-    fmt: str = typer.Option("table", "--format", help="table, csv or json."),
+    fmt: str = typer.Option("table", "--format", help=FORMAT_HELP),
 ) -> None:
     """Rank the heads of a run: score (share of samples with the head in the top K by W), mean W, mean C, stage."""
     from vheads.analysis.heads import head_table
     from vheads.store import Store
 
     with errors(), Store(existing_store(store), read_only=True) as db:
+        check_format(fmt)
         name = run_name or latest_run(db)
         table = head_table(db, name, k=k)
         if top:
             table = table.head(top)
-        emit(table, fmt, title=f"heads of {name} (K = {table.attrs['k']}, {table.attrs['samples']} samples)")
+        print_heads(table, f"heads of {name} (K = {table.attrs['k']}, {table.attrs['samples']} samples)", fmt)
 
 
 def latest_run(db: Any) -> str:
@@ -248,24 +288,38 @@ def latest_run(db: Any) -> str:
 @app.command()
 def query(sql: str = typer.Argument(..., help="SQL over the tables runs, samples, head_stats."),
           store: str = typer.Option("vheads.duckdb", "--store", help=STORE_HELP),
-          csv: bool = typer.Option(False, "--csv", help="CSV instead of a table.")) -> None:
+          fmt: str = typer.Option("table", "--format", help=FORMAT_HELP),
+          csv: bool = typer.Option(False, "--csv", help="Same as --format csv.")) -> None:
     """Run SQL on the store, e.g. vheads query "SELECT layer, avg(visual_weight) FROM head_stats GROUP BY 1"."""
     from vheads.store import Store
 
-    with errors(), Store(existing_store(store), read_only=True) as db:
-        emit(db.query(sql), "csv" if csv else "table")
+    with errors():
+        fmt = check_format("csv" if csv else fmt)
+        if not _has_sql(sql):
+            raise ValueError("no SQL given; e.g. vheads query \"SELECT name, accuracy FROM runs\"")
+        with Store(existing_store(store), read_only=True) as db:
+            emit(db.query(sql), fmt)
+
+
+def _has_sql(sql: str) -> bool:
+    """Whether `sql` holds anything but blanks, semicolons and comments."""
+    import re
+
+    text = re.sub(r"--[^\n]*|/\*.*?\*/", " ", sql, flags=re.S)
+    return bool(text.replace(";", " ").strip())
 
 
 @app.command()
 def export(run_name: str = typer.Option(None, "--run", "-r", help="Run name or id (default: all runs)."),
            out: Path = typer.Option(..., "--out", "-o", help="Folder for the Parquet files."),
-           store: str = typer.Option("vheads.duckdb", "--store", help=STORE_HELP)) -> None:
-    """Export runs, samples and head figures to Parquet."""
+           store: str = typer.Option("vheads.duckdb", "--store", help=STORE_HELP),
+           force: bool = typer.Option(False, "--force", help="Overwrite Parquet files already in --out.")) -> None:
+    """Export runs, samples and head figures to Parquet (existing files are kept unless --force)."""
     from vheads.store import Store
 
     with errors(), Store(existing_store(store), read_only=True) as db:
-        for path in db.export(run_name, out):
-            console.print(str(path), highlight=False)
+        for path in db.export(run_name, out_folder(out), overwrite=force):
+            say(str(path))
 
 
 @app.command()
@@ -275,7 +329,7 @@ def merge(files: list[Path] = typer.Argument(..., help="Shard stores written by 
     from vheads.store import merge as merge_stores
 
     with errors():
-        console.print(str(merge_stores(files, into)), highlight=False)
+        say(str(merge_stores(files, into)))
 
 
 @data_app.command("shapes")
@@ -287,27 +341,30 @@ def data_shapes(n: int = typer.Option(500, "--n", min=1, help="Questions to writ
     from vheads.data import write_shapes
 
     with errors():
-        path = write_shapes(out, n=n, seed=seed, split=split)
-        console.print(f"wrote {n} questions to {path}", highlight=False)
+        path = write_shapes(out_folder(out), n=n, seed=seed, split=split)
+        say(f"wrote {n} questions to {path}")
 
 
 @data_app.command("list")
-def data_list() -> None:
+def data_list(fmt: str = typer.Option("table", "--format", help=FORMAT_HELP)) -> None:
     """List the dataset loaders and what each reads."""
+    import pandas as pd
+
     from vheads.data import describe_dataset, list_datasets
 
-    table = Table("dataset", "reads", header_style="bold")
-    for name in list_datasets():
-        table.add_row(name, describe_dataset(name))
-    console.print(table)
+    with errors():
+        frame = pd.DataFrame({"dataset": list_datasets(), "reads": [describe_dataset(n) for n in list_datasets()]})
+        emit(frame, check_format(fmt))
 
 
 @app.command("train-demo")
 def train_demo(out: Path = typer.Option(..., "--out", "-o", help="Folder for the trained model."),
-               minutes: float = typer.Option(None, "--minutes", help="Train for this long."),
-               steps: int = typer.Option(None, "--steps", help="Train for this many steps."),
+               minutes: float = typer.Option(None, "--minutes", help="Train for this long (default: none; pass "
+                                             "--minutes or --steps)."),
+               steps: int = typer.Option(None, "--steps", help="Train for this many steps (default: none)."),
                seed: int = typer.Option(0, "--seed", help="Seed (same seed, same machine: same model)."),
-               threads: int = typer.Option(None, "--threads", help="CPU threads for torch.")) -> None:
+               threads: int = typer.Option(None, "--threads", help="CPU threads for torch (default: torch's "
+                                           "own choice).")) -> None:
     """Train the small demo LLaVA on ShapesQA (what ships as the embedded default)."""
     import torch
 
@@ -318,8 +375,8 @@ def train_demo(out: Path = typer.Option(..., "--out", "-o", help="Folder for the
     if minutes is None and steps is None:
         fail("pass --minutes or --steps")
     with errors():
-        metrics = train(out, steps=steps, minutes=minutes, seed=seed, log=lambda line: err.print(line))
-        console.print(json.dumps(metrics, indent=2), highlight=False)
+        metrics = train(out, steps=steps, minutes=minutes, seed=seed, log=lambda line: say(line, err))
+        say(json.dumps(metrics, indent=2))
 
 
 @app.command()

@@ -441,10 +441,12 @@ class Store:
         except duckdb.Error as error:
             raise StoreError(f"query failed: {_first_line(error)}") from error
 
-    def export(self, run: RunRef | None, out_dir: str | Path) -> list[Path]:
-        """Write the runs row(s), samples and head_stats of one run (None: all runs) as Parquet files."""
+    def export(self, run: RunRef | None, out_dir: str | Path, overwrite: bool = False) -> list[Path]:
+        """Write the runs row(s), samples and head_stats of one run (None: all runs) as Parquet files.
+
+        Raises StoreError naming the files already there unless `overwrite`.
+        """
         out_dir = Path(out_dir)
-        out_dir.mkdir(parents=True, exist_ok=True)
         if run is None:
             where, prefix = "", ""
         else:
@@ -456,9 +458,14 @@ class Store:
             "samples": f"SELECT * FROM samples{where} ORDER BY run_id, sample_id",
             "head_stats": f"SELECT * FROM head_stats{where} ORDER BY run_id, sample_id, layer, head",
         }
+        targets = {table: out_dir / f"{prefix}{table}.parquet" for table in queries}
+        taken = [str(path) for path in targets.values() if path.exists()]
+        if taken and not overwrite:
+            raise StoreError(f"{', '.join(taken)} already exist(s); pass --force to overwrite")
+        out_dir.mkdir(parents=True, exist_ok=True)
         written = []
         for table, sql in queries.items():
-            target = out_dir / f"{prefix}{table}.parquet"
+            target = targets[table]
             try:
                 self._con.execute(f"COPY ({sql}) TO {_sql_str(target)} (FORMAT parquet, COMPRESSION zstd)")
             except duckdb.Error as error:

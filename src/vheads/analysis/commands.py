@@ -5,16 +5,18 @@ from __future__ import annotations
 import json
 import math
 import sys
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 import typer
 
-from vheads.cli import STORE_HELP, check_choice, console, err, errors, existing_store, frame_table, setup_logging
+from vheads.cli import FORMAT_HELP, LIMIT_HELP, STORE_HELP, check_choice, errors, existing_store, setup_logging
+from vheads.output import ProgressView, check_format, console, emit, emit_many, frame_table, records, say
 
 JSON_POINT_KEYS = ("selector", "k", "seed", "accuracy", "low", "high", "heads")
+CONSISTENCY_HEADERS = {"mean_w_pearson": "W r", "mean_w_spearman": "W rho", "score_pearson": "score r",
+                       "score_spearman": "score rho", "top_k_overlap": "overlap"}
 
 
 def ablate(
@@ -27,17 +29,19 @@ def ablate(
     model: str = typer.Option(None, "--model", "-m", help="Hub id or local folder of the model (default: "
                                                                  "the model of --from)."),
     dataset: str = typer.Option("shapes", "--dataset", "-d", help="Dataset loader (see `vheads data list`)."),
-    data: str = typer.Option(None, "--data", help="The benchmark file or folder (not needed for shapes)."),
-    images: str = typer.Option(None, "--images", help="Folder that image paths are relative to."),
-    split: str = typer.Option(None, "--split", help="Split (shapes: test/train)."),
-    question_type: str = typer.Option(None, "--question-type", help="general, obj or super."),
-    prompt_style: str = typer.Option(None, "--prompt-style", help="visual, plain or none."),
-    limit: int = typer.Option(None, "--limit", "-n", help="At most this many questions."),
+    data: str = typer.Option(None, "--data", help="The benchmark file or folder (default: none; not needed for "
+                             "shapes)."),
+    images: str = typer.Option(None, "--images", help="Folder that relative image paths start from (default: the "
+                               "data file's folder)."),
+    split: str = typer.Option(None, "--split", help="Split (default: the loader's; shapes: test/train)."),
+    question_type: str = typer.Option(None, "--question-type", help="general, obj or super (default: all)."),
+    prompt_style: str = typer.Option(None, "--prompt-style", help="visual, plain or none (default: the loader's)."),
+    limit: int = typer.Option(None, "--limit", "-n", help=LIMIT_HELP),
     batch_size: int = typer.Option(8, "--batch-size", "-b", min=1, help="Samples per batch (halved on OOM)."),
     max_new_tokens: int = typer.Option(8, "--max-new-tokens", min=1, help="Answer length limit (greedy)."),
     store: str = typer.Option("vheads.duckdb", "--store", help=STORE_HELP),
-    fmt: str = typer.Option("table", "--format", help="table, or json: a list of {selector, k, seed, accuracy, "
-                            "low, high, heads}."),
+    fmt: str = typer.Option("table", "--format", help="table, csv or json (csv and json: one row per point, "
+                            "{selector, k, seed, accuracy, low, high, heads})."),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="More log lines."),
 ) -> None:
     """Pruning curve: accuracy as the top visual heads, random heads or weak late heads are ablated, K at a time.
@@ -49,31 +53,37 @@ def ablate(
     from vheads.pipeline import RunConfig
 
     with errors():
-        if fmt not in ("table", "json"):
-            raise ValueError(f"unknown --format {fmt!r}; expected table or json")
+        check_format(fmt)
         config = RunConfig(model=model, dataset=dataset, data=data, images=images, split=split,
                            question_type=question_type, prompt_style=prompt_style, limit=limit,
                            batch_size=batch_size, max_new_tokens=max_new_tokens)
-        update, bar = _sweep_progress()
-        with bar:
+        with ProgressView() as view:
             points = sweep(existing_store(store), from_run, selectors=_items(select, "--select", str),
                            ks=_items(ks, "--k", int), seeds=seeds, ablation=check_choice(ablation, "ablation"),
-                           config=config, progress=update)
+                           config=config, progress=lambda label, done, total, correct: view.update(
+                               label, done, total, f"acc {correct / done:.3f}" if done else ""))
     if fmt == "json":
         rows = [{key: _plain(point[key]) for key in JSON_POINT_KEYS} for point in points]
         sys.stdout.write(json.dumps(rows, indent=2) + "\n")
+    elif fmt == "csv":
+        frame = pd.DataFrame([{key: point[key] for key in JSON_POINT_KEYS} for point in points],
+                             columns=list(JSON_POINT_KEYS))
+        frame["heads"] = frame["heads"].map(lambda heads: " ".join(heads) if heads else None)
+        emit(frame, "csv")
     else:
         console.print(frame_table(curve_table(points), title=f"pruning curve ({ablation} ablation, heads of "
                                   f"{from_run})"))
         if points:
-            console.print(f"points stored as runs of sweep {points[0]['sweep']} in {store}", highlight=False)
+            say(f"points stored as runs of sweep {points[0]['sweep']} in {store}")
 
 
 def compare(
     runs: list[str] = typer.Argument(..., help="Two or more run names or ids."),
     store: str = typer.Option("vheads.duckdb", "--store", help=STORE_HELP),
     k: int = typer.Option(None, "--k", min=1, help="Top-K heads for the overlap and the accuracy correlation "
-                          "(default round(0.1 x heads) of each run)."),
+                          "(default: round(0.1 x heads) of each run)."),
+    fmt: str = typer.Option("table", "--format", help=FORMAT_HELP + " JSON: one object of tables; CSV: the tables "
+                            "one after another, each under a '# name' line."),
 ) -> None:
     """Compare runs: head-map correlations, consistency of a model across datasets, accuracy against attention.
 
@@ -83,18 +93,30 @@ def compare(
     from vheads.store import Store
 
     with errors(), Store(existing_store(store)) as db:
+        check_format(fmt)
         result = compare_runs(db, list(runs), k=k)
-        console.print(frame_table(result.pairs, title="head-map correlation (heads: same grid; depth: per-layer "
-                                  "profiles on relative depth)"))
-        if len(result.consistency):
-            console.print(frame_table(_short_models(result.consistency), title="one model across datasets"))
-        console.print(frame_table(_short_models(result.per_run), title="accuracy and the attention of the top-K heads"))
-        if len(result.accuracy):
-            console.print(frame_table(result.accuracy, title="Spearman: accuracy against top-K attention"))
-        for warning in result.warnings:
-            console.print(f"warning: {warning}", highlight=False)
         saved = save_comparison(db, result)
-    console.print(f"kept {saved} figures in the comparisons table of {store}", highlight=False)
+    if fmt != "table":
+        tables = {"pairs": result.pairs, "consistency": result.consistency, "per_run": result.per_run,
+                  "accuracy": result.accuracy}
+        if fmt == "json":
+            sys.stdout.write(json.dumps({**{k: records(v) for k, v in tables.items()}, "warnings": result.warnings},
+                                        indent=2, default=str) + "\n")
+        else:
+            emit_many(tables, "csv")
+        return
+    console.print(frame_table(result.pairs, title="head-map correlation (heads: same grid; depth: per-layer "
+                              "profiles on relative depth)"))
+    if len(result.consistency):
+        console.print(frame_table(_short_models(result.consistency), title="one model across datasets",
+                                  headers=CONSISTENCY_HEADERS, legend="W: mean visual weight; r: Pearson; rho: "
+                                  "Spearman; overlap: shared share of the top-K heads"))
+    console.print(frame_table(_short_models(result.per_run), title="accuracy and the attention of the top-K heads"))
+    if len(result.accuracy):
+        console.print(frame_table(result.accuracy, title="Spearman: accuracy against top-K attention"))
+    for warning in result.warnings:
+        say(f"warning: {warning}")
+    say(f"kept {saved} figures in the comparisons table of {store}")
 
 
 def curve_table(points: list[dict[str, Any]]) -> pd.DataFrame:
@@ -116,22 +138,6 @@ def register(app: typer.Typer) -> None:
     """Add `ablate` and `compare` to the vheads app."""
     app.command()(ablate)
     app.command()(compare)
-
-
-def _sweep_progress() -> tuple[Callable[[str, int, int, int], None], Any]:
-    """One progress bar per sweep point, with running accuracy."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-    bar = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                   TextColumn("acc {task.fields[acc]}"), TimeElapsedColumn(), console=err, transient=False)
-    tasks: dict[str, Any] = {}
-
-    def update(label: str, done: int, total: int, correct: int) -> None:
-        if label not in tasks:
-            tasks[label] = bar.add_task(label, total=total, acc="-")
-        bar.update(tasks[label], completed=done, acc=f"{correct / done:.3f}" if done else "-")
-
-    return update, bar
 
 
 def _items(text: str, option: str, kind: type) -> list[Any]:

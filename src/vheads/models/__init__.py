@@ -2,7 +2,7 @@
 
 from vheads.models.families import FAMILIES, Adapter, ModelError, adapter_for, image_token_id
 from vheads.models.geometry import GeometryError, TokenGrid
-from vheads.models.loading import Loaded, demo_path, load
+from vheads.models.loading import Loaded, check_device, demo_path, load
 
 __all__ = [
     "FAMILIES",
@@ -12,6 +12,7 @@ __all__ = [
     "ModelError",
     "TokenGrid",
     "adapter_for",
+    "check_device",
     "demo_path",
     "image_token_id",
     "load",

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -56,11 +58,68 @@ def resolve(model: str | Path | None) -> tuple[str, bool]:
             raise ModelError(f"model path {path} is a file; pass the folder written by save_pretrained")
         if not (path / "config.json").exists():
             raise ModelError(f"model folder {path} has no config.json")
+        _check_safetensors(path)
         return str(path), True
-    looks_local = text.startswith((".", "/", "~")) or text.count("/") > 1 or text.endswith("/") or "\\" in text
-    if looks_local:
-        raise ModelError(f"model path {text} does not exist")
+    if _looks_local(text):
+        raise ModelError(f"no model folder {text} (it does not exist here; a hub id is OWNER/NAME)")
+    if _offline() and not _cached(text):
+        raise ModelError(f"no model folder {text}, and it is not in the Hugging Face cache (offline: HF_HUB_OFFLINE "
+                         "or TRANSFORMERS_OFFLINE is set)")
     return text, False
+
+
+def _looks_local(text: str) -> bool:
+    """A reference that can only be meant as a folder: ./x, /x, ~/x, x/, a\\b, a/b/c, or a/b whose `a` exists here."""
+    if text.startswith((".", "/", "~")) or text.endswith("/") or "\\" in text or text.count("/") > 1:
+        return True
+    return "/" in text and Path(text.split("/")[0]).expanduser().is_dir()
+
+
+def _offline() -> bool:
+    """Whether the Hugging Face hub may not be contacted."""
+    return any(os.environ.get(key, "").strip().lower() in ("1", "true", "yes", "on")
+               for key in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
+
+
+def _cached(repo_id: str) -> bool:
+    """Whether the hub model `repo_id` has a config in the local cache."""
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        return isinstance(try_to_load_from_cache(repo_id, "config.json"), str)
+    except Exception:  # noqa: BLE001 - an id the cache cannot even parse is not cached
+        return False
+
+
+def _check_safetensors(path: Path) -> None:
+    """A folder with only pickle weights (`*.bin`) is refused with the command that converts it."""
+    if any(path.glob("*.safetensors")) or not any(path.glob("*.bin")):
+        return
+    pickles = ", ".join(sorted(p.name for p in path.glob("*.bin"))[:2])
+    raise ModelError(
+        f"model folder {path} holds only pickle weights ({pickles}); vheads loads safetensors only, since a .bin file "
+        "can run code when loaded. If you trust it, convert it once: python -c \"from transformers import "
+        f"AutoModelForImageTextToText as M; M.from_pretrained('{path}', use_safetensors=False)"
+        f".save_pretrained('{path}-safetensors')\" (then copy the processor files, or use save_pretrained of "
+        "AutoProcessor too)")
+
+
+DEVICE = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
+
+
+def check_device(device: str) -> str:
+    """`device` if this machine has it: auto, cpu, mps, cuda or cuda:N; a one-line ModelError otherwise."""
+    if not DEVICE.fullmatch(device):
+        raise ModelError(f"unknown --device {device!r}; expected auto, cpu, cuda, cuda:N or mps")
+    if device.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise ModelError(f"--device {device}: no CUDA GPU is available on this machine; use --device cpu or auto")
+        index = int(device.split(":")[1]) if ":" in device else 0
+        if index >= torch.cuda.device_count():
+            raise ModelError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA GPU(s)")
+    if device == "mps" and not torch.backends.mps.is_available():
+        raise ModelError("--device mps: MPS is not available on this machine; use --device cpu or auto")
+    return device
 
 
 def _dtype(dtype: str | torch.dtype, device: str) -> torch.dtype | str:
@@ -83,6 +142,7 @@ def load(model: str | Path | None = None, dtype: str | torch.dtype = "auto", dev
     "cpu", "cuda", "cuda:N". `attn`: the kernel the language model runs (sdpa, eager, flash_attention_2, ...);
     vheads wraps it, never replaces it.
     """
+    check_device(device)
     ref, local = resolve(model)
     if device == "auto":
         device_map: str | None = "auto" if torch.cuda.is_available() else None

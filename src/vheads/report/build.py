@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import math
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -70,8 +70,11 @@ def report_runs(store: Store, names: Sequence[str] | None = None) -> list[str]:
 
 
 def build_report(store_path: str | Path, out_dir: str | Path = "vheads-report", runs: Sequence[str] | None = None,
-                 overlays: int = 3, device: str = "auto") -> Path:
+                 overlays: int = 3, device: str = "auto",
+                 progress: Callable[[int, int, str], None] | None = None) -> Path:
     """Write `out_dir/index.html` and a PNG per figure for the chosen runs; returns the page's path.
+
+    `progress(done, total, what)` is called as each run's section is written, and once for the shared figures.
 
     `overlays` is how many correct and how many wrong samples to draw per run (0: none); drawing them loads
     the run's model and data again, and a run whose model or data cannot be loaded just gets a note.
@@ -88,9 +91,14 @@ def build_report(store_path: str | Path, out_dir: str | Path = "vheads-report", 
         views = [_view(store, name, i) for i, name in enumerate(names)]
         sections = [_overview(views)]
         models: dict[tuple[str, str], Any] = {}
-        for view in views:
+        steps = len(views) + 1
+        for i, view in enumerate(views):
+            if progress:
+                progress(i, steps, f"run {view.name}")
             sections.append(_run_section(store, view, out, overlays, device, models))
         models.clear()
+        if progress:
+            progress(len(views), steps, "scatter, correlations and pruning curves")
         sections.append(_scatter_section(views, out))
         if len(views) > 1:
             sections.append(_correlation_section(store, views, out))
@@ -101,6 +109,8 @@ def build_report(store_path: str | Path, out_dir: str | Path = "vheads-report", 
     page = h.page("vheads report", f"{len(views)} run(s) from {Path(store_path).name}, written {stamp}", sections)
     index = out / "index.html"
     index.write_text(page, encoding="utf-8")
+    if progress:
+        progress(steps, steps, "done")
     return index
 
 

@@ -6,7 +6,8 @@ from pathlib import Path
 
 import typer
 
-from vheads.cli import STORE_HELP, console, err, errors, existing_store, frame_table, setup_logging
+from vheads.cli import STORE_HELP, errors, existing_store, out_folder, print_heads, setup_logging
+from vheads.output import ProgressView, console, err, frame_table, say
 
 
 def report(
@@ -21,11 +22,16 @@ def report(
 ) -> None:
     """Write a self-contained HTML report (index.html, opens offline) and a PNG per figure."""
     setup_logging(verbose)
+    from vheads.models import check_device
     from vheads.report.build import build_report
 
     with errors():
-        index = build_report(existing_store(store), out, runs=runs or None, overlays=overlays, device=device)
-    console.print(str(index), highlight=False, soft_wrap=True)
+        check_device(device)
+        with ProgressView() as view:
+            index = build_report(existing_store(store), out_folder(out), runs=runs or None, overlays=overlays,
+                                 device=device, progress=lambda done, total, what: view.update(
+                                     "report", done, total, what, unit="runs"))
+    say(str(index))
 
 
 def demo(
@@ -52,14 +58,15 @@ def demo(
     settings = DemoSettings(out=out, store=store, limit=limit, sweep_limit=sweep_limit, model=model)
 
     def show(ranking: object) -> None:
-        console.print(frame_table(ranking.head(10), title=f"top-10 heads (K = {ranking.attrs['k']})"))
+        print_heads(ranking.head(10), f"top-10 heads (K = {ranking.attrs['k']})")
 
     with errors():
-        result = run_demo(settings, say=lambda line: err.print(line, highlight=False), on_ranking=show)
+        out_folder(out)
+        result = run_demo(settings, say=lambda line: say(line, err), on_ranking=show)
     console.print(frame_table(curve_table(result.points), title="pruning curve (zero ablation)"))
     timing = ", ".join(f"{step} {value:.0f} s" for step, value in result.seconds.items())
-    err.print(f"store {result.store}; {timing}", highlight=False, soft_wrap=True)
-    console.print(str(result.index), highlight=False, soft_wrap=True)
+    say(f"store {result.store}; {timing}", err)
+    say(str(result.index))
 
 
 def register(app: typer.Typer) -> None:

@@ -5,7 +5,10 @@ prompts, processor) and generate greedily with the same `max_new_tokens`. The pl
 the vheads side is the real pipeline (`vheads.pipeline.run`): capture of every head, region masks,
 scoring and DuckDB writes. Overhead = vheads time / plain time - 1 (target <= 20%).
 
-    python benchmarks/run.py [--model PATH] [--n 300] [--batch-size 16] [--repeats 9]
+    python benchmarks/run.py [--model PATH] [--n 300] [--batch-size 16] [--repeats 9] [--threads 1]
+                             [--device cpu] [--dtype float32]
+
+The defaults are the README table's conditions: one torch thread, the CPU, fp32 (0 threads: torch's own choice).
 
 The sides alternate (ABBA...) so that drift of the machine's speed hits both; the overhead is given best
 against best and as the median of the paired ratios.
@@ -58,9 +61,15 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--max-new-tokens", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=9)
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (0: torch's default); the README "
+                        "table used 1")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (the README table: cpu)")
+    parser.add_argument("--dtype", default="float32", help="float32, bfloat16 or float16 (the README table: float32)")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     torch.set_grad_enabled(False)
-    loaded = load(args.model)
+    loaded = load(args.model, dtype=args.dtype, device=args.device)
     dataset = load_dataset("shapes", limit=args.n)
     plain_generate(loaded, dataset.samples[: args.batch_size], args.batch_size, args.max_new_tokens)
     vheads_run(loaded, load_dataset("shapes", limit=args.batch_size), args.batch_size, args.max_new_tokens)
@@ -74,7 +83,7 @@ def main() -> None:
                 times.append(vheads_run(loaded, dataset, args.batch_size, args.max_new_tokens))
     ratios = [v / p for p, v in zip(plain, ours, strict=True)]
     print(f"model {Path(loaded.name).name}, {args.n} held-out ShapesQA questions, batch {args.batch_size}, "
-          f"{torch.get_num_threads()} torch threads, {args.repeats} alternating repeats")
+          f"{args.device}, {args.dtype}, {torch.get_num_threads()} torch thread(s), {args.repeats} alternating repeats")
     print("| side | best s | median s | samples/s (median) |")
     print("|---|---:|---:|---:|")
     for label, times in (("plain generate", plain), ("vheads run (capture + scoring + store)", ours)):

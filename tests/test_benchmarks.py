@@ -1,0 +1,26 @@
+"""The benchmark scripts state and pin the conditions of their README tables (threads, device, dtype)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+BENCHMARKS = Path(__file__).parent.parent / "benchmarks"
+
+
+def test_the_end_to_end_benchmark_runs_on_one_thread_by_default_and_says_so():
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    out = subprocess.run([sys.executable, str(BENCHMARKS / "run.py"), "--n", "2", "--batch-size", "2", "--repeats",
+                          "1", "--max-new-tokens", "1"], capture_output=True, text=True, env=env, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "cpu, float32, 1 torch thread(s)" in out.stdout
+
+
+def test_the_capture_benchmark_takes_threads_device_and_dtype_defaulting_to_its_table():
+    usage = subprocess.run([sys.executable, str(BENCHMARKS / "capture.py"), "--help"], capture_output=True, text=True,
+                           env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}, timeout=300).stdout
+    for option in ("--threads", "--device", "--dtype"):
+        assert option in usage, option
+    assert "the README table used 1" in " ".join(usage.split())

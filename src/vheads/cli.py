@@ -375,7 +375,7 @@ def train_demo(out: Path = typer.Option(..., "--out", "-o", help="Folder for the
     if minutes is None and steps is None:
         fail("pass --minutes or --steps")
     with errors():
-        metrics = train(out, steps=steps, minutes=minutes, seed=seed, log=lambda line: say(line, err))
+        metrics = train(out_folder(out), steps=steps, minutes=minutes, seed=seed, log=lambda line: say(line, err))
         say(json.dumps(metrics, indent=2))
 
 

@@ -7,7 +7,8 @@ from typing import TYPE_CHECKING
 
 import typer
 
-from vheads.cli import STORE_HELP, check_choice, console, emit, err, errors, fail, frame_table, setup_logging
+from vheads.cli import FORMAT_HELP, LIMIT_HELP, STORE_HELP, check_choice, errors, fail, setup_logging
+from vheads.output import console, emit, err, frame_table, say
 
 if TYPE_CHECKING:
     from vheads.sweep import SweepResult
@@ -20,7 +21,7 @@ def sweep(
                                  "(e.g. shapes,pope:/data/pope.jsonl)."),
     shards: int = typer.Option(1, "--shards", min=1, help="Cut each dataset into N shards, one task each."),
     split: str = typer.Option(None, "--split", help="Split of every dataset (default: each loader's)."),
-    limit: int = typer.Option(None, "--limit", "-n", help="At most this many questions per dataset."),
+    limit: int = typer.Option(None, "--limit", "-n", help="Per dataset: " + LIMIT_HELP),
     batch_size: int = typer.Option(8, "--batch-size", "-b", min=1, help="Samples per batch (halved on OOM)."),
     readout: str = typer.Option("prompt", "--readout", help="prompt, first-generated or generated."),
     store: Path = typer.Option(Path("vheads.duckdb"), "--store", help=STORE_HELP + " Every run is merged into it."),
@@ -32,7 +33,7 @@ def sweep(
                                         "cluster has GPUs, else 0; 0.5 packs two tasks per GPU)."),
     cpus_per_task: float = typer.Option(1, "--cpus-per-task", min=0.1, help="CPUs per task."),
     no_ray: bool = typer.Option(False, "--no-ray", help="Run the tasks one after another in this process."),
-    fmt: str = typer.Option("table", "--format", help="table, csv or json (the task rows, errors included)."),
+    fmt: str = typer.Option("table", "--format", help=FORMAT_HELP + " The task rows, errors included."),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="More log lines."),
 ) -> None:
     """Run every model on every dataset (one task per shard) on Ray, and merge all runs into the store.
@@ -49,8 +50,7 @@ def sweep(
         base = RunConfig(split=split, limit=limit, batch_size=batch_size, readout=check_choice(readout, "readout"),
                          store=str(store))
         configs = plan(_items(models), _items(datasets), shards, base, workdir=workdir)
-        err.print(f"{len(configs)} task(s) " + ("in this process" if no_ray else f"on Ray ({address or 'local'})"),
-                  highlight=False)
+        say(f"{len(configs)} task(s) " + ("in this process" if no_ray else f"on Ray ({address or 'local'})"), err)
         try:
             result = run_sweep(configs, into=store, address=address, gpus_per_task=gpus_per_task,
                                cpus_per_task=cpus_per_task, local=no_ray)
@@ -78,7 +78,7 @@ def _print_table(result: SweepResult) -> None:
     console.print(frame_table(shown, title="sweep"))
     for merged in result.merges:
         if merged.status:
-            console.print(str(merged), highlight=False, soft_wrap=True)
+            say(str(merged))
 
 
 def _items(text: str) -> list[str]:

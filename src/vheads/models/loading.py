@@ -61,7 +61,7 @@ def resolve(model: str | Path | None) -> tuple[str, bool]:
         _check_safetensors(path)
         return str(path), True
     if _looks_local(text):
-        raise ModelError(f"no model folder {text} (it does not exist here; a hub id is OWNER/NAME)")
+        raise ModelError(f"model path {text} does not exist (no model folder there; a hub id is OWNER/NAME)")
     if _offline() and not _cached(text):
         raise ModelError(f"no model folder {text}, and it is not in the Hugging Face cache (offline: HF_HUB_OFFLINE "
                          "or TRANSFORMERS_OFFLINE is set)")

@@ -94,6 +94,7 @@ def test_report_cli_writes_index(big_store, tmp_path):
     assert result.exit_code == 0, result.output
     assert (tmp_path / "r" / "index.html").is_file()
     assert "index.html" in result.output
+    assert "report: 0/2 steps (0%), run again" in result.stderr and "report: 2/2 steps (100%), done" in result.stderr
 
 
 def test_report_of_an_empty_store_is_a_clear_error(tmp_path):

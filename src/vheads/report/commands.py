@@ -30,7 +30,7 @@ def report(
         with ProgressView() as view:
             index = build_report(existing_store(store), out_folder(out), runs=runs or None, overlays=overlays,
                                  device=device, progress=lambda done, total, what: view.update(
-                                     "report", done, total, what, unit="runs"))
+                                     "report", done, total, what, unit="steps"))
     say(str(index))
 
 

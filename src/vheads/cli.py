@@ -110,8 +110,35 @@ def progress_callbacks(label: str) -> tuple[Callable[[int], None], Callable[[int
     return start, update, bar
 
 
+RUN_FIELDS = {"ablate_heads": "ablate"}
+
+
+def explicit_options(ctx: typer.Context, rename: dict[str, str] | None = None) -> tuple[str, ...]:
+    """The options of this command given on the command line (not left at their defaults), as RunConfig fields."""
+    from click.core import ParameterSource
+
+    rename = {**RUN_FIELDS, **(rename or {})}
+    given = [name for name in ctx.params if ctx.get_parameter_source(name) not in (None, ParameterSource.DEFAULT,
+                                                                                     ParameterSource.DEFAULT_MAP)]
+    return tuple(sorted(rename.get(name, name) for name in given))
+
+
+def parse_stages_option(text: str | None) -> tuple[int, int] | None:
+    """`--stages A,B` as a pair (checked against the model's depth when it is known)."""
+    from vheads.metrics import parse_stages
+
+    return None if text is None else parse_stages(text)
+
+
+def at_least(value: float | None, option: str, low: float) -> None:
+    """ValueError naming the option when a number given for it is below `low`."""
+    if value is not None and value < low:
+        raise ValueError(f"{option} {value}: must be at least {low}")
+
+
 @app.command()
 def run(
+    ctx: typer.Context,
     model: str = typer.Option(None, "--model", "-m", help=MODEL_HELP),
     dataset: str = typer.Option("shapes", "--dataset", "-d", help="Dataset loader: shapes, pointqa, pope, mmbench, "
                                 "seedbench, qbench, jsonl, hf (see `vheads data list`)."),
@@ -138,9 +165,14 @@ def run(
     dtype: str = typer.Option("auto", "--dtype", help="auto (bf16 on GPU, fp32 on CPU), float32, bfloat16, float16."),
     device: str = typer.Option("auto", "--device", help="auto (all GPUs via accelerate), cpu, cuda, cuda:N."),
     attn: str = typer.Option("sdpa", "--attn", help="Kernel the model runs: sdpa, eager, flash_attention_2."),
-    resume: bool = typer.Option(False, "--resume", help="Continue the run of that --name, skipping stored samples."),
+    resume: bool = typer.Option(False, "--resume", help="Continue the run of that --name with its stored options, "
+                                "skipping stored samples; an option given that differs from the run is refused."),
     seed: int = typer.Option(0, "--seed", help="Seed for --limit sampling."),
     trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="Allow the model's own code."),
+    preset: str = typer.Option(None, "--preset", help="paper: the reference code's choices (readout "
+                               "first-generated, max-new-tokens 128, its stage boundaries); options given win."),
+    stages: str = typer.Option(None, "--stages", help="A,B: mid starts at layer A, late at layer B (default: "
+                               "thirds); stored with the run for heads, selectors, compare and report."),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="More log lines."),
 ) -> None:
     """Run a model over a dataset: answer (greedy), score, and store every sample's per-head figures."""
@@ -150,14 +182,16 @@ def run(
     from vheads.pipeline import run as run_pipeline
 
     with errors():
+        bounds = parse_stages_option(stages)
         config = RunConfig(model=model, dataset=dataset, data=data, images=images, split=split,
                            question_type=question_type, prompt_style=prompt_style, limit=limit,
                            batch_size=batch_size, max_new_tokens=max_new_tokens,
                            readout=check_choice(readout, "readout"),
-                           ablate=run_option_heads(ablate_heads, from_run, store, model, trust_remote_code),
+                           ablate=run_option_heads(ablate_heads, from_run, store, model, trust_remote_code, bounds),
                            ablation=check_choice(ablation, "ablation"), store=store,
                            name=name, shard=parse_shard(shard), dtype=dtype, device=device, attn=attn, resume=resume,
-                           seed=seed, trust_remote_code=trust_remote_code,
+                           seed=seed, trust_remote_code=trust_remote_code, stages=bounds, preset=preset,
+                           explicit=explicit_options(ctx),
                            tags={"ablate": ablate_heads, "from_run": from_run} if from_run else {})
         start, update, bar = progress_callbacks("run")
         with bar:
@@ -176,7 +210,7 @@ def check_choice(value: str, what: str) -> str:
 
 def print_summary(summary: Any) -> None:
     """The end-of-run summary: accuracy per question type, skipped samples, top-10 heads, where it is stored."""
-    from vheads.analysis.heads import head_table
+    from vheads.analysis.heads import head_table, no_readout_hint
     from vheads.store import Store
 
     acc = "n/a" if summary.accuracy is None else f"{summary.accuracy:.3f}"
@@ -185,13 +219,24 @@ def print_summary(summary: Any) -> None:
     if summary.by_type:
         console.print("  by question type: " + ", ".join(f"{k} {v:.3f}" for k, v in sorted(summary.by_type.items())))
     if "pope" in summary.extra:
-        console.print("  POPE: " + ", ".join(f"{k} {v:.3f}" for k, v in summary.extra["pope"].items()))
+        pope = dict(summary.extra["pope"])
+        counted, left_out = int(pope.pop("n")), int(pope.pop("left_out"))
+        note = f", {left_out} left out (label neither yes nor no)" if left_out else ""
+        figures = ", ".join(f"{k} {v:.3f}" for k, v in pope.items())
+        console.print(f"  POPE over {counted} yes/no items{note}: {figures}", highlight=False)
+    if summary.long_prompts:
+        console.print(f"  {summary.long_prompts} prompt(s) longer than the model's {summary.max_positions} positions "
+                      "(processed; marked over_max_positions in samples.meta)", highlight=False)
     skipped = sum(summary.skipped.values())
     if skipped:
         console.print(f"  skipped {skipped}: " + ", ".join(f"{n} {why}" for why, n in summary.skipped.items()))
     with Store(summary.store, read_only=True) as store:
-        table = head_table(store, summary.run_id).head(10)
-    console.print(frame_table(table, title=f"top-10 heads (K = {table.attrs['k']})"))
+        table = head_table(store, summary.run_id)
+    hint = no_readout_hint(table)
+    if hint:
+        console.print(f"  {hint}", highlight=False)
+    console.print(frame_table(table.head(10), title=f"top-10 heads (K = {table.attrs['k']}, scored over "
+                              f"{table.attrs['scored']} samples)"))
     console.print(f"stored in {summary.store} as run [bold]{summary.name}[/]", highlight=False)
 
 
@@ -222,19 +267,27 @@ def heads(
     run_name: str = typer.Option(None, "--run", "-r", help="Run name or id (default: the latest run)."),
     top: int = typer.Option(20, "--top", help="Show this many heads (0 = all)."),
     k: int = typer.Option(None, "--k", help="Top-K per sample for the head score (default round(0.1 x heads))."),
+    stages: str = typer.Option(None, "--stages", help="A,B: mid starts at layer A, late at layer B (default: the "
+                               "run's --stages, else thirds)."),
     store: str = typer.Option("vheads.duckdb", "--store", help=STORE_HELP),
     fmt: str = typer.Option("table", "--format", help="table, csv or json."),
 ) -> None:
-    """Rank the heads of a run: score (share of samples with the head in the top K by W), mean W, mean C, stage."""
-    from vheads.analysis.heads import head_table
+    """Rank the heads of a run: score (share of the samples with the readout row that have the head in the top K
+    by W; undefined when none has it), mean W, mean C, stage."""
+    from vheads.analysis.heads import head_table, no_readout_hint
     from vheads.store import Store
 
     with errors(), Store(existing_store(store), read_only=True) as db:
+        at_least(top, "--top", 0)
         name = run_name or latest_run(db)
-        table = head_table(db, name, k=k)
+        table = head_table(db, name, k=k, stages=parse_stages_option(stages))
+        hint = no_readout_hint(table)
+        if hint:
+            err.print(f"note: {hint}", highlight=False, soft_wrap=True, markup=False)
         if top:
             table = table.head(top)
-        emit(table, fmt, title=f"heads of {name} (K = {table.attrs['k']}, {table.attrs['samples']} samples)")
+        emit(table, fmt, title=f"heads of {name} (K = {table.attrs['k']}, scored over {table.attrs['scored']} of "
+                               f"{table.attrs['samples']} samples)")
 
 
 def latest_run(db: Any) -> str:
@@ -287,6 +340,7 @@ def data_shapes(n: int = typer.Option(500, "--n", min=1, help="Questions to writ
     from vheads.data import write_shapes
 
     with errors():
+        at_least(seed, "--seed", 0)
         path = write_shapes(out, n=n, seed=seed, split=split)
         console.print(f"wrote {n} questions to {path}", highlight=False)
 
@@ -313,6 +367,9 @@ def train_demo(out: Path = typer.Option(..., "--out", "-o", help="Folder for the
 
     from vheads.models.train_demo import train_demo as train
 
+    for value, option in ((minutes, "--minutes"), (steps, "--steps"), (threads, "--threads")):
+        if value is not None and value <= 0:
+            fail(f"{option} {value}: must be more than 0")
     if threads:
         torch.set_num_threads(threads)
     if minutes is None and steps is None:

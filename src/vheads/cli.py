@@ -115,11 +115,9 @@ RUN_FIELDS = {"ablate_heads": "ablate"}
 
 def explicit_options(ctx: typer.Context, rename: dict[str, str] | None = None) -> tuple[str, ...]:
     """The options of this command given on the command line (not left at their defaults), as RunConfig fields."""
-    from click.core import ParameterSource
-
     rename = {**RUN_FIELDS, **(rename or {})}
-    given = [name for name in ctx.params if ctx.get_parameter_source(name) not in (None, ParameterSource.DEFAULT,
-                                                                                     ParameterSource.DEFAULT_MAP)]
+    sources = {name: getattr(ctx.get_parameter_source(name), "name", None) for name in ctx.params}
+    given = [name for name, source in sources.items() if source not in (None, "DEFAULT", "DEFAULT_MAP")]
     return tuple(sorted(rename.get(name, name) for name in given))
 
 

@@ -4,6 +4,7 @@ checked for range, with stage boundaries, the paper preset and absolute data pat
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -17,6 +18,7 @@ from vheads.pipeline import RunConfig, run
 from vheads.store import Store
 
 runner = CliRunner()
+README_SQL = (Path(__file__).parents[1] / "README.md").read_text().split("```sql\n")[1].split("```")[0]
 
 
 @pytest.fixture(scope="module")
@@ -177,7 +179,9 @@ def test_head_scores_count_only_samples_with_the_readout_row(tmp_path):
         store.add_batch(none, samples[:2], *[np.full((2, 1, 2), np.nan, np.float32)] * 2, None, None, None)
         store.finish_run(none)
         half = head_table(store, "half", k=1)
+        in_sql = store.query(README_SQL.replace("run_id = 1", f"run_id = {handle.run_id}").replace("<= 6", "<= 1"))
     assert list(half["score"]) == [1.0, 0.0] and half.attrs["scored"] == 2
+    assert list(in_sql["score"]) == [1.0, 0.0]
     result = runner.invoke(app, ["heads", "--run", "none", "--store", str(path), "--format", "json"])
     assert result.exit_code == 0, result.output
     assert [row["score"] for row in json.loads(result.stdout)] == [None, None]

@@ -26,8 +26,9 @@ HEAD_COLUMNS = {"rank": "rank", "layer": "layer", "head": "head", "score": "scor
                 "mean_c": "mean C", "mean_region_share": "region share", "stage": "stage"}
 DEFINITIONS = (
     "W: share of the readout row's attention on image tokens. C = 1 - H / log N: how concentrated the image "
-    "attention is (1 = one token, 0 = spread evenly). Head score: share of samples in which the head is among "
-    "the top K heads by W. Visual heads: score >= 0.5. Stages: layers in thirds (early, mid, late)."
+    "attention is (1 = one token, 0 = spread evenly). Head score: share of the samples with the readout row in "
+    "which the head is among the top K heads by W (undefined when none has the row). Visual heads: score >= 0.5. "
+    "Stages: early, mid, late at the run's --stages boundaries, else layers in thirds."
 )
 
 
@@ -119,7 +120,9 @@ def _overview(views: Sequence[RunView]) -> h.Section:
                      "split": info["split"] or "", "readout": info["readout"], "ablation": info["ablation"],
                      "samples": int(table.attrs["samples"]), "accuracy": view.accuracy,
                      "layers x heads": f"{table.attrs['layers']} x {table.attrs['heads']}",
-                     "K": int(table.attrs["k"]), "visual heads": int(table["visual"].sum())})
+                     "K": int(table.attrs["k"]), "scored samples": int(table.attrs["scored"]),
+                     "stages": "mid from {}, late from {}".format(*table.attrs["stages"]),
+                     "visual heads": int(table["visual"].sum())})
     frame = pd.DataFrame(rows)
     section = h.Section("runs", "Runs")
     section.body.append(h.table(frame, {"accuracy": _pct}))

@@ -254,3 +254,15 @@ def test_user_stages_drive_the_heads_table_and_the_selectors(tmp_path):
     assert result.exit_code == 0, result.output
     stages = {row["layer"]: row["stage"] for row in json.loads(result.stdout)}
     assert stages == {0: "early", 1: "early", 2: "mid", 3: "mid", 4: "late", 5: "late"}
+
+
+def test_the_report_shows_the_stored_stages_or_those_given(tmp_path):
+    path = tmp_path / "s.duckdb"
+    six_layer_run(path, stages=[1, 5])
+    stored = runner.invoke(app, ["report", "--store", str(path), "--out", str(tmp_path / "a"), "--overlays", "0"])
+    assert stored.exit_code == 0, stored.output
+    assert "mid from 1, late from 5" in (tmp_path / "a" / "index.html").read_text()
+    given = runner.invoke(app, ["report", "--store", str(path), "--out", str(tmp_path / "b"), "--overlays", "0",
+                                "--stages", "2,4"])
+    assert given.exit_code == 0, given.output
+    assert "mid from 2, late from 4" in (tmp_path / "b" / "index.html").read_text()

@@ -71,9 +71,10 @@ def report_runs(store: Store, names: Sequence[str] | None = None) -> list[str]:
 
 
 def build_report(store_path: str | Path, out_dir: str | Path = "vheads-report", runs: Sequence[str] | None = None,
-                 overlays: int = 3, device: str = "auto") -> Path:
+                 overlays: int = 3, device: str = "auto", stages: tuple[int, int] | None = None) -> Path:
     """Write `out_dir/index.html` and a PNG per figure for the chosen runs; returns the page's path.
 
+    Stages: `stages` for every run, else each run's stored `--stages`, else thirds.
     `overlays` is how many correct and how many wrong samples to draw per run (0: none); drawing them loads
     the run's model and data again, and a run whose model or data cannot be loaded just gets a note.
     """
@@ -86,7 +87,7 @@ def build_report(store_path: str | Path, out_dir: str | Path = "vheads-report", 
         names = report_runs(store, runs)
         if not names:
             raise ValueError(f"{store_path} has no finished run to report; run `vheads run` first")
-        views = [_view(store, name, i) for i, name in enumerate(names)]
+        views = [_view(store, name, i, stages) for i, name in enumerate(names)]
         sections = [_overview(views)]
         models: dict[tuple[str, str], Any] = {}
         for view in views:
@@ -105,9 +106,9 @@ def build_report(store_path: str | Path, out_dir: str | Path = "vheads-report", 
     return index
 
 
-def _view(store: Store, name: str, index: int) -> RunView:
+def _view(store: Store, name: str, index: int, stages: tuple[int, int] | None = None) -> RunView:
     info = store.run(name)
-    table = head_table(store, name)
+    table = head_table(store, name, stages=stages)
     stem = f"{index:02d}-" + (re.sub(r"[^A-Za-z0-9._-]+", "_", name)[:60] or "run")
     return RunView(info=info, table=table, stem=stem)
 

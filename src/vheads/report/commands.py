@@ -6,7 +6,16 @@ from pathlib import Path
 
 import typer
 
-from vheads.cli import STORE_HELP, console, err, errors, existing_store, frame_table, setup_logging
+from vheads.cli import (
+    STORE_HELP,
+    console,
+    err,
+    errors,
+    existing_store,
+    frame_table,
+    parse_stages_option,
+    setup_logging,
+)
 
 
 def report(
@@ -17,6 +26,8 @@ def report(
     overlays: int = typer.Option(3, "--overlays", min=0, help="Correct and wrong samples drawn per run with the top "
                                  "heads' attention (re-runs the run's model on them; 0 = none)."),
     device: str = typer.Option("auto", "--device", help="Where the overlays re-run the model: auto, cpu, cuda."),
+    stages: str = typer.Option(None, "--stages", help="A,B: stage boundaries for every run (default: each run's "
+                               "own --stages, else thirds)."),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="More log lines."),
 ) -> None:
     """Write a self-contained HTML report (index.html, opens offline) and a PNG per figure."""
@@ -24,7 +35,8 @@ def report(
     from vheads.report.build import build_report
 
     with errors():
-        index = build_report(existing_store(store), out, runs=runs or None, overlays=overlays, device=device)
+        index = build_report(existing_store(store), out, runs=runs or None, overlays=overlays, device=device,
+                             stages=parse_stages_option(stages))
     console.print(str(index), highlight=False, soft_wrap=True)
 
 

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
+from vheads.analysis.compare import compare_runs
 from vheads.analysis.heads import head_table
 from vheads.cli import app
 from vheads.data import write_shapes
@@ -182,6 +183,9 @@ def test_head_scores_count_only_samples_with_the_readout_row(tmp_path):
         in_sql = store.query(README_SQL.replace("run_id = 1", f"run_id = {handle.run_id}").replace("<= 6", "<= 1"))
     assert list(half["score"]) == [1.0, 0.0] and half.attrs["scored"] == 2
     assert list(in_sql["score"]) == [1.0, 0.0]
+    with Store(path, read_only=True) as store:
+        compared = compare_runs(store, ["half", "none"])
+    assert any("run none: head scores are undefined" in w for w in compared.warnings)
     result = runner.invoke(app, ["heads", "--run", "none", "--store", str(path), "--format", "json"])
     assert result.exit_code == 0, result.output
     assert [row["score"] for row in json.loads(result.stdout)] == [None, None]

@@ -88,9 +88,35 @@ def test_head_score_is_the_share_of_samples_in_the_top_k():
     np.testing.assert_allclose(scores, [[2 / 3, 1 / 3], [2 / 3, 1 / 3]])
 
 
-def test_head_score_with_k_larger_than_heads_and_nan_weights():
+def test_head_score_with_k_equal_to_all_heads_and_nan_weights():
     w = np.array([[[0.3, np.nan]], [[0.1, 0.2]]])
-    np.testing.assert_allclose(metrics.head_scores(w, k=10), [[1.0, 0.5]])
+    np.testing.assert_allclose(metrics.head_scores(w, k=2), [[1.0, 0.5]])
+
+
+def test_head_score_rejects_k_outside_one_to_all_heads():
+    w = np.ones((2, 2, 3))
+    for k in (0, -3, 7, 1000):
+        with pytest.raises(ValueError, match="between 1 and 6"):
+            metrics.head_scores(w, k=k)
+
+
+def test_head_score_counts_only_samples_that_have_the_readout_row():
+    answered = np.array([[[0.9, 0.1]], [[0.2, 0.8]], [[0.7, 0.3]]])
+    missing = np.full((3, 1, 2), np.nan)
+    with_missing = np.concatenate([answered, missing])
+    np.testing.assert_allclose(metrics.head_scores(with_missing, k=1), metrics.head_scores(answered, k=1))
+    np.testing.assert_allclose(metrics.head_scores(with_missing, k=1), [[2 / 3, 1 / 3]])
+
+
+def test_head_score_is_undefined_when_no_sample_has_the_readout_row():
+    assert np.isnan(metrics.head_scores(np.full((4, 2, 2), np.nan), k=1)).all()
+
+
+def test_head_score_of_a_layer_without_attention_is_undefined():
+    w = np.array([[[0.6, 0.4], [np.nan, np.nan]], [[0.3, 0.7], [np.nan, np.nan]]])
+    scores = metrics.head_scores(w, k=1)
+    np.testing.assert_allclose(scores[0], [0.5, 0.5])
+    assert np.isnan(scores[1]).all()
 
 
 def test_one_layer_default_k_and_bad_shapes():
@@ -108,6 +134,22 @@ def test_stages_split_layers_in_thirds():
     assert metrics.stage_of(0, 1) == "late"
     with pytest.raises(ValueError):
         metrics.stage_of(6, 6)
+
+
+def test_stages_with_user_boundaries():
+    assert [metrics.stage_of(i, 6, (1, 5)) for i in range(6)] == ["early"] + ["mid"] * 4 + ["late"]
+    assert metrics.stage_layers("late", 32, (10, 20)) == list(range(20, 32))
+    assert metrics.parse_stages("10,20") == (10, 20)
+    for bad in ("10", "20,10", "a,b", "0,5", "5,32", "3,3"):
+        with pytest.raises(ValueError, match="--stages"):
+            metrics.check_stages(metrics.parse_stages(bad), 32)
+
+
+def test_paper_stages_follow_the_reference_tables_per_depth():
+    assert metrics.paper_stages(32) == (10, 20)
+    assert metrics.paper_stages(40) == (13, 27)
+    assert metrics.paper_stages(24) == (8, 16)
+    assert metrics.paper_stages(9) == (3, 6)
 
 
 def test_ranking_and_flags():

@@ -129,6 +129,17 @@ def test_pope_metrics_from_text_and_bools() -> None:
         pope_metrics(["yes"], [])
 
 
+def test_pope_metrics_leave_out_labels_that_are_not_yes_or_no() -> None:
+    predictions = ["yes", "no", "yes", "no", "yes", "no"]
+    labels = ["yes", "no", "no", "yes", "maybe", "2"]
+    figures = pope_metrics(predictions, labels)
+    assert figures["accuracy"] == pytest.approx(2 / 4)
+    assert figures["yes_ratio"] == pytest.approx(2 / 4)
+    assert figures["n"] == 4 and figures["left_out"] == 2
+    all_odd = pope_metrics(["yes"], ["blue"])
+    assert math.isnan(all_odd["accuracy"]) and all_odd["left_out"] == 1
+
+
 def test_circular_accuracy_needs_every_copy_right() -> None:
     records = [
         scored_record(sample("letter", "A", OPTIONS, id="7", circular_group="7"), "A"),

@@ -408,6 +408,34 @@ def test_merge_refuses_a_same_named_run_of_another_model(tmp_path):
         merge([main], main)
 
 
+def test_merge_refuses_same_named_runs_whose_configs_differ(tmp_path):
+    main, other = tmp_path / "vheads.duckdb", tmp_path / "elsewhere.duckdb"
+    with Store(main) as store:
+        run = start(store, "demo-shapes-test", config={"batch_size": 4, "seed": 0, "limit": 300})
+        store.add_batch(run, *fake_batch([0, 1]))
+        store.finish_run(run)
+    with Store(other) as store:
+        run = start(store, "demo-shapes-test", config={"batch_size": 16, "seed": 1, "limit": 50})
+        store.add_batch(run, *fake_batch([2, 3]))
+        store.finish_run(run)
+    with pytest.raises(StoreError, match="cannot merge run demo-shapes-test .*limit 300 != 50; seed 0 != 1"):
+        merge([other], main)
+    with Store(main, read_only=True) as store:
+        assert store.run("demo-shapes-test")["n_samples"] == 2
+
+
+def test_merge_folds_runs_that_differ_only_in_batch_size_device_or_shard(tmp_path):
+    main = tmp_path / "vheads.duckdb"
+    for k, batch in ((1, 4), (2, 16)):
+        with Store(shard_path(main, k, 2)) as store:
+            run = start(store, "sharded", shard=(k, 2),
+                        config={"batch_size": batch, "device": f"cuda:{k}", "shard": [k, 2], "seed": 0})
+            store.add_batch(run, *fake_batch([k]))
+            store.finish_run(run)
+    summary = merge([shard_path(main, 1, 2), shard_path(main, 2, 2)], main)
+    assert summary.status == {"sharded": "done"} and summary.samples_added == 2
+
+
 def test_export_writes_parquet(tmp_path):
     with Store(tmp_path / "vheads.duckdb") as store:
         for name in ("llava/pointqa", "llava/pope"):

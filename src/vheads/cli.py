@@ -103,8 +103,33 @@ def run_progress(view: ProgressView, label: str = "run") -> tuple[Callable[[int]
     return start, update
 
 
+RUN_FIELDS = {"ablate_heads": "ablate"}
+
+
+def explicit_options(ctx: typer.Context, rename: dict[str, str] | None = None) -> tuple[str, ...]:
+    """The options of this command given on the command line (not left at their defaults), as RunConfig fields."""
+    rename = {**RUN_FIELDS, **(rename or {})}
+    sources = {name: getattr(ctx.get_parameter_source(name), "name", None) for name in ctx.params}
+    given = [name for name, source in sources.items() if source not in (None, "DEFAULT", "DEFAULT_MAP")]
+    return tuple(sorted(rename.get(name, name) for name in given))
+
+
+def parse_stages_option(text: str | None) -> tuple[int, int] | None:
+    """`--stages A,B` as a pair (checked against the model's depth when it is known)."""
+    from vheads.metrics import parse_stages
+
+    return None if text is None else parse_stages(text)
+
+
+def at_least(value: float | None, option: str, low: float) -> None:
+    """ValueError naming the option when a number given for it is below `low`."""
+    if value is not None and value < low:
+        raise ValueError(f"{option} {value}: must be at least {low}")
+
+
 @app.command()
 def run(
+    ctx: typer.Context,
     model: str = typer.Option(None, "--model", "-m", help=MODEL_HELP),
     dataset: str = typer.Option("shapes", "--dataset", "-d", help="Dataset loader: shapes, pointqa, pope, mmbench, "
                                 "seedbench, qbench, jsonl, hf (see `vheads data list`)."),
@@ -138,9 +163,14 @@ def run(
     dtype: str = typer.Option("auto", "--dtype", help="auto (bf16 on GPU, fp32 on CPU), float32, bfloat16, float16."),
     device: str = typer.Option("auto", "--device", help="auto (all GPUs via accelerate), cpu, cuda, cuda:N."),
     attn: str = typer.Option("sdpa", "--attn", help="Kernel the model runs: sdpa, eager, flash_attention_2."),
-    resume: bool = typer.Option(False, "--resume", help="Continue the run of that --name, skipping stored samples."),
+    resume: bool = typer.Option(False, "--resume", help="Continue the run of that --name with its stored options, "
+                                "skipping stored samples; an option given that differs from the run is refused."),
     seed: int = typer.Option(0, "--seed", help="Seed for --limit sampling."),
     trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="Allow the model's own code."),
+    preset: str = typer.Option(None, "--preset", help="paper: the reference code's choices (readout "
+                               "first-generated, max-new-tokens 128, its stage boundaries); options given win."),
+    stages: str = typer.Option(None, "--stages", help="A,B: mid starts at layer A, late at layer B (default: "
+                               "thirds); stored with the run for heads, selectors, compare and report."),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="More log lines."),
 ) -> None:
     """Run a model over a dataset: answer (greedy), score, and store every sample's per-head figures."""
@@ -152,14 +182,16 @@ def run(
 
     with errors():
         check_device(device)
+        bounds = parse_stages_option(stages)
         config = RunConfig(model=model, dataset=dataset, data=data, images=images, split=split,
                            question_type=question_type, prompt_style=prompt_style, limit=limit,
                            batch_size=batch_size, max_new_tokens=max_new_tokens,
                            readout=check_choice(readout, "readout"),
-                           ablate=run_option_heads(ablate_heads, from_run, store, model, trust_remote_code),
+                           ablate=run_option_heads(ablate_heads, from_run, store, model, trust_remote_code, bounds),
                            ablation=check_choice(ablation, "ablation"), store=store,
                            name=name, shard=parse_shard(shard), dtype=dtype, device=device, attn=attn, resume=resume,
-                           seed=seed, trust_remote_code=trust_remote_code,
+                           seed=seed, trust_remote_code=trust_remote_code, stages=bounds, preset=preset,
+                           explicit=explicit_options(ctx),
                            tags={"ablate": ablate_heads, "from_run": from_run} if from_run else {},
                            max_pixels=max_pixels or None)
         with ProgressView() as view:
@@ -180,7 +212,7 @@ def check_choice(value: str, what: str) -> str:
 
 def print_summary(summary: Any) -> None:
     """The end-of-run summary: accuracy per question type, skipped samples, top-10 heads, where it is stored."""
-    from vheads.analysis.heads import head_table
+    from vheads.analysis.heads import head_table, no_readout_hint
     from vheads.store import Store
 
     acc = "n/a" if summary.accuracy is None else f"{summary.accuracy:.3f}"
@@ -188,20 +220,30 @@ def print_summary(summary: Any) -> None:
     if summary.by_type:
         say("  by question type: " + ", ".join(f"{k} {v:.3f}" for k, v in sorted(summary.by_type.items())))
     if "pope" in summary.extra:
-        say("  POPE: " + ", ".join(f"{k} {v:.3f}" for k, v in summary.extra["pope"].items()))
+        pope = dict(summary.extra["pope"])
+        counted, left_out = int(pope.pop("n")), int(pope.pop("left_out"))
+        note = f", {left_out} left out (label neither yes nor no)" if left_out else ""
+        figures = ", ".join(f"{k} {v:.3f}" for k, v in pope.items())
+        say(f"  POPE over {counted} yes/no items{note}: {figures}")
+    if summary.long_prompts:
+        say(f"  {summary.long_prompts} prompt(s) longer than the model's {summary.max_positions} positions "
+            "(processed; marked over_max_positions in samples.meta)")
     skipped = sum(summary.skipped.values())
     if skipped:
         say(f"  skipped {skipped}: " + ", ".join(f"{n} {why}" for why, n in summary.skipped.items())
             + " (--verbose lists every one)")
     with Store(summary.store, read_only=True) as store:
-        table = head_table(store, summary.run_id).head(10)
-    print_heads(table, f"top-10 heads (K = {table.attrs['k']})")
+        table = head_table(store, summary.run_id)
+    hint = no_readout_hint(table)
+    if hint:
+        say(f"  {hint}")
+    print_heads(table.head(10), f"top-10 heads (K = {table.attrs['k']}, scored over {table.attrs['scored']} samples)")
     say(f"stored in {summary.store} as run {summary.name}")
 
 
 HEAD_HEADERS = {"rank": "#", "layer": "layer", "head": "head", "score": "score", "mean_w": "W", "mean_c": "C",
                 "mean_region_share": "region", "stage": "stage", "visual": "visual"}
-HEAD_LEGEND = ("score: share of samples with the head in the top K by W; W: mean visual weight; C: mean "
+HEAD_LEGEND = ("score: share of the scored samples with the head in the top K by W; W: mean visual weight; C: mean "
                "concentration; region: mean share of the image attention on the asked-about box; —: undefined")
 
 
@@ -261,20 +303,28 @@ def heads(
     run_name: str = typer.Option(None, "--run", "-r", help="Run name or id (default: the latest run)."),
     top: int = typer.Option(20, "--top", help="Show this many heads (0 = all)."),
     k: int = typer.Option(None, "--k", help="Top-K per sample for the head score (default: round(0.1 x heads))."),
+    stages: str = typer.Option(None, "--stages", help="A,B: mid starts at layer A, late at layer B (default: the "
+                               "run's --stages, else thirds)."),
     store: str = typer.Option("vheads.duckdb", "--store", help=STORE_HELP),
     fmt: str = typer.Option("table", "--format", help=FORMAT_HELP),
 ) -> None:
-    """Rank the heads of a run: score (share of samples with the head in the top K by W), mean W, mean C, stage."""
-    from vheads.analysis.heads import head_table
+    """Rank the heads of a run: score (share of the samples with the readout row that have the head in the top K
+    by W; undefined when none has it), mean W, mean C, stage."""
+    from vheads.analysis.heads import head_table, no_readout_hint
     from vheads.store import Store
 
     with errors(), Store(existing_store(store), read_only=True) as db:
         check_format(fmt)
+        at_least(top, "--top", 0)
         name = run_name or latest_run(db)
-        table = head_table(db, name, k=k)
+        table = head_table(db, name, k=k, stages=parse_stages_option(stages))
+        hint = no_readout_hint(table)
+        if hint:
+            say(f"note: {hint}", err)
         if top:
             table = table.head(top)
-        print_heads(table, f"heads of {name} (K = {table.attrs['k']}, {table.attrs['samples']} samples)", fmt)
+        print_heads(table, f"heads of {name} (K = {table.attrs['k']}, scored over {table.attrs['scored']} of "
+                           f"{table.attrs['samples']} samples)", fmt)
 
 
 def latest_run(db: Any) -> str:
@@ -341,6 +391,7 @@ def data_shapes(n: int = typer.Option(500, "--n", min=1, help="Questions to writ
     from vheads.data import write_shapes
 
     with errors():
+        at_least(seed, "--seed", 0)
         path = write_shapes(out_folder(out), n=n, seed=seed, split=split)
         say(f"wrote {n} questions to {path}")
 
@@ -370,6 +421,9 @@ def train_demo(out: Path = typer.Option(..., "--out", "-o", help="Folder for the
 
     from vheads.models.train_demo import train_demo as train
 
+    for value, option in ((minutes, "--minutes"), (steps, "--steps"), (threads, "--threads")):
+        if value is not None and value <= 0:
+            fail(f"{option} {value}: must be more than 0")
     if threads:
         torch.set_num_threads(threads)
     if minutes is None and steps is None:

@@ -6,6 +6,7 @@ the very same code on the device) and returns arrays; nothing here does I/O or t
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -115,46 +116,90 @@ def default_top_k(layers: int, heads: int) -> int:
 
 
 def head_scores(visual_weight: np.ndarray, k: int | None = None) -> np.ndarray:
-    """Fraction of samples in which each head is among the top-K heads by W.
+    """Fraction of the samples that have the readout row in which each head is among the top-K heads by W.
 
-    `visual_weight` is [samples, layers, heads]; returns [layers, heads]. NaN weights never make the top K;
-    ties are broken by head order (lower layer, then lower head first). K larger than the number of heads
-    puts every head in the top K.
+    `visual_weight` is [samples, layers, heads]; returns [layers, heads]. A sample has the readout row when any
+    of its heads has a W (e.g. `first-generated` with a one-token answer has none); only those count. NaN weights
+    never make the top K; ties are broken by head order (lower layer, then lower head first). The score is NaN
+    (undefined) where no sample has the row, and for heads with no W in any sample (layers without attention).
+    K must be between 1 and layers x heads.
     """
     w = np.asarray(visual_weight, dtype=np.float64)
     if w.ndim != 3:
         raise ValueError(f"visual_weight must be [samples, layers, heads], got shape {w.shape}")
     n, layers, heads = w.shape
-    if n == 0:
-        return np.full((layers, heads), np.nan)
     k = default_top_k(layers, heads) if k is None else k
-    if k < 1:
-        raise ValueError(f"top-K must be at least 1, got {k}")
-    flat = np.where(np.isnan(w), -np.inf, w).reshape(n, layers * heads)
-    k = min(k, layers * heads)
+    if not 1 <= k <= layers * heads:
+        raise ValueError(f"top-K must be between 1 and {layers * heads} (layers x heads), got {k}")
+    finite = np.isfinite(w).reshape(n, layers * heads)
+    answered = finite.any(axis=1)
+    if not answered.any():
+        return np.full((layers, heads), np.nan)
+    flat = np.where(finite, w.reshape(n, layers * heads), -np.inf)[answered]
     order = np.argsort(-flat, axis=1, kind="stable")[:, :k]
     in_top = np.zeros_like(flat, dtype=bool)
     np.put_along_axis(in_top, order, True, axis=1)
-    in_top &= np.isfinite(flat)
-    return in_top.mean(axis=0).reshape(layers, heads)
+    in_top &= finite[answered]
+    scores = in_top.mean(axis=0)
+    scores[~finite.any(axis=0)] = np.nan
+    return scores.reshape(layers, heads)
 
 
-def stage_of(layer: int, layers: int) -> str:
-    """early = [0, L/3), mid = [L/3, 2L/3), late = [2L/3, L), boundaries floored."""
+def readout_samples(visual_weight: np.ndarray) -> int:
+    """How many samples of a [samples, layers, heads] W array have the readout row (any finite W): the score's
+    denominator."""
+    w = np.asarray(visual_weight, dtype=np.float64)
+    return int(np.isfinite(w.reshape(w.shape[0], -1)).any(axis=1).sum()) if w.size else 0
+
+
+Stages = tuple[int, int]
+# The reference code's stage boundaries per language-model depth (its released head tables fix them).
+PAPER_STAGES = {24: (8, 16), 32: (10, 20), 40: (13, 27)}
+
+
+def thirds(layers: int) -> Stages:
+    """DESIGN.md's default boundaries: floor(L/3) and floor(2L/3)."""
+    return layers // 3, (2 * layers) // 3
+
+
+def paper_stages(layers: int) -> Stages:
+    """The reference code's boundaries for a depth it studied (24, 32, 40 layers), thirds otherwise."""
+    return PAPER_STAGES.get(layers, thirds(layers))
+
+
+def parse_stages(text: str) -> Stages:
+    """'10,20' -> (10, 20): the first mid layer and the first late layer."""
+    parts = [p.strip() for p in str(text).split(",")]
+    if len(parts) != 2 or not all(p.isdigit() for p in parts):
+        raise ValueError(f"--stages {text!r}: expected two layer numbers A,B (mid starts at A, late at B)")
+    return int(parts[0]), int(parts[1])
+
+
+def check_stages(bounds: Sequence[int], layers: int) -> Stages:
+    """The boundaries as a pair, or ValueError unless 0 < A < B < layers (every stage non-empty)."""
+    a, b = (int(v) for v in bounds)
+    if not 0 < a < b < layers:
+        raise ValueError(f"--stages {a},{b}: need 0 < A < B < {layers} (the model's layers) so no stage is empty")
+    return a, b
+
+
+def stage_of(layer: int, layers: int, bounds: Sequence[int] | None = None) -> str:
+    """early = [0, A), mid = [A, B), late = [B, L); by default A = floor(L/3), B = floor(2L/3)."""
     if not 0 <= layer < layers:
         raise ValueError(f"layer {layer} is outside 0..{layers - 1}")
-    if layer < layers // 3:
+    a, b = thirds(layers) if bounds is None else bounds
+    if layer < a:
         return "early"
-    if layer < (2 * layers) // 3:
+    if layer < b:
         return "mid"
     return "late"
 
 
-def stage_layers(stage: str, layers: int) -> list[int]:
+def stage_layers(stage: str, layers: int, bounds: Sequence[int] | None = None) -> list[int]:
     """The layers of one stage, per `stage_of`."""
     if stage not in STAGES:
         raise ValueError(f"unknown stage {stage!r}; expected one of {', '.join(STAGES)}")
-    return [layer for layer in range(layers) if stage_of(layer, layers) == stage]
+    return [layer for layer in range(layers) if stage_of(layer, layers, bounds) == stage]
 
 
 def rank_heads(scores: np.ndarray, mean_w: np.ndarray) -> list[tuple[int, int]]:

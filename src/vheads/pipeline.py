@@ -8,13 +8,15 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
+from vheads import metrics
+from vheads import settings as run_settings
 from vheads.capture import HeadRecorder, ablate
 from vheads.data import BadSample, Dataset, Sample, load_dataset, score
 from vheads.data.images import DEFAULT_MAX_PIXELS
@@ -32,7 +34,12 @@ class Interrupted(Exception):
 
 @dataclass
 class RunConfig:
-    """Everything that defines a run (the command-line options of `vheads run`)."""
+    """Everything that defines a run (the command-line options of `vheads run`).
+
+    `stages`: the first mid and the first late layer (None: thirds). `preset`: `paper` sets the reference code's
+    choices (`settings.PRESETS`). `explicit`: the options the user gave explicitly, which --resume checks against
+    the stored run and `ablate --from` keeps; None means every field that differs from its default.
+    """
 
     model: str | None = None
     dataset: str = "shapes"
@@ -59,6 +66,9 @@ class RunConfig:
     sweep: str | None = None
     tags: dict[str, Any] = field(default_factory=dict)
     max_pixels: int | None = DEFAULT_MAX_PIXELS
+    stages: tuple[int, int] | None = None
+    preset: str | None = None
+    explicit: tuple[str, ...] | None = None
 
     def load_dataset(self) -> Dataset:
         """The dataset these options name."""
@@ -92,6 +102,49 @@ class RunSummary:
     status: str
     seconds: float
     extra: dict[str, Any] = field(default_factory=dict)
+    long_prompts: int = 0
+    max_positions: int | None = None
+
+
+def check_config(config: RunConfig) -> None:
+    """ValueError naming the first option whose value is out of range."""
+    for name, value, low in (("limit", config.limit, 1), ("batch-size", config.batch_size, 1),
+                             ("max-new-tokens", config.max_new_tokens, 1), ("seed", config.seed, 0)):
+        if value is not None and value < low:
+            raise ValueError(f"--{name} {value}: must be at least {low}")
+    if config.readout == "first-generated" and config.max_new_tokens < 2:
+        raise ValueError("--readout first-generated reads the row of the second answer token: --max-new-tokens "
+                         f"must be at least 2, got {config.max_new_tokens}")
+
+
+def prepared(config: RunConfig, store: Store) -> RunConfig:
+    """The config a run really uses: absolute paths, the preset applied, and with --resume the stored run's
+    settings for every option not given explicitly (a conflicting one is a StoreError)."""
+    config = replace(config, data=run_settings.absolute(config.data), images=run_settings.absolute(config.images),
+                     model=run_settings.absolute(config.model))
+    if config.resume:
+        row = resume_target(store, config)
+        if row is not None:
+            stored = row["config"] or {}
+            clash = run_settings.conflicts(config, stored)
+            if clash:
+                raise StoreError(f"cannot resume run {row['name']}: {'; '.join(clash)}; drop the option to continue "
+                                 "it, or start a new --name")
+            keep = [n for n in stored if n not in run_settings.EXECUTION and n not in run_settings.NOT_STORED]
+            config = replace(run_settings.inherit(config, stored, keep), name=row["name"])
+    config = run_settings.with_preset(config)
+    check_config(config)
+    return config
+
+
+def resume_target(store: Store, config: RunConfig) -> dict[str, Any] | None:
+    """The run --resume continues: the one named, else the latest of this model and dataset (None: a new run)."""
+    runs = store.runs()
+    if config.name:
+        return store.run(config.name) if config.name in set(runs["name"]) else None
+    prefix = f"{Path(config.model).name if config.model else 'demo'}-{config.dataset}"
+    matches = runs[runs["name"].map(lambda n: n == prefix or str(n).startswith(prefix + "-"))]
+    return None if matches.empty else store.run(str(matches.sort_values("run_id").iloc[-1]["name"]))
 
 
 def parse_heads(text: str | None) -> list[tuple[int, int]]:
@@ -147,12 +200,10 @@ def base_name(model_label: str, config: RunConfig, split: str | None) -> str:
 
 
 def default_name(store: Store, config: RunConfig, model_name: str, split: str | None) -> str:
-    """`base_name` of the run, with a number added while that name is taken (the latest one to --resume)."""
-    base = base_name(Path(model_name).name or "model", config, split)
+    """`base_name` of the run and the digest of its defining settings (`settings.digest`), so runs with other
+    data, limit, seed or options never share a name; numbered while that name is taken."""
+    base = f"{base_name(Path(model_name).name or 'model', config, split)}-{run_settings.digest(config)}"
     taken = set(store.runs()["name"])
-    if config.resume:
-        matches = sorted((n for n in taken if n == base or n.startswith(base + "-")), key=len)
-        return matches[-1] if matches else base
     name, i = base, 2
     while name in taken:
         name, i = f"{base}-{i}", i + 1
@@ -190,6 +241,18 @@ class Runner:
         self.loaded = loaded
         self.config = config
         self.geometry_warned = False
+        text = loaded.model.config.get_text_config()
+        self.max_positions = getattr(text, "max_position_embeddings", None)
+        self.long_warned = False
+
+    def too_long(self, lengths: np.ndarray) -> np.ndarray:
+        """Which prompts of a batch are longer than the model's maximum positions (warned once per run)."""
+        over = lengths > self.max_positions if self.max_positions else np.zeros(len(lengths), dtype=bool)
+        if over.any() and not self.long_warned:
+            log.warning("a prompt of %d tokens is longer than the model's %d positions; such samples are processed "
+                        "and counted in the summary", int(lengths.max()), self.max_positions)
+            self.long_warned = True
+        return over
 
     def prepare(self, samples: Sequence[Sample]) -> tuple[list[Sample], list[Any], list[tuple[Sample, str]]]:
         """Load each sample's image; the ones that fail are returned with the reason."""
@@ -217,14 +280,19 @@ class Runner:
                 self.geometry_warned = True
             return None
 
-    def run_batch(self, samples: Sequence[Sample], images: Sequence[Any]) -> tuple[list[str], Any, np.ndarray]:
-        """Generate answers for one batch and record its head figures; returns answers, figures, region sizes."""
+    def run_batch(self, samples: Sequence[Sample], images: Sequence[Any]
+                  ) -> tuple[list[str], Any, np.ndarray, np.ndarray]:
+        """Generate answers for one batch and record its head figures; returns answers, figures, region sizes and
+        which prompts are longer than the model's maximum positions."""
         adapter = self.loaded.adapter
         nested = [[img] for img in images]
         prompts = [adapter.prompt(s.text) for s in samples]
         inputs = adapter.encode(prompts, nested)
         region = self.region(nested, inputs, samples)
         region_tokens = np.zeros(len(samples), dtype=np.int64) if region is None else region.sum(1).numpy()
+        lengths = (inputs["attention_mask"].sum(1) if "attention_mask" in inputs else
+                   torch.full((len(samples),), inputs["input_ids"].shape[1]))
+        too_long = self.too_long(lengths.numpy())
         model = self.loaded.model
         inputs = inputs.to(self.loaded.device)
         if "pixel_values" in inputs and inputs["pixel_values"].is_floating_point():
@@ -237,7 +305,7 @@ class Runner:
             output = model.generate(**inputs, max_new_tokens=self.config.max_new_tokens, do_sample=False,
                                     pad_token_id=adapter.tokenizer.pad_token_id)
         answers = adapter.decode(output, inputs["input_ids"].shape[1])
-        return answers, recorder.result(), region_tokens
+        return answers, recorder.result(), region_tokens, too_long
 
     def run_adaptive(self, samples: Sequence[Sample], images: Sequence[Any]) -> Iterator[tuple[int, int, Any]]:
         """Run a batch, halving it on out-of-memory until it fits (a batch is never dropped)."""
@@ -259,9 +327,12 @@ class Runner:
             start += size
 
 
-def sample_row(sample: Sample, prediction: str, image_tokens: int, region_tokens: int) -> dict[str, Any]:
-    """The `samples` table row of one answered sample."""
+def sample_row(sample: Sample, prediction: str, image_tokens: int, region_tokens: int,
+               too_long: bool = False) -> dict[str, Any]:
+    """The `samples` table row of one answered sample (meta `over_max_positions` marks a too-long prompt)."""
     meta = {k: v for k, v in sample.meta.items() if isinstance(v, (str, int, float, bool)) or v is None}
+    if too_long:
+        meta["over_max_positions"] = True
     if sample.options:
         meta["options"] = list(sample.options)
     if sample.box is not None:
@@ -282,59 +353,104 @@ def run(config: RunConfig, loaded: Loaded | None = None, dataset: Dataset | None
     background thread (`BatchWriter`) while the next one computes, and all of them before `run` returns.
     """
     store_path = config.store_path()
-    with Store(store_path) as store:  # opened first: a busy or unwritable store fails before the model loads
-        dataset = dataset if dataset is not None else config.load_dataset()
-        loaded = loaded if loaded is not None else config.load_model()
-        text = loaded.model.config.get_text_config()
-        layers, heads = int(text.num_hidden_layers), int(text.num_attention_heads)
-        check_heads(config.ablate, layers, heads)
-        samples = shard_samples(dataset.samples, config.shard)
-        began = time.time()
-        runtime_skips: Counter[str] = Counter()
-        name = config.name or default_name(store, config, loaded.name, dataset.split)
-        settings = {k: v for k, v in asdict(config).items() if k not in ("store", "name", "resume", "tags")}
-        handle = store.start_run(
-            name, model=loaded.name, family=loaded.family, dataset=dataset.name, split=dataset.split or "",
-            layers=layers, heads=heads, readout=config.readout,
-            ablation=_ablation_label(config), config=settings, resume=config.resume, sweep=config.sweep,
-            shard=config.shard, tags=config.tags or None,
-        )
-        todo = [s for s in samples if s.id not in handle.done_ids]
-        if start:
-            start(len(todo))
-        runner = Runner(loaded, config)
-        skip_log = SkipLog(log)
-        done = correct = 0
+    created = not store_path.exists()
+    handle = None
+    try:
+        store = Store(store_path)  # opened first: a busy or unwritable store fails before the model loads
+    except BaseException:
+        _drop_if_empty(store_path, created)
+        raise
+    try:
+        with store:
+            config = prepared(config, store)
+            dataset = dataset if dataset is not None else config.load_dataset()
+            loaded = loaded if loaded is not None else config.load_model()
+            text = loaded.model.config.get_text_config()
+            layers, heads = int(text.num_hidden_layers), int(text.num_attention_heads)
+            check_heads(config.ablate, layers, heads)
+            config = with_stages(config, layers)
+            name = config.name or default_name(store, config, loaded.name, dataset.split)
+            handle = store.start_run(
+                name, model=loaded.name, family=loaded.family, dataset=dataset.name, split=dataset.split or "",
+                layers=layers, heads=heads, readout=config.readout, ablation=_ablation_label(config),
+                config=run_settings.stored_settings(config), resume=config.resume, sweep=config.sweep,
+                shard=config.shard, tags=config.tags or None,
+            )
+            return _run_samples(store, handle, config, loaded, dataset, store_path, progress, start)
+    except BaseException:
+        if handle is None:
+            _drop_if_empty(store_path, created)
+        raise
 
-        def stored(rows: Sequence[dict[str, Any]]) -> None:
-            log.info("stored %d samples of run %s", len(rows), name)
 
-        try:
-            with interrupt_guard(), BatchWriter(store, handle, on_stored=stored) as writer:
-                for i in range(0, len(todo), config.batch_size):
-                    good, images, bad = runner.prepare(todo[i:i + config.batch_size])
-                    for sample, reason in bad:
-                        skip_log.add(reason.split(" (")[0], f"skipped sample {sample.id}: {reason}")
-                        runtime_skips[reason.split(" (")[0]] += 1
-                    for lo, hi, (answers, figures, region_tokens) in runner.run_adaptive(good, images):
-                        rows = [sample_row(s, a, n, r) for s, a, n, r in
-                                zip(good[lo:hi], answers, figures.image_token_count, region_tokens, strict=True)]
-                        writer.submit(rows, figures)
-                        done += len(rows)
-                        correct += sum(bool(r["correct"]) for r in rows)
-                        if progress:
-                            progress(done, len(todo), correct)
-        except KeyboardInterrupt:
-            skip_log.close()
-            store.finish_run(handle, status="interrupted", skipped=_skips(dataset, runtime_skips))
-            raise Interrupted(f"run {name!r} interrupted; finished batches are stored. Continue it with "
-                              f"--name {name} --resume") from None
-        except Exception:
-            store.finish_run(handle, status="failed", skipped=_skips(dataset, runtime_skips))
-            raise
+def with_stages(config: RunConfig, layers: int) -> RunConfig:
+    """The stage boundaries checked against the model's depth; `--preset paper` fills in the reference's."""
+    if config.stages is not None:
+        return replace(config, stages=metrics.check_stages(config.stages, layers))
+    if config.preset == "paper":
+        return replace(config, stages=metrics.paper_stages(layers))
+    return config
+
+
+def _drop_if_empty(path: Path, created: bool) -> None:
+    """Remove a store file this run created when nothing was written to it (the model or data failed to load)."""
+    if not created or not path.exists():
+        return
+    try:
+        with Store(path, read_only=True) as store:
+            if len(store.runs()):
+                return
+    except StoreError:
+        return
+    for leftover in (path, path.with_name(path.name + ".wal")):
+        leftover.unlink(missing_ok=True)
+
+
+def _run_samples(store: Store, handle: RunHandle, config: RunConfig, loaded: Loaded, dataset: Dataset,
+                 store_path: Path, progress: Callable[[int, int, int], None] | None,
+                 start: Callable[[int], None] | None) -> RunSummary:
+    """Compute and store the samples of an open run that are not stored yet; finish it and summarize."""
+    name = handle.name
+    samples = shard_samples(dataset.samples, config.shard)
+    began = time.time()
+    runtime_skips: Counter[str] = Counter()
+    todo = [s for s in samples if s.id not in handle.done_ids]
+    if start:
+        start(len(todo))
+    runner = Runner(loaded, config)
+    skip_log = SkipLog(log)
+    done = correct = 0
+
+    def stored(rows: Sequence[dict[str, Any]]) -> None:
+        log.info("stored %d samples of run %s", len(rows), name)
+
+    try:
+        with interrupt_guard(), BatchWriter(store, handle, on_stored=stored) as writer:
+            for i in range(0, len(todo), config.batch_size):
+                good, images, bad = runner.prepare(todo[i:i + config.batch_size])
+                for sample, reason in bad:
+                    skip_log.add(reason.split(" (")[0], f"skipped sample {sample.id}: {reason}")
+                    runtime_skips[reason.split(" (")[0]] += 1
+                for lo, hi, (answers, figures, region_tokens, too_long) in runner.run_adaptive(good, images):
+                    rows = [sample_row(s, a, n, r, bool(t)) for s, a, n, r, t in
+                            zip(good[lo:hi], answers, figures.image_token_count, region_tokens, too_long, strict=True)]
+                    writer.submit(rows, figures)
+                    done += len(rows)
+                    correct += sum(bool(r["correct"]) for r in rows)
+                    if progress:
+                        progress(done, len(todo), correct)
+    except KeyboardInterrupt:
         skip_log.close()
-        summary = _summarize(store, handle, store_path, dataset, runtime_skips, time.time() - began)
-        store.finish_run(handle, status="done", accuracy=summary.accuracy, skipped=summary.skipped)
+        store.finish_run(handle, status="interrupted", skipped=_skips(dataset, runtime_skips))
+        raise Interrupted(f"run {name!r} interrupted; finished batches are stored. Continue it with "
+                          f"--name {name} --resume") from None
+    except Exception:
+        store.finish_run(handle, status="failed", skipped=_skips(dataset, runtime_skips))
+        raise
+    skip_log.close()
+    summary = _summarize(store, handle, store_path, dataset, runtime_skips, time.time() - began,
+                         runner.max_positions)
+    store.finish_run(handle, status="done", accuracy=summary.accuracy, skipped=summary.skipped)
     return summary
 
 
@@ -351,7 +467,7 @@ def _skips(dataset: Dataset, runtime: Counter[str]) -> dict[str, int]:
 
 
 def _summarize(store: Store, handle: RunHandle, store_path: Path, dataset: Dataset, runtime: Counter[str],
-               seconds: float) -> RunSummary:
+               seconds: float, max_positions: int | None = None) -> RunSummary:
     """The run's totals, computed in the store (a resumed run counts its earlier batches too)."""
     counts = store.query(
         "SELECT coalesce(question_type, 'all') AS question_type, count(*) AS n, count(correct) AS scored, "
@@ -367,9 +483,13 @@ def _summarize(store: Store, handle: RunHandle, store_path: Path, dataset: Datas
         answered = store.query("SELECT prediction, answer FROM samples WHERE run_id = ? AND correct IS NOT NULL "
                                "ORDER BY sample_id", [handle.run_id])
         extra["pope"] = pope_metrics(list(answered["prediction"]), list(answered["answer"]))
+    long_prompts = int(store.query(
+        "SELECT count(*) AS n FROM samples WHERE run_id = ? AND "
+        "coalesce(json_extract(meta, '$.over_max_positions')::BOOLEAN, false)", [handle.run_id])["n"].iloc[0])
     return RunSummary(name=handle.name, run_id=handle.run_id, store=str(store_path), samples=n, correct=correct,
                       accuracy=correct / scored if scored else None, by_type=by_type,
-                      skipped=_skips(dataset, runtime), status="done", seconds=seconds, extra=extra)
+                      skipped=_skips(dataset, runtime), status="done", seconds=seconds, extra=extra,
+                      long_prompts=long_prompts, max_positions=max_positions)
 
 
 __all__ = ["Interrupted", "RunConfig", "RunSummary", "StoreError", "parse_heads", "parse_shard", "run"]

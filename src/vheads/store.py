@@ -28,6 +28,8 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 
+from vheads.settings import differences
+
 SCHEMA_VERSION = 1
 STATUSES = ("running", "done", "interrupted", "failed")
 COMPAT_FIELDS = ("model", "dataset", "split", "readout", "ablation", "layers", "heads")
@@ -185,7 +187,9 @@ def check_writable(path: str | Path) -> None:
 def merge(files: Sequence[str | Path], into: str | Path) -> MergeSummary:
     """Fold shard (or other store) files into one store, all or nothing; re-merging adds nothing.
 
-    Same-named runs become one run with a new run_id; its accuracy is recomputed as the mean of `correct`.
+    Same-named runs become one run with a new run_id; its accuracy is recomputed as the mean of `correct`. Runs of
+    one name are merged only when their whole configuration agrees (model, data, limit, seed, readout, every
+    defining option of `settings.DEFINING`; batch size, device and shard may differ): otherwise StoreError.
     """
     into = Path(into)
     sources = [Path(f) for f in files]
@@ -542,6 +546,7 @@ class Store:
             summary.runs_created.append(name)
         else:
             diffs = [f"{k} {target[k]!r} != {source[k]!r}" for k in COMPAT_FIELDS if target[k] != source[k]]
+            diffs += differences(target["config"], source["config"])
             if diffs:
                 raise StoreError(
                     f"cannot merge run {name} from {src}: it differs from the stored run ({'; '.join(diffs)})"

@@ -43,12 +43,13 @@ def sweep(
     setup_logging(verbose)
     if fmt not in ("table", "csv", "json"):
         fail(f"unknown --format {fmt!r}; expected table, csv or json")
-    from vheads.pipeline import RunConfig
+    from vheads.pipeline import RunConfig, check_config
     from vheads.sweep import SweepError, plan, run_sweep
 
     with errors():
         base = RunConfig(split=split, limit=limit, batch_size=batch_size, readout=check_choice(readout, "readout"),
                          store=str(store))
+        check_config(base)
         configs = plan(_items(models), _items(datasets), shards, base, workdir=workdir)
         say(f"{len(configs)} task(s) " + ("in this process" if no_ray else f"on Ray ({address or 'local'})"), err)
         try:

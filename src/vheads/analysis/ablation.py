@@ -20,8 +20,9 @@ import numpy as np
 import pandas as pd
 
 from vheads import pipeline
+from vheads import settings as run_settings
 from vheads.analysis.heads import head_table
-from vheads.analysis.selectors import SWEEP_SELECTORS, resolve_heads, select_heads
+from vheads.analysis.selectors import SWEEP_SELECTORS, check_ranked, resolve_heads, select_heads
 from vheads.analysis.stats import bootstrap_mean_ci, t_interval
 from vheads.analysis.visual import head_label, stage_counts
 from vheads.pipeline import RunConfig, parse_heads
@@ -91,16 +92,20 @@ def sweep(store_path: str | Path, from_run: str | int, selectors: Sequence[str] 
           n_boot: int = 1000) -> list[dict[str, Any]]:
     """Run (or reuse) every point of a pruning sweep and return its points, as `sweep_points` rows.
 
-    `config` carries the model, dataset and run options (its model defaults to the source run's);
-    `progress(point_name, done, total, correct)` follows each point's run.
+    The points reuse the source run's stored settings (model, data, images, split, question type, prompt style,
+    limit, seed, readout, max-new-tokens, dtype, attention kernel, stages, ...); an option `config` gives explicitly
+    (`config.explicit`, or for the Python API a value other than the default) overrides it and is stored with each
+    point. `progress(point_name, done, total, correct)` follows each point's run.
     """
-    base = replace(config or RunConfig(), store=str(store_path), ablation=ablation, ablate=[], shard=None,
-                   name=None, resume=True)
+    config = config or RunConfig()
     with Store(store_path, read_only=True) as store:
         source = store.run(from_run)
-        ranking = head_table(store, from_run)
-        if ranking.attrs["samples"] == 0:
-            raise ValueError(f"run {source['name']} has no samples to rank heads by")
+        stored = source["config"] or {}
+        reuse = [n for n in stored if n not in run_settings.NOT_INHERITED and n not in run_settings.NOT_STORED]
+        base = replace(run_settings.inherit(config, stored, reuse), store=str(store_path), ablation=ablation,
+                       ablate=[], shard=None, name=None, resume=True, explicit=None)
+        ranking = head_table(store, from_run, stages=base.stages)
+        check_ranked(ranking, source["name"])
         base = replace(base, model=base.model or source["model"])
         tag = base.sweep or sweep_tag(source["name"], base)
         points = plan(ranking, tag, selectors, ks, seeds)
@@ -178,7 +183,8 @@ def _points(store: Store, runs: pd.DataFrame, selectors: list[str], n_boot: int)
         single.append({"selector": run.tags["selector"], "k": int(run.tags["k"]), "seed": run.tags.get("seed"),
                        "accuracy": float(values.mean()) if len(values) else float("nan"), "low": float(low),
                        "high": float(high), "n": len(values), "seeds": 1, "heads": run.tags["heads"],
-                       "stages": stage_counts(heads, int(run.layers)), "sweep": run.sweep,
+                       "stages": stage_counts(heads, int(run.layers), (run.config or {}).get("stages")),
+                       "sweep": run.sweep,
                        "from_run": run.tags["from_run"], "run": run.name})
     rows = [r for r in single if r["selector"] != BASELINE]
     for base in (r for r in single if r["selector"] == BASELINE):

@@ -11,7 +11,17 @@ from typing import Any
 import pandas as pd
 import typer
 
-from vheads.cli import FORMAT_HELP, LIMIT_HELP, STORE_HELP, check_choice, errors, existing_store, setup_logging
+from vheads.cli import (
+    FORMAT_HELP,
+    STORE_HELP,
+    at_least,
+    check_choice,
+    errors,
+    existing_store,
+    explicit_options,
+    parse_stages_option,
+    setup_logging,
+)
 from vheads.output import ProgressView, check_format, console, emit, emit_many, frame_table, records, say
 
 JSON_POINT_KEYS = ("selector", "k", "seed", "accuracy", "low", "high", "heads")
@@ -20,7 +30,9 @@ CONSISTENCY_HEADERS = {"mean_w_pearson": "W r", "mean_w_spearman": "W rho", "sco
 
 
 def ablate(
-    from_run: str = typer.Option(..., "--from", help="Run whose head ranking picks the top / late heads."),
+    ctx: typer.Context,
+    from_run: str = typer.Option(..., "--from", help="Run whose head ranking picks the top / late heads, and whose "
+                                 "stored options (model, data, limit, seed, readout, ...) the points reuse."),
     select: str = typer.Option("top,random,late", "--select", help="Selectors, comma-separated: top (top-K visual "
                                "heads), random (K random heads, several seeds), late (K lowest-scoring late heads)."),
     ks: str = typer.Option("0,4,8,16", "--k", help="Numbers of heads to ablate, comma-separated (0 = baseline)."),
@@ -28,17 +40,19 @@ def ablate(
     ablation: str = typer.Option("zero", "--ablation", help="zero (output zeroed) or uniform (uniform weights)."),
     model: str = typer.Option(None, "--model", "-m", help="Hub id or local folder of the model (default: "
                                                                  "the model of --from)."),
-    dataset: str = typer.Option("shapes", "--dataset", "-d", help="Dataset loader (see `vheads data list`)."),
-    data: str = typer.Option(None, "--data", help="The benchmark file or folder (default: none; not needed for "
-                             "shapes)."),
-    images: str = typer.Option(None, "--images", help="Folder that relative image paths start from (default: the "
-                               "data file's folder)."),
-    split: str = typer.Option(None, "--split", help="Split (default: the loader's; shapes: test/train)."),
-    question_type: str = typer.Option(None, "--question-type", help="general, obj or super (default: all)."),
-    prompt_style: str = typer.Option(None, "--prompt-style", help="visual, plain or none (default: the loader's)."),
-    limit: int = typer.Option(None, "--limit", "-n", help=LIMIT_HELP),
+    dataset: str = typer.Option("shapes", "--dataset", "-d", help="Dataset loader (see `vheads data list`); "
+                                "this and every option below default to the stored options of --from."),
+    data: str = typer.Option(None, "--data", help="The benchmark file or folder (not needed for shapes)."),
+    images: str = typer.Option(None, "--images", help="Folder that image paths are relative to."),
+    split: str = typer.Option(None, "--split", help="Split (shapes: test/train)."),
+    question_type: str = typer.Option(None, "--question-type", help="general, obj or super."),
+    prompt_style: str = typer.Option(None, "--prompt-style", help="visual, plain or none."),
+    limit: int = typer.Option(None, "--limit", "-n", help="At most this many questions."),
     batch_size: int = typer.Option(8, "--batch-size", "-b", min=1, help="Samples per batch (halved on OOM)."),
     max_new_tokens: int = typer.Option(8, "--max-new-tokens", min=1, help="Answer length limit (greedy)."),
+    readout: str = typer.Option("prompt", "--readout", help="prompt, first-generated or generated."),
+    seed: int = typer.Option(0, "--seed", help="Seed for --limit sampling."),
+    stages: str = typer.Option(None, "--stages", help="A,B: stage boundaries for late (default: those of --from)."),
     store: str = typer.Option("vheads.duckdb", "--store", help=STORE_HELP),
     fmt: str = typer.Option("table", "--format", help="table, csv or json (csv and json: one row per point, "
                             "{selector, k, seed, accuracy, low, high, heads})."),
@@ -46,7 +60,8 @@ def ablate(
 ) -> None:
     """Pruning curve: accuracy as the top visual heads, random heads or weak late heads are ablated, K at a time.
 
-    Every point is a stored run; running the same sweep again reuses finished points.
+    The points run on the data and options of --from unless given here. Every point is a stored run; running the
+    same sweep again reuses finished points.
     """
     setup_logging(verbose)
     from vheads.analysis.ablation import sweep
@@ -54,9 +69,13 @@ def ablate(
 
     with errors():
         check_format(fmt)
+        at_least(limit, "--limit", 1)
+        at_least(seed, "--seed", 0)
         config = RunConfig(model=model, dataset=dataset, data=data, images=images, split=split,
                            question_type=question_type, prompt_style=prompt_style, limit=limit,
-                           batch_size=batch_size, max_new_tokens=max_new_tokens)
+                           batch_size=batch_size, max_new_tokens=max_new_tokens,
+                           readout=check_choice(readout, "readout"), seed=seed, stages=parse_stages_option(stages),
+                           explicit=explicit_options(ctx))
         with ProgressView() as view:
             points = sweep(existing_store(store), from_run, selectors=_items(select, "--select", str),
                            ks=_items(ks, "--k", int), seeds=seeds, ablation=check_choice(ablation, "ablation"),

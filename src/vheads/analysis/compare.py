@@ -156,8 +156,13 @@ def compare_runs(store: Store, runs: list[str | int], k: int | None = None) -> C
     names = [m.name for m in maps]
     if len(set(names)) < len(names):
         raise ValueError("a run is named twice")
+    smallest = min(m.grid[0] * m.grid[1] for m in maps)
+    if k is not None and not 1 <= k <= smallest:
+        raise ValueError(f"--k {k}: must be between 1 and {smallest} (the heads of the smallest run)")
     pairs = pairwise(maps)
     per_run, accuracy, warnings = accuracy_attention(maps, k)
+    warnings = [f"run {m.name}: head scores are undefined (no sample has the readout row); its score map is left "
+                "out of the correlations" for m in maps if np.isnan(m.score).all()] + warnings
     return Comparison(runs=names, pairs=pairs, consistency=consistency(maps, pairs, k), per_run=per_run,
                       accuracy=accuracy, warnings=warnings)
 

@@ -31,13 +31,30 @@ def weights_array(store: Store, run: str | int, figure: str = "visual_weight",
     return values, ids
 
 
+def run_stages(info: dict, stages: tuple[int, int] | None = None) -> tuple[int, int] | None:
+    """The stage boundaries for a run: `stages` if given, else the ones stored in its config (None: thirds)."""
+    chosen = stages if stages is not None else (info.get("config") or {}).get("stages")
+    return None if chosen is None else metrics.check_stages(chosen, int(info["layers"]))
+
+
 def head_table(store: Store, run: str | int, k: int | None = None, threshold: float = 0.5,
-               where: str | None = None) -> pd.DataFrame:
-    """The ranking of DESIGN.md: score (share of samples with the head in the top K by W), then mean W."""
+               where: str | None = None, stages: tuple[int, int] | None = None) -> pd.DataFrame:
+    """The ranking of DESIGN.md: score (share of the samples with the readout row that have the head in the top K
+    by W), then mean W. Stages follow `stages`, else the run's stored `--stages`, else thirds.
+
+    attrs: layers, heads, k, stages, samples (all the run's samples), scored (those with the readout row; 0 means
+    every score is NaN).
+    """
+    info = store.run(run)
+    bounds = run_stages(info, stages)
     w, _ = weights_array(store, run, "visual_weight", where)
     c, _ = weights_array(store, run, "concentration", where)
     rw, _ = weights_array(store, run, "region_weight", where)
     layers, heads = w.shape[1], w.shape[2]
+    k = metrics.default_top_k(layers, heads) if k is None else k
+    if not 1 <= k <= layers * heads:
+        raise ValueError(f"--k {k}: must be between 1 and {layers * heads} (the run's {layers} layers x {heads} "
+                         "heads)")
     scores = metrics.head_scores(w, k)
     mean_w, mean_c = metrics.nanmean(w), metrics.nanmean(c)
     share = metrics.nanmean(metrics.region_share(rw, w))
@@ -46,11 +63,22 @@ def head_table(store: Store, run: str | int, k: int | None = None, threshold: fl
     for rank, (layer, head) in enumerate(metrics.rank_heads(scores, mean_w), start=1):
         rows.append({"rank": rank, "layer": layer, "head": head, "score": float(scores[layer, head]),
                      "mean_w": float(mean_w[layer, head]), "mean_c": float(mean_c[layer, head]),
-                     "mean_region_share": float(share[layer, head]), "stage": metrics.stage_of(layer, layers),
-                     "visual": bool(flags[layer, head])})
+                     "mean_region_share": float(share[layer, head]),
+                     "stage": metrics.stage_of(layer, layers, bounds), "visual": bool(flags[layer, head])})
     table = pd.DataFrame(rows, columns=HEAD_COLUMNS)
-    table.attrs.update(layers=layers, heads=heads, k=k or metrics.default_top_k(layers, heads), samples=w.shape[0])
+    table.attrs.update(layers=layers, heads=heads, k=k, samples=w.shape[0], scored=metrics.readout_samples(w),
+                       stages=bounds or metrics.thirds(layers), readout=info.get("readout"))
     return table
+
+
+def no_readout_hint(table: pd.DataFrame) -> str | None:
+    """One line explaining why every score is undefined, or None when some sample has the readout row."""
+    if table.attrs.get("scored") or not table.attrs.get("samples"):
+        return None
+    readout = table.attrs.get("readout") or "the readout"
+    extra = (" (first-generated needs an answer of two tokens or more: raise --max-new-tokens)"
+             if readout == "first-generated" else "")
+    return f"head scores are undefined: none of the {table.attrs['samples']} samples has a {readout} row{extra}"
 
 
 def top_heads(table: pd.DataFrame, k: int) -> list[tuple[int, int]]:

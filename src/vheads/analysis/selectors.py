@@ -11,7 +11,7 @@ import numpy as np
 import pandas as pd
 
 from vheads import metrics
-from vheads.analysis.heads import head_table
+from vheads.analysis.heads import head_table, no_readout_hint
 from vheads.pipeline import parse_heads
 from vheads.store import Store
 
@@ -26,11 +26,12 @@ def is_selector(spec: str | None) -> bool:
 
 
 def resolve_heads(spec: str, store: Store | None = None, from_run: str | int | None = None,
-                  layers: int | None = None, heads: int | None = None) -> list[Head]:
+                  layers: int | None = None, heads: int | None = None,
+                  stages: tuple[int, int] | None = None) -> list[Head]:
     """The heads a selector or `L.H` list names, for a model of `layers` x `heads` heads.
 
-    `top` and `late` rank the heads of `from_run` (read from `store`); with a run, the grid defaults to its own.
-    Raises ValueError saying what is wrong with the spec.
+    `top` and `late` rank the heads of `from_run` (read from `store`); with a run, the grid defaults to its own and
+    the stages to its stored `--stages` (`stages` overrides them). Raises ValueError saying what is wrong.
     """
     text = (spec or "").strip()
     if not text:
@@ -42,15 +43,32 @@ def resolve_heads(spec: str, store: Store | None = None, from_run: str | int | N
     if store is not None and from_run is not None:
         layers, heads = _grid(store, from_run, layers, heads)
         if kind in NEEDS_RUN:
-            table = head_table(store, from_run)
-            if table.attrs["samples"] == 0:
-                raise ValueError(f"run {from_run} has no samples to rank heads by")
-    return select_heads(text, table, layers, heads)
+            table = head_table(store, from_run, stages=stages)
+            check_ranked(table, from_run)
+        elif stages is None:
+            stages = head_table(store, from_run).attrs["stages"]
+    return select_heads(text, table, layers, heads, stages)
 
 
-def select_heads(spec: str, ranking: pd.DataFrame | None, layers: int | None, heads: int | None) -> list[Head]:
-    """`resolve_heads` on a ranking already at hand (a `head_table`), so a sweep ranks its source run once."""
+def check_ranked(table: pd.DataFrame, run: str | int) -> None:
+    """ValueError unless the ranking has samples with a defined head score."""
+    if table.attrs["samples"] == 0:
+        raise ValueError(f"run {run} has no samples to rank heads by")
+    hint = no_readout_hint(table)
+    if hint:
+        raise ValueError(f"run {run}: {hint}")
+
+
+def select_heads(spec: str, ranking: pd.DataFrame | None, layers: int | None, heads: int | None,
+                 stages: tuple[int, int] | None = None) -> list[Head]:
+    """`resolve_heads` on a ranking already at hand (a `head_table`), so a sweep ranks its source run once.
+
+    Stages: `stages`, else the ranking's, else thirds."""
     text = spec.strip()
+    if stages is None and ranking is not None:
+        stages = ranking.attrs.get("stages")
+    if stages is not None and layers is not None:
+        stages = metrics.check_stages(stages, layers)
     if not is_selector(text):
         if ":" in text:
             raise ValueError(f"unknown selector {text!r}; expected top:K, random:K[:seed], late:K or stage:NAME")
@@ -61,7 +79,7 @@ def select_heads(spec: str, ranking: pd.DataFrame | None, layers: int | None, he
     if kind == "stage":
         if len(args) != 1 or args[0] not in metrics.STAGES:
             raise ValueError(f"{text}: expected stage:early, stage:mid or stage:late")
-        return [(layer, head) for layer in metrics.stage_layers(args[0], layers) for head in range(heads)]
+        return [(layer, head) for layer in metrics.stage_layers(args[0], layers, stages) for head in range(heads)]
     if kind == "random":
         if len(args) not in (1, 2):
             raise ValueError(f"{text}: expected random:K or random:K:SEED")
@@ -75,7 +93,7 @@ def select_heads(spec: str, ranking: pd.DataFrame | None, layers: int | None, he
     ranked = [(int(r.layer), int(r.head)) for r in ranking.itertuples()]
     if kind == "top":
         return ranked[:_count(text, args[0], len(ranked))]
-    late = [h for h in ranked if metrics.stage_of(h[0], layers) == "late"]
+    late = [h for h in ranked if metrics.stage_of(h[0], layers, stages) == "late"]
     return late[::-1][:_count(text, args[0], len(late))]
 
 
@@ -118,7 +136,7 @@ def _explicit(text: str, layers: int | None, heads: int | None) -> list[Head]:
 
 
 def run_option_heads(spec: str | None, from_run: str | None, store_path: str, model: str | None,
-                     trust_remote_code: bool = False) -> list[Head]:
+                     trust_remote_code: bool = False, stages: tuple[int, int] | None = None) -> list[Head]:
     """`vheads run --ablate SPEC [--from RUN]`: an `L.H` list, or a selector resolved on the source run's ranking
     (or, for random / stage without --from, on the model's layers x heads read from its config)."""
     if not spec:
@@ -127,9 +145,9 @@ def run_option_heads(spec: str | None, from_run: str | None, store_path: str, mo
         return []
     if from_run:
         with Store(store_path, read_only=True) as store:
-            return resolve_heads(spec, store, from_run)
+            return resolve_heads(spec, store, from_run, stages=stages)
     if is_selector(spec) and spec.split(":")[0] not in NEEDS_RUN:
-        return resolve_heads(spec, None, None, *model_grid(model, trust_remote_code))
+        return resolve_heads(spec, None, None, *model_grid(model, trust_remote_code), stages=stages)
     return resolve_heads(spec)
 
 

@@ -40,11 +40,11 @@ def head_label(heads: Iterable[Head]) -> list[str]:
     return [f"{layer}.{head}" for layer, head in sorted(heads)]
 
 
-def stage_counts(heads: Iterable[Head], layers: int) -> dict[str, int]:
-    """How many of the heads sit in each stage: {'early': n, 'mid': n, 'late': n}."""
+def stage_counts(heads: Iterable[Head], layers: int, stages: tuple[int, int] | None = None) -> dict[str, int]:
+    """How many of the heads sit in each stage: {'early': n, 'mid': n, 'late': n} (boundaries: thirds or `stages`)."""
     counts = dict.fromkeys(metrics.STAGES, 0)
     for layer, _ in heads:
-        counts[metrics.stage_of(layer, layers)] += 1
+        counts[metrics.stage_of(layer, layers, stages)] += 1
     return counts
 
 
@@ -63,7 +63,7 @@ def breakdown(store: Store, run: str | int, by: str = "question_type", k: int | 
         table = visual_heads(store, run, k=k, threshold=threshold, where=group_filter(by, value))
         heads = head_set(table)
         rows.append({by: value, "samples": table.attrs["samples"], "visual": len(heads),
-                     **stage_counts(heads, table.attrs["layers"]), "heads": head_label(heads)})
+                     **stage_counts(heads, table.attrs["layers"], table.attrs["stages"]), "heads": head_label(heads)})
     return pd.DataFrame(rows, columns=[by, "samples", "visual", *metrics.STAGES, "heads"])
 
 

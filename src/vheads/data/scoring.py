@@ -141,16 +141,26 @@ def _is_yes(value: bool | str) -> bool:
     return value if isinstance(value, bool) else extract_yesno(value) == "yes"
 
 
+def yesno_label(label: bool | str | None) -> bool | None:
+    """A POPE label as True (yes) / False (no), None when it is neither (such items have no POPE figures)."""
+    if isinstance(label, bool):
+        return label
+    text = str(label).strip().lower().rstrip(".")
+    return {"yes": True, "no": False}.get(text)
+
+
 def pope_metrics(predictions: Sequence[bool | str], labels: Sequence[bool | str]) -> dict[str, float]:
-    """POPE's figures: accuracy, precision, recall and F1 of 'yes', and the share of 'yes' predictions."""
+    """POPE's figures over the items labelled yes or no: accuracy, precision, recall and F1 of 'yes', the share of
+    'yes' predictions, n (items counted) and left_out (items whose label is neither yes nor no)."""
     if len(predictions) != len(labels):
         raise ValueError(f"{len(predictions)} predictions but {len(labels)} labels")
-    pairs = [(_is_yes(p), _is_yes(t)) for p, t in zip(predictions, labels, strict=True)]
-    tp = sum(p and t for p, t in pairs)
-    fp = sum(p and not t for p, t in pairs)
-    tn = sum(not p and not t for p, t in pairs)
-    fn = sum(not p and t for p, t in pairs)
-    n = len(pairs)
+    pairs = [(_is_yes(p), yesno_label(t)) for p, t in zip(predictions, labels, strict=True)]
+    kept = [(p, t) for p, t in pairs if t is not None]
+    tp = sum(p and t for p, t in kept)
+    fp = sum(p and not t for p, t in kept)
+    tn = sum(not p and not t for p, t in kept)
+    fn = sum(not p and t for p, t in kept)
+    n = len(kept)
     precision = tp / (tp + fp) if tp + fp else 0.0
     recall = tp / (tp + fn) if tp + fn else 0.0
     return {
@@ -160,6 +170,7 @@ def pope_metrics(predictions: Sequence[bool | str], labels: Sequence[bool | str]
         "f1": 2 * precision * recall / (precision + recall) if precision + recall else 0.0,
         "yes_ratio": (tp + fp) / n if n else math.nan,
         "n": float(n),
+        "left_out": float(len(pairs) - n),
     }
 
 

@@ -26,8 +26,9 @@ HEAD_COLUMNS = {"rank": "rank", "layer": "layer", "head": "head", "score": "scor
                 "mean_c": "mean C", "mean_region_share": "region share", "stage": "stage"}
 DEFINITIONS = (
     "W: share of the readout row's attention on image tokens. C = 1 - H / log N: how concentrated the image "
-    "attention is (1 = one token, 0 = spread evenly). Head score: share of samples in which the head is among "
-    "the top K heads by W. Visual heads: score >= 0.5. Stages: layers in thirds (early, mid, late)."
+    "attention is (1 = one token, 0 = spread evenly). Head score: share of the samples with the readout row in "
+    "which the head is among the top K heads by W (undefined when none has the row). Visual heads: score >= 0.5. "
+    "Stages: early, mid, late at the run's --stages boundaries, else layers in thirds."
 )
 
 
@@ -70,12 +71,12 @@ def report_runs(store: Store, names: Sequence[str] | None = None) -> list[str]:
 
 
 def build_report(store_path: str | Path, out_dir: str | Path = "vheads-report", runs: Sequence[str] | None = None,
-                 overlays: int = 3, device: str = "auto",
+                 overlays: int = 3, device: str = "auto", stages: tuple[int, int] | None = None,
                  progress: Callable[[int, int, str], None] | None = None) -> Path:
     """Write `out_dir/index.html` and a PNG per figure for the chosen runs; returns the page's path.
 
+    Stages: `stages` for every run, else each run's stored `--stages`, else thirds.
     `progress(done, total, what)` is called as each run's section is written, and once for the shared figures.
-
     `overlays` is how many correct and how many wrong samples to draw per run (0: none); drawing them loads
     the run's model and data again, and a run whose model or data cannot be loaded just gets a note.
     """
@@ -88,7 +89,7 @@ def build_report(store_path: str | Path, out_dir: str | Path = "vheads-report", 
         names = report_runs(store, runs)
         if not names:
             raise ValueError(f"{store_path} has no finished run to report; run `vheads run` first")
-        views = [_view(store, name, i) for i, name in enumerate(names)]
+        views = [_view(store, name, i, stages) for i, name in enumerate(names)]
         sections = [_overview(views)]
         models: dict[tuple[str, str], Any] = {}
         steps = len(views) + 1
@@ -114,9 +115,9 @@ def build_report(store_path: str | Path, out_dir: str | Path = "vheads-report", 
     return index
 
 
-def _view(store: Store, name: str, index: int) -> RunView:
+def _view(store: Store, name: str, index: int, stages: tuple[int, int] | None = None) -> RunView:
     info = store.run(name)
-    table = head_table(store, name)
+    table = head_table(store, name, stages=stages)
     stem = f"{index:02d}-" + (re.sub(r"[^A-Za-z0-9._-]+", "_", name)[:60] or "run")
     return RunView(info=info, table=table, stem=stem)
 
@@ -129,7 +130,9 @@ def _overview(views: Sequence[RunView]) -> h.Section:
                      "split": info["split"] or "", "readout": info["readout"], "ablation": info["ablation"],
                      "samples": int(table.attrs["samples"]), "accuracy": view.accuracy,
                      "layers x heads": f"{table.attrs['layers']} x {table.attrs['heads']}",
-                     "K": int(table.attrs["k"]), "visual heads": int(table["visual"].sum())})
+                     "K": int(table.attrs["k"]), "scored samples": int(table.attrs["scored"]),
+                     "stages": "mid from {}, late from {}".format(*table.attrs["stages"]),
+                     "visual heads": int(table["visual"].sum())})
     frame = pd.DataFrame(rows)
     section = h.Section("runs", "Runs")
     section.body.append(h.table(frame, {"accuracy": _pct}))

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from vheads.cli import STORE_HELP, errors, existing_store, out_folder, print_heads, setup_logging
+from vheads.cli import STORE_HELP, errors, existing_store, out_folder, parse_stages_option, print_heads, setup_logging
 from vheads.output import ProgressView, console, err, frame_table, say
 
 
@@ -18,6 +18,8 @@ def report(
     overlays: int = typer.Option(3, "--overlays", min=0, help="Correct and wrong samples drawn per run with the top "
                                  "heads' attention (re-runs the run's model on them; 0 = none)."),
     device: str = typer.Option("auto", "--device", help="Where the overlays re-run the model: auto, cpu, cuda."),
+    stages: str = typer.Option(None, "--stages", help="A,B: stage boundaries for every run (default: each run's "
+                               "own --stages, else thirds)."),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="More log lines."),
 ) -> None:
     """Write a self-contained HTML report (index.html, opens offline) and a PNG per figure."""
@@ -29,8 +31,9 @@ def report(
         check_device(device)
         with ProgressView() as view:
             index = build_report(existing_store(store), out_folder(out), runs=runs or None, overlays=overlays,
-                                 device=device, progress=lambda done, total, what: view.update(
-                                     "report", done, total, what, unit="steps"))
+                                 device=device, stages=parse_stages_option(stages),
+                                 progress=lambda done, total, what: view.update("report", done, total, what,
+                                                                                unit="steps"))
     say(str(index))
 
 

@@ -1,0 +1,210 @@
+"""Region geometry of every family with a box-able image layout: a box painted red must light exactly the image
+tokens whose pixels (in the processor's own `pixel_values`) hold it, for tiles, crops, thumbnails, several sizes
+and aspect ratios, and several images in one prompt."""
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image, ImageDraw
+from transformers.image_processing_utils import select_best_resolution
+
+from vheads.models import load
+from vheads.models.geometry import GeometryError, TokenGrid
+
+TILED = ("internvl", "llava_onevision", "smolvlm", "idefics3")
+SINGLE = ("paligemma", "mistral3", "qwen2_vl", "qwen2_5_vl", "qwen3_vl", "glm4v")
+SIZES = [((70, 30), (40, 4, 66, 20)), ((30, 90), (2, 50, 20, 88)), ((48, 48), (10, 10, 30, 34)),
+         ((130, 60), (5, 30, 60, 58))]
+
+
+def painted(width, height, box):
+    """A black image with `box` painted pure red."""
+    img = Image.new("RGB", (width, height), "black")
+    ImageDraw.Draw(img).rectangle([box[0], box[1], box[2] - 1, box[3] - 1], fill=(255, 0, 0))
+    return img
+
+
+def redness(frame, processor):
+    """Bool [H, W]: the red pixels of one processed frame [3, H, W] (normalisation undone)."""
+    ip = processor.image_processor
+    mean = np.array(ip.image_mean, dtype=np.float64)[:, None, None]
+    std = np.array(ip.image_std, dtype=np.float64)[:, None, None]
+    rgb = frame.double().numpy() * std + mean
+    return (rgb[0] > 0.5) & (rgb[1] < 0.3)
+
+
+def qwen_frame(patches, thw, ip):
+    """The [3, H, W] image that Qwen2-VL-style flattened patches [t*h*w, 3*tp*p*p] of one image were cut from."""
+    t, h, w = (int(v) for v in thw)
+    p, m, tp = int(ip.patch_size), int(ip.merge_size), int(ip.temporal_patch_size)
+    x = patches.reshape(t, h // m, w // m, m, m, 3, tp, p, p)[0, :, :, :, :, :, 0]
+    return x.permute(4, 0, 2, 5, 1, 3, 6).reshape(3, h * p, w * p)
+
+
+def frames_per_image(family, inputs, images, processor):
+    """Per batch row, per image: the list of its processed frames [3, H, W] in processor order."""
+    pv = inputs["pixel_values"]
+    out, flat = [], 0
+    for row, row_images in enumerate(images):
+        per_row, inner = [], 0
+        for _ in row_images:
+            if family == "internvl":
+                n = int(inputs["_tiles"][flat])
+                per_row.append(list(pv[inputs["_first"][flat]: inputs["_first"][flat] + n]))
+            elif family in ("smolvlm", "idefics3"):
+                n = int(inputs["_tiles"][flat])
+                per_row.append(list(pv[row][inner: inner + n]))
+                inner += n
+            elif family == "llava_onevision":
+                per_row.append(list(pv[flat]))
+            elif family in ("paligemma", "mistral3"):
+                per_row.append([pv[flat]])
+            else:
+                thw = inputs["image_grid_thw"]
+                start = int(thw[:flat].prod(dim=1).sum())
+                per_row.append([qwen_frame(pv[start: start + int(thw[flat].prod())], thw[flat],
+                                           processor.image_processor)])
+            flat += 1
+        out.append(per_row)
+    return out
+
+
+def anyres_canvas(frames, image, processor):
+    """OneVision: the anyres tiles (frames 1..) put back together into the padded canvas they were cut from."""
+    ip = processor.image_processor
+    best_h, best_w = select_best_resolution((image.height, image.width), ip.image_grid_pinpoints)
+    tile = frames[0].shape[-1]
+    cols = best_w // tile
+    canvas = torch.zeros(3, best_h, best_w)
+    for i, frame in enumerate(frames[1: 1 + (best_h // tile) * cols]):
+        r, c = divmod(i, cols)
+        canvas[:, r * tile:(r + 1) * tile, c * tile:(c + 1) * tile] = frame
+    return canvas, cols, tile
+
+
+def check_grid(grid: TokenGrid, frames, image, box, processor, anyres: bool):
+    """Every token with a patch: red over half its pixels -> in the region; no red pixel -> outside it."""
+    region = grid.overlaps(box)
+    canvas = cols = tile = None
+    if anyres and len(frames) > 1:
+        canvas, cols, tile = anyres_canvas(frames, image, processor)
+        canvas_red = redness(canvas, processor)
+    reds = [redness(f, processor) for f in frames]
+    checked = 0
+    for k in range(len(grid)):
+        if grid.tile[k] < 0:
+            assert not region[k]
+            continue
+        x1, y1, x2, y2 = (int(round(v)) for v in grid.pixels[k])
+        if canvas is not None and grid.tile[k] > 0:
+            r, c = divmod(int(grid.tile[k]) - 1, cols)
+            red = canvas_red[y1 + r * tile: y2 + r * tile, x1 + c * tile: x2 + c * tile]
+        else:
+            red = reds[grid.tile[k]][y1:y2, x1:x2]
+        assert red.size > 0, f"token {k} has an empty patch"
+        if red.mean() > 0.5:
+            assert region[k], f"token {k} (tile {grid.tile[k]}) is red but outside the region"
+            checked += 1
+        if not red.any():
+            assert not region[k], f"token {k} (tile {grid.tile[k]}) has no red but is in the region"
+    assert checked > 0, "no token was fully red: the box or the geometry is off"
+    return region
+
+
+def encode(loaded, rows):
+    """Processor inputs for rows of images, with the tile count and first frame of each image where frames are flat."""
+    adapter = loaded.adapter
+    prompts = [adapter.prompt("what is in the image ?", n_images=len(r)) for r in rows]
+    inputs = adapter.encode(prompts, rows)
+    grids = adapter.row_grids(rows, inputs)
+    tiles = [int(g.tile.max()) + 1 for per_row in grids for g in per_row]
+    inputs["_tiles"] = tiles
+    inputs["_first"] = np.concatenate([[0], np.cumsum(tiles)[:-1]]).astype(int).tolist()
+    return inputs, grids
+
+
+@pytest.mark.parametrize("family", TILED + SINGLE)
+@pytest.mark.parametrize("size,box", SIZES, ids=[f"{s[0]}x{s[1]}" for s, _ in SIZES])
+def test_a_painted_box_lights_exactly_its_tokens(model_dirs, family, size, box):
+    loaded = load(model_dirs(family))
+    image = painted(*size, box)
+    inputs, grids = encode(loaded, [[image]])
+    frames = frames_per_image(family, inputs, [[image]], loaded.processor)[0][0]
+    region = check_grid(grids[0][0], frames, image, box, loaded.processor, anyres=family == "llava_onevision")
+    mask = loaded.adapter.region_mask([[image]], inputs, [box])
+    assert int(mask.sum()) == int(region.sum()) > 0
+
+
+@pytest.mark.parametrize("family", TILED + SINGLE)
+def test_several_images_per_prompt_and_rows_of_different_sizes(model_dirs, family):
+    loaded = load(model_dirs(family))
+    (s1, b1), (s2, b2), (s3, b3) = SIZES[0], SIZES[1], SIZES[3]
+    rows = [[painted(*s1, b1), painted(*s2, b2)], [painted(*s3, b3)]]
+    inputs, grids = encode(loaded, rows)
+    frames = frames_per_image(family, inputs, rows, loaded.processor)
+    anyres = family == "llava_onevision"
+    for (image, box), grid, fr in zip([(rows[0][0], b1), (rows[0][1], b2)], grids[0], frames[0], strict=True):
+        check_grid(grid, fr, image, box, loaded.processor, anyres)
+    check_grid(grids[1][0], frames[1][0], rows[1][0], b3, loaded.processor, anyres)
+    mask = loaded.adapter.region_mask(rows, inputs, [b1, b3])
+    image_tokens = inputs["input_ids"] == loaded.adapter.image_token_id
+    first = image_tokens.cumsum(dim=1) <= len(grids[0][0])
+    assert bool((mask[0] & ~first[0]).sum() == 0), "only the first image of a row holds the region"
+    assert int(mask[0].sum()) == int(grids[0][0].overlaps(b1).sum())
+    assert int(mask[1].sum()) == int(grids[1][0].overlaps(b3).sum())
+
+
+def test_internvl_with_up_to_nine_tiles(model_dirs):
+    loaded = load(model_dirs("internvl"))
+    image, box = painted(130, 60, SIZES[3][1]), SIZES[3][1]
+    loaded.processor.image_processor.max_patches = 9
+    inputs, grids = encode(loaded, [[image]])
+    assert int(grids[0][0].tile.max()) + 1 > 3, "a wide image gets several tiles and a thumbnail"
+    check_grid(grids[0][0], frames_per_image("internvl", inputs, [[image]], loaded.processor)[0][0], image, box,
+               loaded.processor, anyres=False)
+
+
+def test_onevision_anyres_max_downsamples_the_tiles(model_dirs):
+    loaded = load(model_dirs("llava_onevision"))
+    loaded.model.config.vision_aspect_ratio = loaded.processor.vision_aspect_ratio = "anyres_max_2"
+    image, box = painted(70, 30, SIZES[0][1]), SIZES[0][1]
+    inputs, grids = encode(loaded, [[image]])
+    grid = grids[0][0]
+    patch = loaded.model.config.vision_config.patch_size
+    tiles = grid.pixels[grid.tile > 0]
+    assert not np.allclose(tiles[:, 2] - tiles[:, 0], patch), "downsampled tokens cover more than one patch"
+    check_grid(grid, frames_per_image("llava_onevision", inputs, [[image]], loaded.processor)[0][0], image, box,
+               loaded.processor, anyres=True)
+
+
+def test_idefics3_without_splitting_is_one_squashed_frame(model_dirs):
+    loaded = load(model_dirs("idefics3"))
+    loaded.processor.image_processor.do_image_splitting = False
+    image, box = painted(70, 30, SIZES[0][1]), SIZES[0][1]
+    inputs, grids = encode(loaded, [[image]])
+    assert set(grids[0][0].tile.tolist()) == {0}
+    check_grid(grids[0][0], frames_per_image("idefics3", inputs, [[image]], loaded.processor)[0][0], image, box,
+               loaded.processor, anyres=False)
+
+
+@pytest.mark.parametrize("family", TILED + SINGLE)
+def test_tile_boxes_cover_the_original_image(model_dirs, family):
+    loaded = load(model_dirs(family))
+    image = Image.new("RGB", (70, 30))
+    _, grids = encode(loaded, [[image]])
+    boxes = grids[0][0].boxes[grids[0][0].tile >= 0]
+    assert boxes[:, 0].min() >= -1e-6 and boxes[:, 1].min() >= -1e-6
+    assert boxes[:, 2].max() <= 70 + 1e-6 and boxes[:, 3].max() <= 30 + 1e-6
+    covered = np.zeros((30, 70), dtype=bool)
+    for x1, y1, x2, y2 in boxes:
+        covered[int(np.floor(y1)):int(np.ceil(y2)), int(np.floor(x1)):int(np.ceil(x2))] = True
+    assert covered.all(), "every original pixel belongs to some token"
+
+
+def test_gemma3_pan_and_scan_is_refused_by_name(model_dirs):
+    loaded = load(model_dirs("gemma3"))
+    loaded.processor.image_processor.do_pan_and_scan = True
+    image = Image.new("RGB", (32, 32))
+    inputs = loaded.adapter.encode([loaded.adapter.prompt("what ?")], [[image]])
+    with pytest.raises(GeometryError, match="pan-and-scan"):
+        loaded.adapter.row_grids([[image]], inputs)

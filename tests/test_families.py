@@ -1,0 +1,93 @@
+"""Every supported family loads from a saved folder on a machine without torchvision, captures exactly, and runs."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from tiny_models import BUILDERS
+
+from vheads.models import load
+from vheads.models.processors import PixtralProcessor, needs_torchvision_free_route, processor_class_name
+
+FAMILIES = sorted(BUILDERS)
+PROCESSORS = {"llava": "LlavaProcessor", "vipllava": "LlavaProcessor", "llava_next": "LlavaNextProcessor",
+              "gemma3": "Gemma3Processor", "qwen2_vl": "Qwen2VLProcessor", "qwen2_5_vl": "Qwen2_5_VLProcessor",
+              "qwen3_vl": "Qwen3VLProcessor", "qwen3_5": "Qwen3VLProcessor", "glm4v": "Glm4vProcessor",
+              "internvl": "InternVLProcessor", "llava_onevision": "LlavaOnevisionProcessor",
+              "smolvlm": "SmolVLMProcessor", "idefics3": "Idefics3Processor", "paligemma": "PaliGemmaProcessor",
+              "mistral3": "PixtralProcessor"}
+
+
+def scene(width: int, height: int, seed: int) -> Image.Image:
+    """A random RGB image of the given size."""
+    rng = np.random.default_rng(seed)
+    return Image.fromarray(rng.integers(0, 255, (height, width, 3), dtype=np.uint8))
+
+
+@pytest.fixture(scope="module")
+def loaded(model_dirs):
+    """family -> the tiny model of that family loaded through `vheads.models.load` (sdpa), once per module."""
+    cache = {}
+
+    def get(family: str, attn: str = "sdpa"):
+        if (family, attn) not in cache:
+            cache[family, attn] = load(model_dirs(family), attn=attn)
+        return cache[family, attn]
+
+    return get
+
+
+def test_this_machine_has_no_torchvision():
+    assert needs_torchvision_free_route(), "the family tests are meant to prove loading without torchvision"
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_each_family_loads_with_its_own_processor_class(model_dirs, loaded, family):
+    folder = model_dirs(family)
+    assert processor_class_name(str(folder)) == PROCESSORS[family]
+    model = loaded(family)
+    assert type(model.processor).__name__ == PROCESSORS[family]
+    assert not hasattr(model.processor, "video_processor")
+    assert model.processor.tokenizer.padding_side == "left"
+    images = [[scene(40, 24, 0)], [scene(24, 60, 1)]]
+    prompts = [model.adapter.prompt(q) for q in ("what is in the image ?", "how many red circles are there ?")]
+    inputs = model.adapter.encode(prompts, images)
+    image_tokens = (inputs["input_ids"] == model.adapter.image_token_id).sum(1)
+    assert (image_tokens > 0).all()
+    with torch.no_grad():
+        logits = model.model(**inputs).logits
+    assert torch.isfinite(logits[:, -1]).all()
+
+
+def test_pixtral_processor_lays_out_rows_of_image_tokens(loaded):
+    mistral = loaded("mistral3")
+    processor = mistral.processor
+    assert isinstance(processor, PixtralProcessor)
+    inputs = processor(images=[scene(40, 24, 2)], text=["[IMG] what ?"], return_tensors="pt")
+    height, width = inputs["image_sizes"][0].tolist()
+    cell = processor.patch_size * processor.spatial_merge_size
+    rows, cols = height // cell, width // cell
+    tokens = processor.tokenizer.convert_ids_to_tokens(inputs["input_ids"][0].tolist())
+    layout = tokens[tokens.index("[IMG]"): tokens.index("[IMG_END]") + 1]
+    expected = ((["[IMG]"] * cols + ["[IMG_BREAK]"]) * rows)[:-1] + ["[IMG_END]"]
+    assert layout == expected and rows * cols > 1
+    assert height % cell == 0 and width % cell == 0
+
+
+def test_a_folder_naming_a_processor_transformers_cannot_build_is_one_clear_line(model_dirs, tmp_path):
+    import shutil
+
+    from vheads.models import ModelError
+
+    folder = tmp_path / "broken"
+    shutil.copytree(model_dirs("qwen2_vl"), folder)
+    config = json.loads((folder / "processor_config.json").read_text())
+    config["processor_class"] = "NoSuchProcessor"
+    (folder / "processor_config.json").write_text(json.dumps(config))
+    with pytest.raises(ModelError, match=r"qwen2_vl.*NoSuchProcessor") as error:
+        load(folder)
+    assert "\n" not in str(error.value)

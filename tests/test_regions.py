@@ -207,3 +207,18 @@ def test_gemma3_pan_and_scan_is_refused_by_name(model_dirs):
     loaded.processor.images_kwargs = {**type(loaded.processor).images_kwargs, "do_pan_and_scan": True}
     with pytest.raises(GeometryError, match="pan-and-scan"):
         loaded.adapter.row_grids([[image]], inputs)
+
+
+def test_a_run_whose_layout_cannot_be_mapped_says_so_once_in_its_summary(tmp_path, model_dirs, capsys):
+    from vheads.cli import print_summary
+    from vheads.models import Adapter, Loaded
+    from vheads.pipeline import RunConfig, run
+
+    known = load(model_dirs("llava"))
+    generic = Loaded(known.model, known.processor, Adapter(known.model, known.processor), known.name)
+    summary = run(RunConfig(limit=6, batch_size=2, store=str(tmp_path / "s.duckdb"), name="r"), loaded=generic)
+    assert summary.notes == ["no region figures: vheads does not know how LlavaForConditionalGeneration lays out "
+                             "image tokens"]
+    capsys.readouterr()
+    print_summary(summary)
+    assert capsys.readouterr().out.count("no region figures") == 1

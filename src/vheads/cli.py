@@ -186,6 +186,8 @@ def print_summary(summary: Any) -> None:
         console.print("  by question type: " + ", ".join(f"{k} {v:.3f}" for k, v in sorted(summary.by_type.items())))
     if "pope" in summary.extra:
         console.print("  POPE: " + ", ".join(f"{k} {v:.3f}" for k, v in summary.extra["pope"].items()))
+    for note in summary.notes:
+        console.print(f"  {note}", style="yellow", markup=False, highlight=False)
     skipped = sum(summary.skipped.values())
     if skipped:
         console.print(f"  skipped {skipped}: " + ", ".join(f"{n} {why}" for why, n in summary.skipped.items()))

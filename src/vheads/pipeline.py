@@ -89,6 +89,7 @@ class RunSummary:
     status: str
     seconds: float
     extra: dict[str, Any] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
 
 
 def parse_heads(text: str | None) -> list[tuple[int, int]]:
@@ -186,7 +187,7 @@ class Runner:
     def __init__(self, loaded: Loaded, config: RunConfig):
         self.loaded = loaded
         self.config = config
-        self.geometry_warned = False
+        self.no_regions: str | None = None
 
     def prepare(self, samples: Sequence[Sample]) -> tuple[list[Sample], list[Any], list[tuple[Sample, str]]]:
         """Load each sample's image; the ones that fail are returned with the reason."""
@@ -209,9 +210,9 @@ class Runner:
         try:
             return self.loaded.adapter.region_mask(images, inputs, boxes)
         except GeometryError as exc:
-            if not self.geometry_warned:
-                log.warning("no region figures: %s", exc)
-                self.geometry_warned = True
+            if self.no_regions is None:
+                self.no_regions = f"no region figures: {exc}"
+                log.warning("%s", self.no_regions)
             return None
 
     def run_batch(self, samples: Sequence[Sample], images: Sequence[Any]) -> tuple[list[str], Any, np.ndarray]:
@@ -328,6 +329,8 @@ def run(config: RunConfig, loaded: Loaded | None = None, dataset: Dataset | None
             store.finish_run(handle, status="failed", skipped=_skips(dataset, runtime_skips))
             raise
         summary = _summarize(store, handle, store_path, dataset, runtime_skips, time.time() - began)
+        if runner.no_regions:
+            summary.notes.append(runner.no_regions)
         store.finish_run(handle, status="done", accuracy=summary.accuracy, skipped=summary.skipped)
     return summary
 

@@ -6,15 +6,31 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image, ImageDraw
+from tiny_regions import REGION_BUILDERS
 from transformers.image_processing_utils import select_best_resolution
 
 from vheads.models import load
 from vheads.models.geometry import GeometryError, TokenGrid
 
 TILED = ("internvl", "llava_onevision", "smolvlm", "idefics3")
-SINGLE = ("paligemma", "mistral3", "qwen2_vl", "qwen2_5_vl", "qwen3_vl", "glm4v")
+SINGLE = ("paligemma", "mistral3", "llava_pixtral", "qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_5", "glm4v")
 SIZES = [((70, 30), (40, 4, 66, 20)), ((30, 90), (2, 50, 20, 88)), ((48, 48), (10, 10, 30, 34)),
          ((130, 60), (5, 30, 60, 58))]
+
+
+@pytest.fixture(scope="module")
+def folders(model_dirs, tmp_path_factory):
+    """family -> tiny model folder: the family builders, and the extra region-test models of `tiny_regions`."""
+    built = {}
+
+    def get(family):
+        if family not in REGION_BUILDERS:
+            return model_dirs(family)
+        if family not in built:
+            built[family] = REGION_BUILDERS[family](tmp_path_factory.mktemp(family))
+        return built[family]
+
+    return get
 
 
 def painted(width, height, box):
@@ -57,7 +73,7 @@ def frames_per_image(family, inputs, images, processor):
                 inner += n
             elif family == "llava_onevision":
                 per_row.append(list(pv[flat]))
-            elif family in ("paligemma", "mistral3"):
+            elif family in ("paligemma", "mistral3", "llava_pixtral"):
                 per_row.append([pv[flat]])
             else:
                 thw = inputs["image_grid_thw"]
@@ -125,8 +141,8 @@ def encode(loaded, rows):
 
 @pytest.mark.parametrize("family", TILED + SINGLE)
 @pytest.mark.parametrize("size,box", SIZES, ids=[f"{s[0]}x{s[1]}" for s, _ in SIZES])
-def test_a_painted_box_lights_exactly_its_tokens(model_dirs, family, size, box):
-    loaded = load(model_dirs(family))
+def test_a_painted_box_lights_exactly_its_tokens(folders, family, size, box):
+    loaded = load(folders(family))
     image = painted(*size, box)
     inputs, grids = encode(loaded, [[image]])
     frames = frames_per_image(family, inputs, [[image]], loaded.processor)[0][0]
@@ -136,8 +152,8 @@ def test_a_painted_box_lights_exactly_its_tokens(model_dirs, family, size, box):
 
 
 @pytest.mark.parametrize("family", TILED + SINGLE)
-def test_several_images_per_prompt_and_rows_of_different_sizes(model_dirs, family):
-    loaded = load(model_dirs(family))
+def test_several_images_per_prompt_and_rows_of_different_sizes(folders, family):
+    loaded = load(folders(family))
     (s1, b1), (s2, b2), (s3, b3) = ((70, 30), (30, 0, 70, 30)), ((30, 90), (0, 40, 30, 90)), SIZES[3]
     rows = [[painted(*s1, b1), painted(*s2, b2)], [painted(*s3, b3)]]
     inputs, grids = encode(loaded, rows)
@@ -188,8 +204,8 @@ def test_idefics3_without_splitting_is_one_squashed_frame(model_dirs):
 
 
 @pytest.mark.parametrize("family", TILED + SINGLE)
-def test_tile_boxes_cover_the_original_image(model_dirs, family):
-    loaded = load(model_dirs(family))
+def test_tile_boxes_cover_the_original_image(folders, family):
+    loaded = load(folders(family))
     image = Image.new("RGB", (70, 30))
     _, grids = encode(loaded, [[image]])
     boxes = grids[0][0].boxes[grids[0][0].tile >= 0]
@@ -222,3 +238,11 @@ def test_a_run_whose_layout_cannot_be_mapped_says_so_once_in_its_summary(tmp_pat
     capsys.readouterr()
     print_summary(summary)
     assert capsys.readouterr().out.count("no region figures") == 1
+
+
+@pytest.mark.parametrize("family,adapter", [("internvl", "internvl"), ("llava_onevision", "llava_onevision"),
+                                            ("smolvlm", "smolvlm"), ("idefics3", "idefics3"),
+                                            ("paligemma", "paligemma"), ("mistral3", "mistral3"),
+                                            ("llava_pixtral", "pixtral")])
+def test_each_layout_has_its_adapter(folders, family, adapter):
+    assert load(folders(family)).family == adapter

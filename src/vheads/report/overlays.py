@@ -1,7 +1,8 @@
 """Attention drawn back onto the image: each image token's attention spread over its patch in original pixels.
 
-A token's patch box comes from the family's `TokenGrid` (LLaVA-1.5: one grid; LLaVA-NeXT: the base grid and
-the anyres tiles, which cover the same picture at finer scale, so their densities add up). The picture is
+A token's patch box comes from the family's `TokenGrid` (LLaVA-1.5: one grid; LLaVA-NeXT / OneVision: the base
+grid and the anyres tiles; InternVL: tiles and a thumbnail; Idefics3 / SmolVLM: crops and the global image; the
+whole-image frame and the tiles cover the same picture at different scales, so their densities add up). The picture is
 attention mass per pixel relative to an even spread over the image, on a log scale: transparent where a pixel
 gets no more than its even share, brightest at `FOCUS_TOP` times it or more. A head that looks everywhere leaves
 the image clear; a head that looks at one patch lights it up.

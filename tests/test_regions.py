@@ -247,3 +247,41 @@ def test_a_run_whose_layout_cannot_be_mapped_says_so_once_in_its_summary(tmp_pat
                                             ("llava_pixtral", "pixtral")])
 def test_each_layout_has_its_adapter(folders, family, adapter):
     assert load(folders(family)).family == adapter
+
+
+HUB_SIZES = [(640, 480), (1000, 3), (3, 700), (448, 448), (2950, 610), (777, 1999), (1201, 1200), (90, 2600)]
+
+
+def test_token_counts_match_the_processors_at_hub_settings():
+    """Pure geometry against the processors' own counts, with the sizes of the released checkpoints."""
+    from tiny_models import word_tokenizer
+    from transformers import (
+        GotOcr2ImageProcessorPil,
+        Idefics3ImageProcessorPil,
+        LlavaOnevisionImageProcessorPil,
+        LlavaOnevisionProcessor,
+        PixtralImageProcessorPil,
+    )
+
+    from vheads.models.geometry import pixtral_grid
+    from vheads.models.processors import image_only
+    from vheads.models.tiles import idefics3_grid, internvl_grid, llava_next_grid
+
+    internvl = GotOcr2ImageProcessorPil(size={"height": 448, "width": 448}, crop_to_patches=True, max_patches=12)
+    pins = [[384 * i, 384 * j] for i in range(1, 7) for j in range(1, 7)]
+    onevision = image_only(LlavaOnevisionProcessor)(
+        image_processor=LlavaOnevisionImageProcessorPil(size={"height": 384, "width": 384}, image_grid_pinpoints=pins),
+        tokenizer=word_tokenizer(("<image>", "<video>")), num_image_tokens=729, vision_aspect_ratio="anyres_max_9",
+        vision_feature_select_strategy="full")
+    idefics = Idefics3ImageProcessorPil(size={"longest_edge": 1456}, max_image_size={"longest_edge": 364})
+    pixtral = PixtralImageProcessorPil(size={"longest_edge": 1540}, patch_size=28)
+    for w, h in HUB_SIZES:
+        assert len(internvl_grid(w, h, 448, 448, 256, True, 1, 12)) == 256 * internvl.get_number_of_image_patches(h, w)
+        grid = llava_next_grid(w, h, onevision.image_processor, pins, 384, 14, cls_token=False, newline=True,
+                               max_tiles=9)
+        assert len(grid) == onevision._get_number_of_features(h, w, 384, 384), (w, h)
+        split = idefics(images=[[Image.new("RGB", (w, h))]], return_row_col_info=True)
+        rows, cols = split["rows"][0][0], split["cols"][0][0]
+        assert len(idefics3_grid(w, h, idefics.size, True, 364, True, 169)) == 169 * (rows * cols + 1 if rows else 1)
+        resized = pixtral(images=[[Image.new("RGB", (w, h))]], patch_size=28)["image_sizes"][0]
+        assert len(pixtral_grid(w, h, *resized, 28)) == (resized[0] // 28) * (resized[1] // 28)

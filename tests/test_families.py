@@ -91,3 +91,48 @@ def test_a_folder_naming_a_processor_transformers_cannot_build_is_one_clear_line
     with pytest.raises(ModelError, match=r"qwen2_vl.*NoSuchProcessor") as error:
         load(folder)
     assert "\n" not in str(error.value)
+
+
+def eager_attention_rows(eager, inputs, layers: list[int], total: int) -> np.ndarray:
+    """The last query row of eager `output_attentions=True`, [batch, total layers, heads, keys]; NaN rows for the
+    layers without softmax attention (eager returns weights for the attention layers only)."""
+    with torch.no_grad():
+        attentions = [a for a in eager.model(**inputs, output_attentions=True).attentions if a is not None]
+    assert len(attentions) == len(layers)
+    first = attentions[0]
+    rows = np.full((first.shape[0], total, first.shape[1], first.shape[-1]), np.nan, dtype=np.float32)
+    for layer, a in zip(layers, attentions, strict=True):
+        rows[:, layer] = a[:, :, -1].float().numpy()
+    return rows
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_figures_match_eager_on_a_left_padded_batch(loaded, family):
+    from test_capture import assert_figures_close, reference_figures
+
+    from vheads.capture import HeadRecorder, attention_layer_indices
+
+    fast, eager = loaded(family), loaded(family, "eager")
+    images = [[scene(40, 24, 3)], [scene(24, 60, 4)]]
+    prompts = [fast.adapter.prompt(q) for q in ("how many red circles are there ?", "what ?")]
+    inputs = fast.adapter.encode(prompts, images)
+    assert inputs["attention_mask"].min() == 0, "the batch must be left-padded"
+    image = inputs["input_ids"] == fast.adapter.image_token_id
+    region = image & (image.cumsum(dim=1) % 3 == 1)
+    region[1] = False
+    with torch.no_grad(), HeadRecorder(fast.model, region_mask=region) as rec:
+        fast.model(**inputs)
+    figures = rec.result()
+    text = fast.model.config.get_text_config()
+    layers = attention_layer_indices(fast.model)
+    rows = eager_attention_rows(eager, inputs, layers, int(text.num_hidden_layers))
+    expected = reference_figures(rows, inputs["input_ids"], inputs["attention_mask"], fast.adapter.image_token_id,
+                                 region)
+    expected["region_weight"][1] = np.nan
+    concentration = expected.pop("concentration")
+    assert_figures_close(figures, expected, atol=1e-4)
+    np.testing.assert_allclose(figures.concentration, concentration, atol=1e-3, equal_nan=True)
+    assert np.nanmax(figures.concentration) > 0.2, "test models must have peaked attention"
+    total = figures.visual_weight + figures.text_weight + figures.sink_weight
+    np.testing.assert_allclose(total[:, layers], 1.0, atol=1e-5)
+    assert np.isnan(np.delete(total, layers, axis=1)).all()

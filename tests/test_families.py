@@ -136,3 +136,59 @@ def test_figures_match_eager_on_a_left_padded_batch(loaded, family):
     total = figures.visual_weight + figures.text_weight + figures.sink_weight
     np.testing.assert_allclose(total[:, layers], 1.0, atol=1e-5)
     assert np.isnan(np.delete(total, layers, axis=1)).all()
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_vheads_run_on_a_saved_folder_end_to_end(model_dirs, tmp_path, family):
+    from typer.testing import CliRunner
+
+    from vheads.cli import app
+    from vheads.store import Store
+
+    store = str(tmp_path / "s.duckdb")
+    result = CliRunner().invoke(app, ["run", "--model", str(model_dirs(family)), "--dataset", "shapes", "--limit", "3",
+                                      "--batch-size", "2", "--max-new-tokens", "2", "--store", store, "--name", family])
+    assert result.exit_code == 0, result.output
+    with Store(store, read_only=True) as db:
+        info = db.run(family)
+        samples = db.query("SELECT image_tokens FROM samples")
+        stats = db.query("SELECT layer, count(visual_weight) AS measured, count(*) AS n FROM head_stats GROUP BY 1")
+    assert info["status"] == "done" and info["family"] and len(samples) == 3
+    assert (samples["image_tokens"] > 0).all()
+    attention = info["config"]["attention_layers"]
+    measured = stats.set_index("layer")["measured"]
+    assert sorted(measured[measured > 0].index) == attention
+
+
+def test_hybrid_layers_are_recorded_and_kept_out_of_ranking_selectors_and_ablation(model_dirs, loaded, tmp_path):
+    from vheads.analysis.heads import head_table, weights_array
+    from vheads.analysis.selectors import resolve_heads, run_option_heads
+    from vheads.capture import ablate, attention_layer_indices, config_attention_layers
+    from vheads.pipeline import RunConfig, run
+    from vheads.store import Store
+
+    hybrid = loaded("qwen3_5")
+    attention = attention_layer_indices(hybrid.model)
+    assert attention == [2, 4] == config_attention_layers(hybrid.model.config.get_text_config())
+    store = str(tmp_path / "s.duckdb")
+    run(RunConfig(model=hybrid.name, limit=4, batch_size=2, max_new_tokens=2, store=store, name="h"), loaded=hybrid)
+    with Store(store, read_only=True) as db:
+        assert db.run("h")["config"]["attention_layers"] == attention
+        w, _ = weights_array(db, "h")
+        table = head_table(db, "h")
+        random = resolve_heads("random:6:1", db, "h")
+        stage = resolve_heads("stage:late", db, "h")
+        top = resolve_heads("top:8", db, "h")
+        late = resolve_heads("late:2", db, "h")
+    assert np.isnan(w[:, [0, 1, 3]]).all() and np.isfinite(w[:, attention]).all()
+    assert sorted(set(table["layer"])) == attention and len(table) == 2 * 4
+    assert table.attrs["attention_layers"] == attention
+    for heads in (random, stage, top, late):
+        assert heads and {layer for layer, _ in heads} <= set(attention)
+    assert len(random) == 6 and len(top) == 8
+    model_random = run_option_heads("random:8", None, store, str(model_dirs("qwen3_5")))
+    assert sorted(model_random) == [(layer, head) for layer in attention for head in range(4)]
+    with pytest.raises(ValueError, match="no softmax attention"), ablate(hybrid.model, [(0, 1)]):
+        pass
+    with pytest.raises(ValueError, match="without softmax attention"):
+        run(RunConfig(model=hybrid.name, limit=2, ablate=[(1, 0)], store=store, name="bad"), loaded=hybrid)

@@ -91,7 +91,7 @@ def test_a_folder_naming_a_processor_transformers_cannot_build_is_one_clear_line
     config = json.loads((folder / "processor_config.json").read_text())
     config["processor_class"] = "NoSuchProcessor"
     (folder / "processor_config.json").write_text(json.dumps(config))
-    with pytest.raises(ModelError, match=r"qwen2_vl.*NoSuchProcessor") as error:
+    with pytest.raises(ModelError, match=r"\(qwen2_vl\).*NoSuchProcessor") as error:
         load(folder)
     assert "\n" not in str(error.value)
 

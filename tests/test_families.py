@@ -195,3 +195,34 @@ def test_hybrid_layers_are_recorded_and_kept_out_of_ranking_selectors_and_ablati
         pass
     with pytest.raises(ValueError, match="without softmax attention"):
         run(RunConfig(model=hybrid.name, limit=2, ablate=[(1, 0)], store=store, name="bad"), loaded=hybrid)
+
+
+def test_hybrid_generated_readout_matches_eager_on_the_full_sequence(loaded):
+    from test_capture import assert_figures_close, reference_figures
+
+    from vheads.capture import HeadRecorder, attention_layer_indices
+
+    fast, eager = loaded("qwen3_5"), loaded("qwen3_5", "eager")
+    images = [[scene(40, 24, 5)], [scene(24, 60, 6)]]
+    prompts = [fast.adapter.prompt(q) for q in ("how many red circles are there ?", "what ?")]
+    inputs = fast.adapter.encode(prompts, images)
+    prompt_len = inputs["input_ids"].shape[1]
+    with torch.no_grad(), HeadRecorder(fast.model, readout="generated", eos_token_ids=[]) as rec:
+        out = fast.model.generate(**inputs, max_new_tokens=3, min_new_tokens=3, do_sample=False)
+    figures = rec.result()
+    assert list(figures.readout_steps) == [3, 3]
+    mask = torch.cat([inputs["attention_mask"], torch.ones_like(out[:, prompt_len:])], dim=1)
+    full = {**inputs, "input_ids": out, "attention_mask": mask}
+    if "mm_token_type_ids" in inputs:
+        full["mm_token_type_ids"] = torch.nn.functional.pad(inputs["mm_token_type_ids"], (0, out.shape[1] - prompt_len))
+    layers = attention_layer_indices(fast.model)
+    with torch.no_grad():
+        attentions = eager.model(**full, output_attentions=True).attentions
+    steps = []
+    for position in range(prompt_len - 1, prompt_len + 2):
+        rows = np.full((2, 5, 4, out.shape[1]), np.nan, dtype=np.float32)
+        for layer, a in zip(layers, attentions, strict=True):
+            rows[:, layer] = a[:, :, position].float().numpy()
+        steps.append(reference_figures(rows, out, mask, fast.adapter.image_token_id, prompt_len=prompt_len))
+    expected = {k: np.mean([s[k] for s in steps], axis=0) for k in steps[0]}
+    assert_figures_close(figures, expected)

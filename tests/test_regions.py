@@ -13,7 +13,7 @@ from vheads.models import load
 from vheads.models.geometry import GeometryError, TokenGrid
 
 TILED = ("internvl", "llava_onevision", "smolvlm", "idefics3")
-SINGLE = ("paligemma", "mistral3", "llava_pixtral", "qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_5", "glm4v")
+SINGLE = ("paligemma", "gemma3", "mistral3", "llava_pixtral", "qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_5", "glm4v")
 SIZES = [((70, 30), (40, 4, 66, 20)), ((30, 90), (2, 50, 20, 88)), ((48, 48), (10, 10, 30, 34)),
          ((130, 60), (5, 30, 60, 58))]
 
@@ -73,7 +73,7 @@ def frames_per_image(family, inputs, images, processor):
                 inner += n
             elif family == "llava_onevision":
                 per_row.append(list(pv[flat]))
-            elif family in ("paligemma", "mistral3", "llava_pixtral"):
+            elif family in ("paligemma", "gemma3", "mistral3", "llava_pixtral"):
                 per_row.append([pv[flat]])
             else:
                 thw = inputs["image_grid_thw"]

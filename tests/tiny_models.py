@@ -64,7 +64,7 @@ def sharpen(model: torch.nn.Module, factor: float = 20.0) -> None:
     """Scale the language model's q/k projections (and q/k norms, where the family has them) so attention is peaked."""
     with torch.no_grad():
         for name, param in model.named_parameters():
-            if "language_model" not in name:
+            if "language_model" not in name and "text_model" not in name:
                 continue
             if "q_proj" in name or "k_proj" in name:
                 param.mul_(factor)

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from vheads.capture import HeadRecorder, ablate
+from vheads.capture import HeadRecorder, ablate, attention_layer_indices
 from vheads.data import BadSample, Dataset, Sample, load_dataset, score
 from vheads.models import GeometryError, Loaded, load
 from vheads.store import RunHandle, Store, StoreError, shard_path
@@ -118,11 +118,21 @@ def parse_shard(text: str | None) -> tuple[int, int] | None:
     return k, n
 
 
-def check_heads(heads: Sequence[tuple[int, int]], layers: int, per_layer: int) -> None:
-    """Raise ValueError naming the `--ablate` heads that the model does not have."""
+DERIVED_SETTINGS = ("attention_layers",)  # run settings read off the model, not chosen by the user
+
+
+def check_heads(heads: Sequence[tuple[int, int]], layers: int, per_layer: int,
+                attention_layers: Sequence[int] | None = None) -> None:
+    """Raise ValueError naming the `--ablate` heads that the model does not have (or that sit in a layer
+    without softmax attention)."""
     bad = [f"{layer}.{head}" for layer, head in heads if not (0 <= layer < layers and 0 <= head < per_layer)]
     if bad:
         raise ValueError(f"--ablate: heads {', '.join(bad)} do not exist ({layers} layers x {per_layer} heads)")
+    linear = [f"{layer}.{head}" for layer, head in heads
+              if attention_layers is not None and layer not in attention_layers]
+    if linear:
+        raise ValueError(f"--ablate: heads {', '.join(linear)} are in layers without softmax attention "
+                         f"(attention layers: {', '.join(map(str, attention_layers))})")
 
 
 def shard_samples(samples: Sequence[Sample], shard: tuple[int, int] | None) -> list[Sample]:
@@ -285,12 +295,14 @@ def run(config: RunConfig, loaded: Loaded | None = None, dataset: Dataset | None
         loaded = loaded if loaded is not None else config.load_model()
         text = loaded.model.config.get_text_config()
         layers, heads = int(text.num_hidden_layers), int(text.num_attention_heads)
-        check_heads(config.ablate, layers, heads)
+        attention_layers = attention_layer_indices(loaded.model)
+        check_heads(config.ablate, layers, heads, attention_layers)
         samples = shard_samples(dataset.samples, config.shard)
         began = time.time()
         runtime_skips: Counter[str] = Counter()
         name = config.name or default_name(store, config, loaded.name, dataset.split)
         settings = {k: v for k, v in asdict(config).items() if k not in ("store", "name", "resume", "tags")}
+        settings["attention_layers"] = attention_layers  # derived from the model, see DERIVED_SETTINGS
         handle = store.start_run(
             name, model=loaded.name, family=loaded.family, dataset=dataset.name, split=dataset.split or "",
             layers=layers, heads=heads, readout=config.readout,

@@ -22,7 +22,7 @@ from typing import Any
 import pandas as pd
 
 from vheads.models import Loaded
-from vheads.pipeline import Interrupted, RunConfig, base_name, run
+from vheads.pipeline import DERIVED_SETTINGS, Interrupted, RunConfig, base_name, run
 from vheads.store import MergeSummary, Store, StoreError, merge
 
 log = logging.getLogger("vheads.sweep")
@@ -156,7 +156,8 @@ def finished(config: RunConfig) -> TaskResult | None:
             info = store.run(config.name)
     except StoreError:
         return None
-    if info["status"] != "done" or info["config"] != _settings(config):
+    stored = {k: v for k, v in (info["config"] or {}).items() if k not in DERIVED_SETTINGS}
+    if info["status"] != "done" or stored != _settings(config):
         return None
     accuracy = info.get("accuracy")
     return TaskResult("done", int(info.get("n_samples") or 0), None if pd.isna(accuracy) else float(accuracy))

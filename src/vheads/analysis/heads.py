@@ -33,7 +33,11 @@ def weights_array(store: Store, run: str | int, figure: str = "visual_weight",
 
 def head_table(store: Store, run: str | int, k: int | None = None, threshold: float = 0.5,
                where: str | None = None) -> pd.DataFrame:
-    """The ranking of DESIGN.md: score (share of samples with the head in the top K by W), then mean W."""
+    """The ranking of DESIGN.md: score (share of samples with the head in the top K by W), then mean W.
+
+    Heads never measured in any sample (the layers of a hybrid decoder without softmax attention) are left out;
+    `attrs["attention_layers"]` lists the layers that were measured.
+    """
     w, _ = weights_array(store, run, "visual_weight", where)
     c, _ = weights_array(store, run, "concentration", where)
     rw, _ = weights_array(store, run, "region_weight", where)
@@ -42,14 +46,17 @@ def head_table(store: Store, run: str | int, k: int | None = None, threshold: fl
     mean_w, mean_c = metrics.nanmean(w), metrics.nanmean(c)
     share = metrics.nanmean(metrics.region_share(rw, w))
     flags = metrics.visual_head_flags(scores, threshold)
+    measured = np.isfinite(w).any(axis=0) if w.shape[0] else np.ones((layers, heads), dtype=bool)
     rows = []
-    for rank, (layer, head) in enumerate(metrics.rank_heads(scores, mean_w), start=1):
+    ranked = [(layer, head) for layer, head in metrics.rank_heads(scores, mean_w) if measured[layer, head]]
+    for rank, (layer, head) in enumerate(ranked, start=1):
         rows.append({"rank": rank, "layer": layer, "head": head, "score": float(scores[layer, head]),
                      "mean_w": float(mean_w[layer, head]), "mean_c": float(mean_c[layer, head]),
                      "mean_region_share": float(share[layer, head]), "stage": metrics.stage_of(layer, layers),
                      "visual": bool(flags[layer, head])})
     table = pd.DataFrame(rows, columns=HEAD_COLUMNS)
-    table.attrs.update(layers=layers, heads=heads, k=k or metrics.default_top_k(layers, heads), samples=w.shape[0])
+    table.attrs.update(layers=layers, heads=heads, k=k or metrics.default_top_k(layers, heads), samples=w.shape[0],
+                       attention_layers=[int(i) for i in np.flatnonzero(measured.any(axis=1))])
     return table
 
 

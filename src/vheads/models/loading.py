@@ -108,8 +108,9 @@ def load(model: str | Path | None = None, dtype: str | torch.dtype = "auto", dev
 
 
 def load_any_processor(ref: str, trust_remote_code: bool = False) -> object:
-    """The model's processor: `AutoProcessor` where torchvision works (or remote code is asked for), else the
-    family's processor class over its image processor and tokenizer, without the video part."""
+    """The model's processor: `AutoProcessor` where torchvision is installed (or remote code is asked for); where
+    it is missing, or `AutoProcessor` fails, the family's processor class over its image processor and tokenizer,
+    without the video part."""
     try:
         family = str(getattr(AutoConfig.from_pretrained(ref, trust_remote_code=trust_remote_code), "model_type", ""))
     except Exception as exc:  # noqa: BLE001 - every loader failure becomes one clear line
@@ -118,15 +119,13 @@ def load_any_processor(ref: str, trust_remote_code: bool = False) -> object:
     if trust_remote_code or not needs_torchvision_free_route():
         try:
             return AutoProcessor.from_pretrained(ref, trust_remote_code=trust_remote_code)
-        except Exception as exc:  # noqa: BLE001
-            if not needs_torchvision_free_route():
-                raise ModelError(f"cannot load a processor for {ref} ({family}): {_first_line(exc)}") from exc
+        except Exception as exc:  # noqa: BLE001 - e.g. a torchvision that is installed but does not load
             first = exc
     try:
         return load_processor(ref, family or "unknown family")
     except Exception as exc:  # noqa: BLE001
-        detail = _first_line(exc) if first is None else f"{_first_line(first)}; {_first_line(exc)}"
-        raise ModelError(f"cannot load a processor for {ref} ({family}) without torchvision: {detail}") from exc
+        detail = _first_line(exc) if first is None else f"{_first_line(first)}; without torchvision: {_first_line(exc)}"
+        raise ModelError(f"cannot load a processor for {ref} ({family}): {detail}") from exc
 
 
 def _first_line(exc: BaseException) -> str:

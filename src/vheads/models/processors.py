@@ -113,11 +113,11 @@ def load_processor(ref: str, family: str, **hub: object) -> ProcessorMixin:
     """The processor of `ref` built without torchvision (image processor and tokenizer only)."""
     name = processor_class_name(ref, **hub)
     if name is None:
-        raise ProcessorError(f"{family}: no processor class named in {ref} and none known for its model type")
+        raise ProcessorError(f"no processor class named in {ref} and none known for model type {family}")
     if name in OWN:
         return OWN[name].from_pretrained(ref, **hub)
     cls = processor_class_from_name(name)
     if cls is None or not isinstance(cls, type) or not issubclass(cls, ProcessorMixin):
-        raise ProcessorError(f"{family}: transformers has no usable processor class {name} on this machine")
+        raise ProcessorError(f"transformers has no processor class {name} usable without torchvision ({family})")
     images_only = image_only(cls)
     return images_only.from_pretrained(ref, **dict.fromkeys(getattr(images_only, "left_out", ())), **hub)

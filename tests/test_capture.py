@@ -36,7 +36,8 @@ def reference_figures(attn_rows: np.ndarray, input_ids, attention_mask, image_id
                       prompt_len: int | None = None):
     """Figures from full attention rows [batch, layers, heads, keys], written out plainly in numpy.
 
-    Text is the prompt's tokens (positions before `prompt_len`) that are neither image nor the first token."""
+    The sink is the first real token that is not an image token (BOS; PaliGemma's BOS comes after the image);
+    text is the prompt's tokens (positions before `prompt_len`) that are neither image nor sink."""
     b, layers, heads, keys = attn_rows.shape
     out = {k: np.full((b, layers, heads), np.nan) for k in
            ("visual_weight", "concentration", "region_weight", "text_weight", "sink_weight")}
@@ -47,7 +48,7 @@ def reference_figures(attn_rows: np.ndarray, input_ids, attention_mask, image_id
         ids[: input_ids.shape[1]] = input_ids[i].numpy()
         image = (ids == image_id) & real
         sink = np.zeros(keys, dtype=bool)
-        sink[np.argmax(real)] = True
+        sink[np.argmax(real & ~image)] = True
         text = real & ~image & ~sink
         text[prompt_len or keys:] = False
         for layer in range(layers):

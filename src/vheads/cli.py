@@ -228,6 +228,8 @@ def print_summary(summary: Any) -> None:
     if summary.long_prompts:
         say(f"  {summary.long_prompts} prompt(s) longer than the model's {summary.max_positions} positions "
             "(processed; marked over_max_positions in samples.meta)")
+    for note in summary.notes:
+        say(f"  {note}")
     skipped = sum(summary.skipped.values())
     if skipped:
         say(f"  skipped {skipped}: " + ", ".join(f"{n} {why}" for why, n in summary.skipped.items())

@@ -17,7 +17,7 @@ import torch
 
 from vheads import metrics
 from vheads import settings as run_settings
-from vheads.capture import HeadRecorder, ablate
+from vheads.capture import HeadRecorder, ablate, attention_layer_indices
 from vheads.data import BadSample, Dataset, Sample, load_dataset, score
 from vheads.data.images import DEFAULT_MAX_PIXELS
 from vheads.data.skips import SkipLog
@@ -104,6 +104,7 @@ class RunSummary:
     extra: dict[str, Any] = field(default_factory=dict)
     long_prompts: int = 0
     max_positions: int | None = None
+    notes: list[str] = field(default_factory=list)
 
 
 def check_config(config: RunConfig) -> None:
@@ -130,7 +131,8 @@ def prepared(config: RunConfig, store: Store) -> RunConfig:
             if clash:
                 raise StoreError(f"cannot resume run {row['name']}: {'; '.join(clash)}; drop the option to continue "
                                  "it, or start a new --name")
-            keep = [n for n in stored if n not in run_settings.EXECUTION and n not in run_settings.NOT_STORED]
+            skip = run_settings.EXECUTION + run_settings.NOT_STORED + run_settings.DERIVED
+            keep = [n for n in stored if n not in skip]
             config = replace(run_settings.inherit(config, stored, keep), name=row["name"])
     config = run_settings.with_preset(config)
     check_config(config)
@@ -173,11 +175,20 @@ def parse_shard(text: str | None) -> tuple[int, int] | None:
     return k, n
 
 
-def check_heads(heads: Sequence[tuple[int, int]], layers: int, per_layer: int) -> None:
-    """Raise ValueError naming the `--ablate` heads that the model does not have."""
+
+
+def check_heads(heads: Sequence[tuple[int, int]], layers: int, per_layer: int,
+                attention_layers: Sequence[int] | None = None) -> None:
+    """Raise ValueError naming the `--ablate` heads that the model does not have (or that sit in a layer
+    without softmax attention)."""
     bad = [f"{layer}.{head}" for layer, head in heads if not (0 <= layer < layers and 0 <= head < per_layer)]
     if bad:
         raise ValueError(f"--ablate: heads {', '.join(bad)} do not exist ({layers} layers x {per_layer} heads)")
+    linear = [f"{layer}.{head}" for layer, head in heads
+              if attention_layers is not None and layer not in attention_layers]
+    if linear:
+        raise ValueError(f"--ablate: heads {', '.join(linear)} are in layers without softmax attention "
+                         f"(attention layers: {', '.join(map(str, attention_layers))})")
 
 
 def shard_samples(samples: Sequence[Sample], shard: tuple[int, int] | None) -> list[Sample]:
@@ -240,7 +251,7 @@ class Runner:
     def __init__(self, loaded: Loaded, config: RunConfig):
         self.loaded = loaded
         self.config = config
-        self.geometry_warned = False
+        self.no_regions: str | None = None
         text = loaded.model.config.get_text_config()
         self.max_positions = getattr(text, "max_position_embeddings", None)
         self.long_warned = False
@@ -275,9 +286,9 @@ class Runner:
         try:
             return self.loaded.adapter.region_mask(images, inputs, boxes)
         except GeometryError as exc:
-            if not self.geometry_warned:
-                log.warning("no region figures: %s", exc)
-                self.geometry_warned = True
+            if self.no_regions is None:
+                self.no_regions = f"no region figures: {exc}"
+                log.warning("%s", self.no_regions)
             return None
 
     def run_batch(self, samples: Sequence[Sample], images: Sequence[Any]
@@ -367,13 +378,16 @@ def run(config: RunConfig, loaded: Loaded | None = None, dataset: Dataset | None
             loaded = loaded if loaded is not None else config.load_model()
             text = loaded.model.config.get_text_config()
             layers, heads = int(text.num_hidden_layers), int(text.num_attention_heads)
-            check_heads(config.ablate, layers, heads)
+            attention_layers = attention_layer_indices(loaded.model)
+            check_heads(config.ablate, layers, heads, attention_layers)
             config = with_stages(config, layers)
             name = config.name or default_name(store, config, loaded.name, dataset.split)
+            settings = run_settings.stored_settings(config)
+            settings["attention_layers"] = attention_layers  # read off the model, see settings.DERIVED
             handle = store.start_run(
                 name, model=loaded.name, family=loaded.family, dataset=dataset.name, split=dataset.split or "",
                 layers=layers, heads=heads, readout=config.readout, ablation=_ablation_label(config),
-                config=run_settings.stored_settings(config), resume=config.resume, sweep=config.sweep,
+                config=settings, resume=config.resume, sweep=config.sweep,
                 shard=config.shard, tags=config.tags or None,
             )
             return _run_samples(store, handle, config, loaded, dataset, store_path, progress, start)
@@ -450,6 +464,8 @@ def _run_samples(store: Store, handle: RunHandle, config: RunConfig, loaded: Loa
     skip_log.close()
     summary = _summarize(store, handle, store_path, dataset, runtime_skips, time.time() - began,
                          runner.max_positions)
+    if runner.no_regions:
+        summary.notes.append(runner.no_regions)
     store.finish_run(handle, status="done", accuracy=summary.accuracy, skipped=summary.skipped)
     return summary
 

@@ -21,6 +21,8 @@ DEFINING = ("model", "dataset", "data", "images", "split", "question_type", "pro
 # How it is computed: free to change on --resume, between shards and sweep tasks.
 EXECUTION = ("batch_size", "device", "shard", "sweep")
 NOT_STORED = ("store", "name", "resume", "tags", "explicit")
+# Read off the model when a run starts, not chosen by the user.
+DERIVED = ("attention_layers",)
 # What `ablate --from RUN` does not take from RUN: the sweep sets its own heads, mode and tag.
 NOT_INHERITED = ("ablate", "ablation", "shard", "sweep")
 # `--preset paper`: the reference code's choices (stages are set from the model's depth when the run starts).

@@ -21,6 +21,7 @@ from typing import Any
 
 import pandas as pd
 
+from vheads import settings as run_settings
 from vheads.models import Loaded
 from vheads.pipeline import Interrupted, RunConfig, base_name, run
 from vheads.store import MergeSummary, Store, StoreError, merge
@@ -156,7 +157,8 @@ def finished(config: RunConfig) -> TaskResult | None:
             info = store.run(config.name)
     except StoreError:
         return None
-    if info["status"] != "done" or info["config"] != _settings(config):
+    stored = {k: v for k, v in (info["config"] or {}).items() if k not in run_settings.DERIVED}
+    if info["status"] != "done" or stored != _settings(config):
         return None
     accuracy = info.get("accuracy")
     return TaskResult("done", int(info.get("n_samples") or 0), None if pd.isna(accuracy) else float(accuracy))

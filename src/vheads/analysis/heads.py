@@ -42,8 +42,9 @@ def head_table(store: Store, run: str | int, k: int | None = None, threshold: fl
     """The ranking of DESIGN.md: score (share of the samples with the readout row that have the head in the top K
     by W), then mean W. Stages follow `stages`, else the run's stored `--stages`, else thirds.
 
+    Heads never measured in any sample (the layers of a hybrid decoder without softmax attention) are left out.
     attrs: layers, heads, k, stages, samples (all the run's samples), scored (those with the readout row; 0 means
-    every score is NaN).
+    every score is NaN), attention_layers (the layers that were measured).
     """
     info = store.run(run)
     bounds = run_stages(info, stages)
@@ -59,15 +60,18 @@ def head_table(store: Store, run: str | int, k: int | None = None, threshold: fl
     mean_w, mean_c = metrics.nanmean(w), metrics.nanmean(c)
     share = metrics.nanmean(metrics.region_share(rw, w))
     flags = metrics.visual_head_flags(scores, threshold)
+    measured = np.isfinite(w).any(axis=0) if w.shape[0] else np.ones((layers, heads), dtype=bool)
     rows = []
-    for rank, (layer, head) in enumerate(metrics.rank_heads(scores, mean_w), start=1):
+    ranked = [(layer, head) for layer, head in metrics.rank_heads(scores, mean_w) if measured[layer, head]]
+    for rank, (layer, head) in enumerate(ranked, start=1):
         rows.append({"rank": rank, "layer": layer, "head": head, "score": float(scores[layer, head]),
                      "mean_w": float(mean_w[layer, head]), "mean_c": float(mean_c[layer, head]),
                      "mean_region_share": float(share[layer, head]),
                      "stage": metrics.stage_of(layer, layers, bounds), "visual": bool(flags[layer, head])})
     table = pd.DataFrame(rows, columns=HEAD_COLUMNS)
     table.attrs.update(layers=layers, heads=heads, k=k, samples=w.shape[0], scored=metrics.readout_samples(w),
-                       stages=bounds or metrics.thirds(layers), readout=info.get("readout"))
+                       stages=bounds or metrics.thirds(layers), readout=info.get("readout"),
+                       attention_layers=[int(i) for i in np.flatnonzero(measured.any(axis=1))])
     return table
 
 

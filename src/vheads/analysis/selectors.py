@@ -27,8 +27,11 @@ def is_selector(spec: str | None) -> bool:
 
 def resolve_heads(spec: str, store: Store | None = None, from_run: str | int | None = None,
                   layers: int | None = None, heads: int | None = None,
-                  stages: tuple[int, int] | None = None) -> list[Head]:
+                  stages: tuple[int, int] | None = None, attention_layers: list[int] | None = None) -> list[Head]:
     """The heads a selector or `L.H` list names, for a model of `layers` x `heads` heads.
+
+    `attention_layers` (default: every layer; a run's own list with `from_run`) limits `random` and `stage` to
+    the layers with softmax attention, as a hybrid decoder's other layers have no heads to ablate.
 
     `top` and `late` rank the heads of `from_run` (read from `store`); with a run, the grid defaults to its own and
     the stages to its stored `--stages` (`stages` overrides them). Raises ValueError saying what is wrong.
@@ -42,12 +45,13 @@ def resolve_heads(spec: str, store: Store | None = None, from_run: str | int | N
     table = None
     if store is not None and from_run is not None:
         layers, heads = _grid(store, from_run, layers, heads)
+        attention_layers = (store.run(from_run)["config"] or {}).get("attention_layers", attention_layers)
         if kind in NEEDS_RUN:
             table = head_table(store, from_run, stages=stages)
             check_ranked(table, from_run)
         elif stages is None:
             stages = head_table(store, from_run).attrs["stages"]
-    return select_heads(text, table, layers, heads, stages)
+    return select_heads(text, table, layers, heads, stages, attention_layers)
 
 
 def check_ranked(table: pd.DataFrame, run: str | int) -> None:
@@ -60,7 +64,7 @@ def check_ranked(table: pd.DataFrame, run: str | int) -> None:
 
 
 def select_heads(spec: str, ranking: pd.DataFrame | None, layers: int | None, heads: int | None,
-                 stages: tuple[int, int] | None = None) -> list[Head]:
+                 stages: tuple[int, int] | None = None, attention_layers: list[int] | None = None) -> list[Head]:
     """`resolve_heads` on a ranking already at hand (a `head_table`), so a sweep ranks its source run once.
 
     Stages: `stages`, else the ranking's, else thirds."""
@@ -69,6 +73,8 @@ def select_heads(spec: str, ranking: pd.DataFrame | None, layers: int | None, he
         stages = ranking.attrs.get("stages")
     if stages is not None and layers is not None:
         stages = metrics.check_stages(stages, layers)
+    if attention_layers is None and ranking is not None:
+        attention_layers = ranking.attrs.get("attention_layers")
     if not is_selector(text):
         if ":" in text:
             raise ValueError(f"unknown selector {text!r}; expected top:K, random:K[:seed], late:K or stage:NAME")
@@ -79,13 +85,15 @@ def select_heads(spec: str, ranking: pd.DataFrame | None, layers: int | None, he
     if kind == "stage":
         if len(args) != 1 or args[0] not in metrics.STAGES:
             raise ValueError(f"{text}: expected stage:early, stage:mid or stage:late")
-        return [(layer, head) for layer in metrics.stage_layers(args[0], layers, stages) for head in range(heads)]
+        return [(layer, head) for layer in metrics.stage_layers(args[0], layers, stages) for head in range(heads)
+                if attention_layers is None or layer in attention_layers]
     if kind == "random":
         if len(args) not in (1, 2):
             raise ValueError(f"{text}: expected random:K or random:K:SEED")
-        k = _count(text, args[0], layers * heads)
+        usable = layers if attention_layers is None else len(attention_layers)
+        k = _count(text, args[0], usable * heads)
         seed = _int(text, args[1], "seed") if len(args) == 2 else 0
-        return random_heads(k, layers, heads, seed)
+        return random_heads(k, layers, heads, seed, attention_layers)
     if len(args) != 1:
         raise ValueError(f"{text}: expected {kind}:K")
     if ranking is None:
@@ -97,10 +105,13 @@ def select_heads(spec: str, ranking: pd.DataFrame | None, layers: int | None, he
     return late[::-1][:_count(text, args[0], len(late))]
 
 
-def random_heads(k: int, layers: int, heads: int, seed: int = 0) -> list[Head]:
-    """K heads drawn without replacement from all layers x heads with `seed`, sorted; nested across K."""
-    order = np.random.default_rng(seed).permutation(layers * heads)[:k]
-    return sorted((int(i // heads), int(i % heads)) for i in order)
+def random_heads(k: int, layers: int, heads: int, seed: int = 0,
+                 attention_layers: list[int] | None = None) -> list[Head]:
+    """K heads drawn without replacement from all layers x heads (or those of `attention_layers`) with `seed`,
+    sorted; nested across K."""
+    rows = list(range(layers)) if attention_layers is None else [int(i) for i in attention_layers]
+    order = np.random.default_rng(seed).permutation(len(rows) * heads)[:k]
+    return sorted((rows[int(i // heads)], int(i % heads)) for i in order)
 
 
 def _grid(store: Store, from_run: str | int, layers: int | None, heads: int | None) -> tuple[int, int]:
@@ -147,14 +158,22 @@ def run_option_heads(spec: str | None, from_run: str | None, store_path: str, mo
         with Store(store_path, read_only=True) as store:
             return resolve_heads(spec, store, from_run, stages=stages)
     if is_selector(spec) and spec.split(":")[0] not in NEEDS_RUN:
-        return resolve_heads(spec, None, None, *model_grid(model, trust_remote_code), stages=stages)
+        layers, heads, attention = model_layers(model, trust_remote_code)
+        return resolve_heads(spec, None, None, layers, heads, stages=stages, attention_layers=attention)
     return resolve_heads(spec)
 
 
 def model_grid(model: str | None, trust_remote_code: bool = False) -> tuple[int, int]:
     """Language-model layers x heads from a model's config alone (no weights loaded)."""
+    layers, heads, _ = model_layers(model, trust_remote_code)
+    return layers, heads
+
+
+def model_layers(model: str | None, trust_remote_code: bool = False) -> tuple[int, int, list[int]]:
+    """Language-model layers, heads per layer and the layers with softmax attention, from the config alone."""
     from transformers import AutoConfig
 
+    from vheads.capture import config_attention_layers
     from vheads.models import ModelError
     from vheads.models.loading import resolve
 
@@ -163,4 +182,4 @@ def model_grid(model: str | None, trust_remote_code: bool = False) -> tuple[int,
         text = AutoConfig.from_pretrained(ref, trust_remote_code=trust_remote_code).get_text_config()
     except Exception as exc:  # noqa: BLE001 - any config failure is one clear line
         raise ModelError(f"cannot read the config of {ref}: {str(exc).splitlines()[0]}") from exc
-    return int(text.num_hidden_layers), int(text.num_attention_heads)
+    return int(text.num_hidden_layers), int(text.num_attention_heads), config_attention_layers(text)

@@ -4,7 +4,13 @@ from vheads.capture.ablation import MODES as ABLATION_MODES
 from vheads.capture.ablation import ablate
 from vheads.capture.observer import Observer
 from vheads.capture.recorder import FIGURES, READOUTS, HeadFigures, HeadRecorder
-from vheads.capture.session import CaptureError, CaptureSession, language_layers
+from vheads.capture.session import (
+    CaptureError,
+    CaptureSession,
+    attention_layer_indices,
+    config_attention_layers,
+    language_layers,
+)
 
 __all__ = [
     "ABLATION_MODES",
@@ -16,5 +22,7 @@ __all__ = [
     "HeadRecorder",
     "Observer",
     "ablate",
+    "attention_layer_indices",
+    "config_attention_layers",
     "language_layers",
 ]

@@ -40,6 +40,11 @@ class ablate:  # noqa: N801 - used as a context manager, like torch.no_grad
             session.detach()
             raise ValueError(f"heads {', '.join(bad)} do not exist: the language model has "
                              f"{session.num_layers} layers x {session.num_heads} heads")
+        linear = sorted({layer for layer, _ in self.heads} - set(session.attention_layers))
+        if linear:
+            session.detach()
+            raise ValueError(f"layers {', '.join(map(str, linear))} have no softmax attention heads to ablate "
+                             f"(attention layers: {', '.join(map(str, session.attention_layers))})")
         session.ablations.append(self)
         self.session = session
         return self

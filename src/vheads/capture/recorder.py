@@ -143,7 +143,7 @@ class HeadRecorder(Observer):
                    attention_mask: torch.Tensor | None) -> _Group:
         real, image, last = prompt_layout(input_ids, attention_mask, self.image_token_id)
         positions = torch.arange(input_ids.shape[1], device=input_ids.device)
-        first = torch.where(real, positions, input_ids.shape[1]).min(dim=1).values
+        first = torch.where(real & ~image, positions, input_ids.shape[1]).min(dim=1).values
         sink = positions[None, :] == first[:, None]
         text = real & ~image & ~sink
         region = None
@@ -167,7 +167,7 @@ class HeadRecorder(Observer):
         sums = metrics.masked_sums(probs, keys)
         group.pending[call.layer] = (sums.to(group.sums.device, torch.float64),
                                      image_tokens.to(group.sums.device, torch.float64))
-        if call.layer == self.session.num_layers - 1:
+        if call.layer == self.session.attention_layers[-1]:
             self._flush(group)
 
     def _flush(self, group: _Group) -> None:

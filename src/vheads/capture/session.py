@@ -22,6 +22,7 @@ from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMa
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 PREFIX = "vheads_"
+NO_SOFTMAX = ("linear", "mamba", "conv", "recurrent", "ssm")
 _ids = itertools.count()
 
 
@@ -132,11 +133,14 @@ class AttentionCall:
         return probs
 
 
-def language_layers(model: nn.Module) -> tuple[list[nn.Module], list[Any]]:
-    """The attention module of every language-model layer, in order, and the configs they read.
+def language_layers(model: nn.Module) -> tuple[list[nn.Module | None], list[Any]]:
+    """The attention module of every language-model layer, in order (None for a layer without softmax
+    attention), and the configs they read.
 
     The language model is the decoder whose config is the model's text config; its vision tower (which
-    goes through the same attention interface) is left out.
+    goes through the same attention interface) is left out. Hybrid decoders (Qwen3.5) mix softmax-attention
+    layers with token mixers that have no attention weights (Gated DeltaNet `linear_attn`: a `layer_idx`
+    but no attention config); those layers are None and have no figures.
     """
     config = model.config
     text_config = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
@@ -150,18 +154,33 @@ def language_layers(model: nn.Module) -> tuple[list[nn.Module], list[Any]]:
                     and "vision" not in type(m).__name__.lower()]
     if not decoders:
         raise CaptureError(f"no language model with decoder layers found in {type(model).__name__}")
-    attention = []
+    attention: list[nn.Module | None] = []
     for layer in decoders[0].layers:
         found = next((m for m in layer.modules() if m is not layer and hasattr(m, "layer_idx")
                       and getattr(m, "config", None) is not None), None)
-        if found is None:
+        if found is None and not any(m is not layer and hasattr(m, "layer_idx") for m in layer.modules()):
             raise CaptureError(f"no attention module (with layer_idx) in layer {type(layer).__name__}")
         attention.append(found)
     configs = []
     for m in attention:
-        if all(m.config is not c for c in configs):
+        if m is not None and all(m.config is not c for c in configs):
             configs.append(m.config)
+    if not configs:
+        raise CaptureError(f"the language model of {type(model).__name__} has no softmax-attention layer")
     return attention, configs
+
+
+def attention_layer_indices(model: nn.Module) -> list[int]:
+    """Indices of the language-model layers with softmax attention (every layer except in hybrid decoders)."""
+    return [i for i, m in enumerate(language_layers(model)[0]) if m is not None]
+
+
+def config_attention_layers(text_config: Any) -> list[int]:
+    """The layers with softmax attention by a text config alone: all of them, except those whose `layer_types`
+    entry names a linear / recurrent mixer (Qwen3.5's `linear_attention`)."""
+    n = int(text_config.num_hidden_layers)
+    kinds = getattr(text_config, "layer_types", None) or ["attention"] * n
+    return [i for i, kind in enumerate(list(kinds)[:n]) if not str(kind).startswith(NO_SOFTMAX)]
 
 
 def _declared_decoder(model: nn.Module) -> nn.Module | None:
@@ -181,7 +200,7 @@ class CaptureSession:
     def __init__(self, model: nn.Module, layers: tuple[list[nn.Module], list[Any]] | None = None):
         self.model = model
         self.attention, self.configs = layers if layers is not None else language_layers(model)
-        self.layer_of = {id(m): i for i, m in enumerate(self.attention)}
+        self.layer_of = {id(m): i for i, m in enumerate(self.attention) if m is not None}
         self.base = self.configs[0]._attn_implementation or "eager"
         if self.base.startswith(PREFIX):
             raise CaptureError("the model is already routed through another vheads session")
@@ -195,6 +214,11 @@ class CaptureSession:
     def num_layers(self) -> int:
         """Language-model layers."""
         return len(self.attention)
+
+    @property
+    def attention_layers(self) -> list[int]:
+        """Indices of the layers with softmax attention (all of them, except in hybrid decoders)."""
+        return [i for i, m in enumerate(self.attention) if m is not None]
 
     @property
     def num_heads(self) -> int:

@@ -13,11 +13,14 @@ from vheads.models.geometry import (
     GeometryError,
     TokenGrid,
     clip_grid,
-    llava_next_grid,
     merged_grid,
+    pixtral_grid,
     pooled_grid,
     processor_key,
+    size_value,
+    squashed_grid,
 )
+from vheads.models.tiles import idefics3_grid, internvl_grid, llava_next_grid, padded_square_grid
 
 Box = tuple[float, float, float, float]
 
@@ -104,6 +107,23 @@ class Adapter:
         return [merged_grid(img.width, img.height, tuple(thw[first + i].tolist()), patch, merge)
                 for i, img in enumerate(images)]
 
+    def image_settings(self) -> dict:
+        """The image processor's settings as the processor passes them on a call: its own attributes overridden
+        by the processor's defaults (InternVL turns `crop_to_patches` on this way)."""
+        ip = self.processor.image_processor
+        merged: dict = {}
+        merge = getattr(self.processor, "_merge_kwargs", None)
+        if merge is not None:
+            try:
+                merged = merge(tokenizer_init_kwargs=self.tokenizer.init_kwargs)["images_kwargs"]
+            except (TypeError, KeyError, AttributeError, ValueError):
+                merged = {}
+        names = ("size", "do_resize", "crop_to_patches", "min_patches", "max_patches", "max_image_size",
+                 "do_image_splitting", "do_pan_and_scan")
+        settings = {name: getattr(ip, name, None) for name in names}
+        settings.update({k: v for k, v in merged.items() if v is not None})
+        return settings
+
     def row_grids(self, images: Sequence[Sequence[Image.Image]], inputs: BatchFeature) -> list[list[TokenGrid]]:
         """Per batch row, the `TokenGrid` of each of its images, checked against the row's image tokens."""
         grids = []
@@ -181,29 +201,143 @@ class LlavaNextAdapter(Adapter):
         ) for img in images]
 
 
+class LlavaOnevisionAdapter(Adapter):
+    """LLaVA-OneVision: anyres like LLaVA-NeXT with the tiles' grid downsampled to `anyres_max_N` tiles' worth;
+    with several images in a prompt, each is one padded-square grid plus a newline token."""
+
+    family = "llava_onevision"
+
+    def image_grids(self, images: Sequence[Image.Image], inputs: BatchFeature, first: int) -> list[TokenGrid]:
+        config = self.model.config
+        vision = config.vision_config
+        if getattr(config, "vision_feature_select_strategy", "full") != "full":
+            raise GeometryError("vheads maps LLaVA-OneVision tokens only with vision_feature_select_strategy "
+                                "'full' (the 'default' strategy drops one patch of every tile)")
+        ip = self.processor.image_processor
+        tile, patch = int(vision.image_size), int(vision.patch_size)
+        if len(images) > 1:
+            return [padded_square_grid(img.width, img.height, tile, patch, newline=True) for img in images]
+        max_tiles = int(str(getattr(config, "vision_aspect_ratio", "anyres_max_9")).removeprefix("anyres_max_"))
+        return [self.cached_grid(
+            (img.width, img.height, max_tiles, processor_key(ip)),
+            lambda img=img: llava_next_grid(img.width, img.height, ip, config.image_grid_pinpoints, tile, patch,
+                                            cls_token=False, newline=True, max_tiles=max_tiles),
+        ) for img in images]
+
+
+class InternVLAdapter(Adapter):
+    """InternVL: tiles on the best aspect grid plus a thumbnail, each tile `image_seq_length` tokens."""
+
+    family = "internvl"
+
+    def image_grids(self, images: Sequence[Image.Image], inputs: BatchFeature, first: int) -> list[TokenGrid]:
+        s = self.image_settings()
+        size = s.get("size")
+        tile_h, tile_w = size_value(size, "height"), size_value(size, "width")
+        tokens = int(self.processor.image_seq_length)
+        crop, lo, hi = bool(s.get("crop_to_patches")), int(s.get("min_patches") or 1), int(s.get("max_patches") or 1)
+        return [self.cached_grid((img.width, img.height, tile_h, tile_w, tokens, crop, lo, hi),
+                                 lambda img=img: internvl_grid(img.width, img.height, tile_h, tile_w, tokens, crop,
+                                                               lo, hi)) for img in images]
+
+
+class Idefics3Adapter(Adapter):
+    """Idefics3 / SmolVLM: row-major crops, then the global image, each crop `image_seq_len` tokens."""
+
+    family = "idefics3"
+
+    def image_grids(self, images: Sequence[Image.Image], inputs: BatchFeature, first: int) -> list[TokenGrid]:
+        s = self.image_settings()
+        crop = size_value(s.get("max_image_size"), "longest_edge")
+        if not crop:
+            raise GeometryError(f"the {self.family} image processor has no max_image_size longest_edge")
+        tokens, size, resize, split = (int(self.processor.image_seq_len), s.get("size"), bool(s.get("do_resize")),
+                                       bool(s.get("do_image_splitting")))
+        return [self.cached_grid((img.width, img.height, str(size), resize, crop, split, tokens),
+                                 lambda img=img: idefics3_grid(img.width, img.height, size, resize, crop, split,
+                                                               tokens)) for img in images]
+
+
+class SmolVLMAdapter(Idefics3Adapter):
+    """SmolVLM: the Idefics3 layout."""
+
+    family = "smolvlm"
+
+
+class PaliGemmaAdapter(Adapter):
+    """PaliGemma: the image squashed to the SigLIP size, one grid of patches."""
+
+    family = "paligemma"
+
+    def image_grids(self, images: Sequence[Image.Image], inputs: BatchFeature, first: int) -> list[TokenGrid]:
+        size = self.image_settings().get("size")
+        frame_h, frame_w = size_value(size, "height"), size_value(size, "width")
+        patch = int(self.model.config.vision_config.patch_size)
+        return [squashed_grid(img.width, img.height, frame_h // patch, frame_w // patch, frame_h, frame_w)
+                for img in images]
+
+
+class PixtralAdapter(Adapter):
+    """Pixtral vision (Mistral 3, Pixtral-LLaVA): the image resized to `image_sizes`, one [IMG] token per
+    merged cell; the [IMG_BREAK] / [IMG_END] tokens after each row are not image tokens."""
+
+    family = "pixtral"
+
+    def image_grids(self, images: Sequence[Image.Image], inputs: BatchFeature, first: int) -> list[TokenGrid]:
+        sizes = inputs.get("image_sizes")
+        if sizes is None:
+            raise GeometryError("the processor returned no image_sizes for a Pixtral-style model")
+        cell = int(self.processor.patch_size) * int(getattr(self.processor, "spatial_merge_size", 1) or 1)
+        grids = []
+        for i, img in enumerate(images):
+            h, w = (int(v) for v in sizes[first + i].tolist())
+            grids.append(pixtral_grid(img.width, img.height, h, w, cell))
+        return grids
+
+
+class Mistral3Adapter(PixtralAdapter):
+    """Mistral 3: the Pixtral layout with 2 x 2 patches merged per token."""
+
+    family = "mistral3"
+
+
 class Gemma3Adapter(Adapter):
     """Gemma 3: the image squashed to the vision size and pooled to `mm_tokens_per_image` tokens (no pan-and-scan)."""
 
     family = "gemma3"
 
     def image_grids(self, images: Sequence[Image.Image], inputs: BatchFeature, first: int) -> list[TokenGrid]:
-        if getattr(self.processor.image_processor, "do_pan_and_scan", False):
+        s = self.image_settings()
+        if s.get("do_pan_and_scan"):
             raise GeometryError("vheads cannot map Gemma 3 pan-and-scan crops to patches; turn pan-and-scan off")
         tokens = int(self.model.config.mm_tokens_per_image)
-        return [pooled_grid(img.width, img.height, tokens) for img in images]
+        size = s.get("size")
+        frame_h, frame_w = size_value(size, "height"), size_value(size, "width")
+        return [pooled_grid(img.width, img.height, tokens, frame_h, frame_w) for img in images]
 
 
 FAMILIES: dict[str, type[Adapter]] = {
     "gemma3": Gemma3Adapter,
+    "idefics3": Idefics3Adapter,
+    "internvl": InternVLAdapter,
     "llava": LlavaAdapter,
     "llava_next": LlavaNextAdapter,
+    "llava_onevision": LlavaOnevisionAdapter,
+    "mistral3": Mistral3Adapter,
+    "paligemma": PaliGemmaAdapter,
+    "smolvlm": SmolVLMAdapter,
     "vipllava": VipLlavaAdapter,
 }
 
 
 def adapter_for(model: torch.nn.Module, processor: object) -> Adapter:
-    """The adapter of a model's family (by `config.model_type`), the generic one otherwise."""
-    return FAMILIES.get(getattr(model.config, "model_type", ""), Adapter)(model, processor)
+    """The adapter of a model's family (by `config.model_type`; LLaVA with a Pixtral tower is Pixtral), the
+    generic one otherwise."""
+    config = model.config
+    family = getattr(config, "model_type", "")
+    if family == "llava" and getattr(getattr(config, "vision_config", None), "model_type", "") == "pixtral":
+        return PixtralAdapter(model, processor)
+    return FAMILIES.get(family, Adapter)(model, processor)
 
 
 def boxes_to_array(boxes: Sequence[Box | None]) -> np.ndarray:

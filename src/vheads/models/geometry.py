@@ -11,7 +11,6 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
-from transformers.image_processing_utils import select_best_resolution
 
 
 class GeometryError(ValueError):
@@ -23,14 +22,17 @@ class TokenGrid:
     """Geometry of the image tokens of one image, in token order.
 
     `boxes` [n, 4] are the (x1, y1, x2, y2) of each token's patch in original image pixels (NaN for tokens
-    with no patch: CLS, row newlines); `tile` is 0 for the base image, 1.. for anyres tiles, -1 for none;
-    `row` / `col` index the patch inside its tile's grid of pixel_values (-1 for none).
+    with no patch: CLS, row newlines); `tile` is the index of the frame of the image's pixel_values the token
+    reads (0 for the base image, 1.. for anyres tiles; crops and thumbnails in processor order), -1 for none;
+    `row` / `col` index the patch inside its tile's grid (-1 for none); `pixels` [n, 4], where the layout sets
+    it, is the token's box in its frame's processed pixels (NaN for none).
     """
 
     boxes: np.ndarray
     tile: np.ndarray
     row: np.ndarray
     col: np.ndarray
+    pixels: np.ndarray | None = None
 
     def __len__(self) -> int:
         return int(self.boxes.shape[0])
@@ -47,7 +49,12 @@ class TokenGrid:
     @staticmethod
     def concat(grids: list[TokenGrid]) -> TokenGrid:
         """The geometry of several images' tokens laid one after another."""
-        return TokenGrid(*(np.concatenate([getattr(g, f) for g in grids]) for f in ("boxes", "tile", "row", "col")))
+        parts = [np.concatenate([getattr(g, f) for g in grids]) for f in ("boxes", "tile", "row", "col")]
+        pixels = None
+        if any(g.pixels is not None for g in grids):
+            pixels = np.concatenate([g.pixels if g.pixels is not None else np.full((len(g), 4), np.nan)
+                                     for g in grids])
+        return TokenGrid(*parts, pixels=pixels)
 
 
 @dataclass(frozen=True)
@@ -72,7 +79,8 @@ class Affine:
         return out
 
 
-def _size(size: object, key: str) -> int | None:
+def size_value(size: object, key: str) -> int | None:
+    """An entry of a processor size setting (dict or SizeDict), None when unset."""
     if size is None:
         return None
     value = size.get(key) if isinstance(size, dict) else getattr(size, key, None)
@@ -102,19 +110,19 @@ def clip_transform(width: int, height: int, image_processor: object) -> tuple[Af
         w = h = side
     size = getattr(image_processor, "size", None)
     if getattr(image_processor, "do_resize", True) and size is not None:
-        if _size(size, "shortest_edge"):
-            short = _size(size, "shortest_edge")
+        if size_value(size, "shortest_edge"):
+            short = size_value(size, "shortest_edge")
             if w <= h:
                 nw, nh = short, int(short * h / w)
             else:
                 nw, nh = int(short * w / h), short
         else:
-            nw, nh = _size(size, "width"), _size(size, "height")
+            nw, nh = size_value(size, "width"), size_value(size, "height")
         t = t.then(Affine(nw / w, 0.0, nh / h, 0.0))
         w, h = nw, nh
     crop = getattr(image_processor, "crop_size", None)
     if getattr(image_processor, "do_center_crop", False) and crop is not None:
-        cw, ch = _size(crop, "width"), _size(crop, "height")
+        cw, ch = size_value(crop, "width"), size_value(crop, "height")
         t = t.then(Affine(1.0, -((w - cw) // 2), 1.0, -((h - ch) // 2)))
         w, h = cw, ch
     return t, w, h
@@ -123,86 +131,50 @@ def clip_transform(width: int, height: int, image_processor: object) -> tuple[Af
 def clip_grid(width: int, height: int, image_processor: object, patch: int, cls_token: bool) -> TokenGrid:
     """LLaVA-1.5 / ViP-LLaVA: one grid of patches over the processed image, plus the CLS token if kept."""
     t, w, h = clip_transform(width, height, image_processor)
-    rows, cols = h // patch, w // patch
-    boxes = t.invert_boxes(grid_boxes(rows, cols, patch, patch))
-    r, c = np.divmod(np.arange(rows * cols), cols)
-    grid = TokenGrid(boxes, np.zeros(rows * cols, dtype=np.int64), r, c)
+    grid = frame_grid(t, h // patch, w // patch, patch, patch, 0)
     if cls_token:
-        grid = TokenGrid.concat([_empty(1), grid])
+        grid = TokenGrid.concat([empty_grid(1), grid])
     return grid
 
 
-def _empty(n: int) -> TokenGrid:
-    return TokenGrid(np.full((n, 4), np.nan), np.full(n, -1), np.full(n, -1), np.full(n, -1))
+def empty_grid(n: int) -> TokenGrid:
+    """`n` tokens with no patch (CLS, newline and separator tokens)."""
+    return TokenGrid(np.full((n, 4), np.nan), np.full(n, -1), np.full(n, -1), np.full(n, -1), np.full((n, 4), np.nan))
 
 
-def llava_next_grid(width: int, height: int, image_processor: object, pinpoints: list, tile: int, patch: int,
-                    cls_token: bool, newline: bool) -> TokenGrid:
-    """LLaVA-NeXT anyres: the base image's grid, then the tiles' joint grid with padding rows / cols removed
-    and a newline token after each row, in the order `pack_image_features` lays them out."""
-    size = getattr(image_processor, "size", None)
-    side = _size(size, "shortest_edge") or _size(size, "height")
-    side_w = _size(size, "shortest_edge") or _size(size, "width")
-    crop = getattr(image_processor, "crop_size", None)
-    base_t = Affine(side_w / width, 0.0, side / height, 0.0)
-    bw, bh = side_w, side
-    if getattr(image_processor, "do_center_crop", False) and crop is not None:
-        cw, ch = _size(crop, "width"), _size(crop, "height")
-        base_t = base_t.then(Affine(1.0, -((bw - cw) // 2), 1.0, -((bh - ch) // 2)))
-        bw, bh = cw, ch
-    g = tile // patch
-    base = TokenGrid(base_t.invert_boxes(grid_boxes(g, g, patch, patch)), np.zeros(g * g, dtype=np.int64),
-                     *np.divmod(np.arange(g * g), g))
-    if cls_token:
-        base = TokenGrid.concat([_empty(1), base])
-
-    best_h, best_w = select_best_resolution((height, width), [list(p) for p in pinpoints])
-    scale_w, scale_h = best_w / width, best_h / height
-    if scale_w < scale_h:
-        new_w, new_h = best_w, min(math.ceil(height * scale_w), best_h)
-    else:
-        new_h, new_w = best_h, min(math.ceil(width * scale_h), best_w)
-    tile_t = Affine(new_w / width, (best_w - new_w) // 2, new_h / height, (best_h - new_h) // 2)
-    n_ph, n_pw = best_h // tile, best_w // tile
-    rows_all, cols_all = n_ph * g, n_pw * g
-    r0, r1, c0, c1 = 0, rows_all, 0, cols_all
-    if width / height > cols_all / rows_all:
-        kept = int(round(height * (cols_all / width), 7))
-        pad = (rows_all - kept) // 2
-        r0, r1 = pad, rows_all - pad
-    else:
-        kept = int(round(width * (rows_all / height), 7))
-        pad = (cols_all - kept) // 2
-        c0, c1 = pad, cols_all - pad
-    parts = []
-    for rr in range(r0, r1):
-        cc = np.arange(c0, c1)
-        boxes = np.stack([cc * patch, np.full(cc.shape, rr * patch), (cc + 1) * patch,
-                          np.full(cc.shape, (rr + 1) * patch)], axis=1).astype(np.float64)
-        tiles = 1 + (rr // g) * n_pw + cc // g
-        parts.append(TokenGrid(tile_t.invert_boxes(boxes), tiles, np.full(cc.shape, rr % g), cc % g))
-        if newline:
-            parts.append(_empty(1))
-    return TokenGrid.concat([base, *parts])
+def frame_grid(to_frame: Affine, rows: int, cols: int, cell_h: float, cell_w: float, frame: int) -> TokenGrid:
+    """A rows x cols grid of tokens, row-major, over one processed frame that `to_frame` maps the original image to."""
+    pixels = grid_boxes(rows, cols, cell_h, cell_w)
+    r, c = np.divmod(np.arange(rows * cols), cols)
+    return TokenGrid(to_frame.invert_boxes(pixels), np.full(rows * cols, frame), r, c, pixels)
 
 
 def merged_grid(width: int, height: int, grid_thw: tuple[int, int, int], patch: int, merge: int) -> TokenGrid:
     """Qwen2-VL style: the image resized (no crop) to a patch grid, each token one merge x merge block."""
     t, gh, gw = (int(v) for v in grid_thw)
-    rows, cols = gh // merge, gw // merge
     cell = patch * merge
     resized = Affine(gw * patch / width, 0.0, gh * patch / height, 0.0)
-    boxes = resized.invert_boxes(grid_boxes(rows, cols, cell, cell))
-    r, c = np.divmod(np.arange(rows * cols), cols)
-    one = TokenGrid(boxes, np.zeros(rows * cols, dtype=np.int64), r, c)
-    return TokenGrid.concat([one] * t)
+    return TokenGrid.concat([frame_grid(resized, gh // merge, gw // merge, cell, cell, 0)] * t)
 
 
-def pooled_grid(width: int, height: int, tokens: int) -> TokenGrid:
-    """Gemma 3 style: the image squashed to a square and pooled to a sqrt(tokens) x sqrt(tokens) grid."""
+def squashed_grid(width: int, height: int, rows: int, cols: int, frame_h: int, frame_w: int) -> TokenGrid:
+    """PaliGemma style: the image squashed to frame_h x frame_w, one token per cell of a rows x cols grid."""
+    squash = Affine(frame_w / width, 0.0, frame_h / height, 0.0)
+    return frame_grid(squash, rows, cols, frame_h / rows, frame_w / cols, 0)
+
+
+def pixtral_grid(width: int, height: int, resized_h: int, resized_w: int, cell: int) -> TokenGrid:
+    """Pixtral / Mistral 3: the image resized (aspect kept) to resized_h x resized_w, one token per cell x cell block.
+
+    The row-break and end tokens the processor puts after each row are not image tokens, so the grid is only the cells.
+    """
+    resized = Affine(resized_w / width, 0.0, resized_h / height, 0.0)
+    return frame_grid(resized, resized_h // cell, resized_w // cell, cell, cell, 0)
+
+
+def pooled_grid(width: int, height: int, tokens: int, frame_h: int, frame_w: int) -> TokenGrid:
+    """Gemma 3 style: the image squashed to frame_h x frame_w and pooled to a sqrt(tokens) x sqrt(tokens) grid."""
     side = int(round(math.sqrt(tokens)))
     if side * side != tokens:
         raise GeometryError(f"{tokens} image tokens do not form a square grid")
-    boxes = grid_boxes(side, side, height / side, width / side)
-    r, c = np.divmod(np.arange(tokens), side)
-    return TokenGrid(boxes, np.zeros(tokens, dtype=np.int64), r, c)
+    return squashed_grid(width, height, side, side, frame_h, frame_w)

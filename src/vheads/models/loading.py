@@ -9,9 +9,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForImageTextToText, AutoProcessor
+from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
 
 from vheads.models.families import Adapter, ModelError, adapter_for
+from vheads.models.processors import load_processor, needs_torchvision_free_route
 
 log = logging.getLogger("vheads.models")
 
@@ -150,10 +151,7 @@ def load(model: str | Path | None = None, dtype: str | torch.dtype = "auto", dev
     else:
         device_map, target = None, device
     torch_dtype = _dtype(dtype, target)
-    try:
-        processor = AutoProcessor.from_pretrained(ref, trust_remote_code=trust_remote_code)
-    except Exception as exc:  # noqa: BLE001 - every loader failure becomes one clear line
-        raise ModelError(f"cannot load a processor for {ref}: {_first_line(exc)}") from exc
+    processor = load_any_processor(ref, trust_remote_code)
     if getattr(processor, "image_processor", None) is None and not hasattr(processor, "image_token"):
         raise ModelError(f"{ref} has no image processor: vheads needs an image-text-to-text model")
     try:
@@ -167,6 +165,27 @@ def load(model: str | Path | None = None, dtype: str | torch.dtype = "auto", dev
         net = net.to(target)
     net.eval()
     return Loaded(net, processor, adapter_for(net, processor), ref if not local else str(Path(ref).resolve()))
+
+
+def load_any_processor(ref: str, trust_remote_code: bool = False) -> object:
+    """The model's processor: `AutoProcessor` where torchvision is installed (or remote code is asked for); where
+    it is missing, or `AutoProcessor` fails, the family's processor class over its image processor and tokenizer,
+    without the video part."""
+    try:
+        family = str(getattr(AutoConfig.from_pretrained(ref, trust_remote_code=trust_remote_code), "model_type", ""))
+    except Exception as exc:  # noqa: BLE001 - every loader failure becomes one clear line
+        raise ModelError(f"cannot read the config of {ref}: {_first_line(exc)}") from exc
+    first: BaseException | None = None
+    if trust_remote_code or not needs_torchvision_free_route():
+        try:
+            return AutoProcessor.from_pretrained(ref, trust_remote_code=trust_remote_code)
+        except Exception as exc:  # noqa: BLE001 - e.g. a torchvision that is installed but does not load
+            first = exc
+    try:
+        return load_processor(ref, family or "unknown family")
+    except Exception as exc:  # noqa: BLE001
+        detail = _first_line(exc) if first is None else f"{_first_line(first)}; without torchvision: {_first_line(exc)}"
+        raise ModelError(f"cannot load a processor for {ref} ({family}): {detail}") from exc
 
 
 def _first_line(exc: BaseException) -> str:

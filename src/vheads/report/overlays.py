@@ -1,7 +1,8 @@
 """Attention drawn back onto the image: each image token's attention spread over its patch in original pixels.
 
-A token's patch box comes from the family's `TokenGrid` (LLaVA-1.5: one grid; LLaVA-NeXT: the base grid and
-the anyres tiles, which cover the same picture at finer scale, so their densities add up). The picture is
+A token's patch box comes from the family's `TokenGrid` (LLaVA-1.5: one grid; LLaVA-NeXT / OneVision: the base
+grid and the anyres tiles; InternVL: tiles and a thumbnail; Idefics3 / SmolVLM: crops and the global image; the
+whole-image frame and the tiles cover the same picture at different scales, so their densities add up). The picture is
 attention mass per pixel relative to an even spread over the image, on a log scale: transparent where a pixel
 gets no more than its even share, brightest at `FOCUS_TOP` times it or more. A head that looks everywhere leaves
 the image clear; a head that looks at one patch lights it up.
@@ -34,18 +35,26 @@ BOX_COLOR = "#00e5ff"
 FOCUS_TOP = 16.0
 
 
+def _coverage(lo: float, hi: float, size: int) -> tuple[int, np.ndarray]:
+    """The first pixel index and the covered fraction of each pixel from `lo` to `hi` along one axis, clipped."""
+    first, last = max(0, math.floor(lo)), min(size, math.ceil(hi))
+    edges = np.arange(first, max(first, last), dtype=np.float64)
+    return first, np.clip(np.minimum(edges + 1, hi) - np.maximum(edges, lo), 0.0, 1.0)
+
+
 def attention_density(grid: TokenGrid, weights: np.ndarray, width: int, height: int) -> np.ndarray:
-    """[height, width] attention mass per pixel: each token's weight spread evenly over its patch box."""
+    """[height, width] attention mass per pixel: each token's weight spread evenly over its patch box (pixels a
+    box covers in part get their share, so boxes with fractional edges keep their mass)."""
     canvas = np.zeros((height, width), dtype=np.float64)
     boxes = grid.boxes[: len(weights)]
     for (x1, y1, x2, y2), weight in zip(boxes, weights, strict=True):
         if not (np.isfinite(weight) and np.isfinite(x1)) or weight <= 0:
             continue
         area = max((x2 - x1) * (y2 - y1), 1e-9)
-        c1, r1 = max(0, math.floor(x1)), max(0, math.floor(y1))
-        c2, r2 = min(width, math.ceil(x2)), min(height, math.ceil(y2))
-        if c2 > c1 and r2 > r1:
-            canvas[r1:r2, c1:c2] += weight / area
+        c1, cx = _coverage(x1, x2, width)
+        r1, cy = _coverage(y1, y2, height)
+        if cx.size and cy.size:
+            canvas[r1:r1 + cy.size, c1:c1 + cx.size] += (weight / area) * np.outer(cy, cx)
     return canvas
 
 

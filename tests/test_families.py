@@ -174,7 +174,7 @@ def test_hybrid_layers_are_recorded_and_kept_out_of_ranking_selectors_and_ablati
     attention = attention_layer_indices(hybrid.model)
     assert attention == [2, 4] == config_attention_layers(hybrid.model.config.get_text_config())
     store = str(tmp_path / "s.duckdb")
-    run(RunConfig(model=hybrid.name, limit=4, batch_size=2, max_new_tokens=2, store=store, name="h"), loaded=hybrid)
+    run(RunConfig(model=hybrid.name, limit=2, batch_size=2, max_new_tokens=1, store=store, name="h"), loaded=hybrid)
     with Store(store, read_only=True) as db:
         assert db.run("h")["config"]["attention_layers"] == attention
         w, _ = weights_array(db, "h")
@@ -208,9 +208,9 @@ def test_hybrid_generated_readout_matches_eager_on_the_full_sequence(loaded):
     inputs = fast.adapter.encode(prompts, images)
     prompt_len = inputs["input_ids"].shape[1]
     with torch.no_grad(), HeadRecorder(fast.model, readout="generated", eos_token_ids=[]) as rec:
-        out = fast.model.generate(**inputs, max_new_tokens=3, min_new_tokens=3, do_sample=False)
+        out = fast.model.generate(**inputs, max_new_tokens=2, min_new_tokens=2, do_sample=False)
     figures = rec.result()
-    assert list(figures.readout_steps) == [3, 3]
+    assert list(figures.readout_steps) == [2, 2]
     mask = torch.cat([inputs["attention_mask"], torch.ones_like(out[:, prompt_len:])], dim=1)
     full = {**inputs, "input_ids": out, "attention_mask": mask}
     if "mm_token_type_ids" in inputs:
@@ -219,7 +219,7 @@ def test_hybrid_generated_readout_matches_eager_on_the_full_sequence(loaded):
     with torch.no_grad():
         attentions = eager.model(**full, output_attentions=True).attentions
     steps = []
-    for position in range(prompt_len - 1, prompt_len + 2):
+    for position in range(prompt_len - 1, prompt_len + 1):
         rows = np.full((2, 5, 4, out.shape[1]), np.nan, dtype=np.float32)
         for layer, a in zip(layers, attentions, strict=True):
             rows[:, layer] = a[:, :, position].float().numpy()

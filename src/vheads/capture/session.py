@@ -197,10 +197,11 @@ def _declared_decoder(model: nn.Module) -> nn.Module | None:
 class CaptureSession:
     """The attention function registered for one model while vheads contexts are active on it."""
 
-    def __init__(self, model: nn.Module, layers: tuple[list[nn.Module], list[Any]] | None = None):
+    def __init__(self, model: nn.Module, layers: tuple[list[nn.Module | None], list[Any]] | None = None):
         self.model = model
         self.attention, self.configs = layers if layers is not None else language_layers(model)
         self.layer_of = {id(m): i for i, m in enumerate(self.attention) if m is not None}
+        self.attention_layers = sorted(self.layer_of.values())  # all layers, except in hybrid decoders
         self.base = self.configs[0]._attn_implementation or "eager"
         if self.base.startswith(PREFIX):
             raise CaptureError("the model is already routed through another vheads session")
@@ -214,11 +215,6 @@ class CaptureSession:
     def num_layers(self) -> int:
         """Language-model layers."""
         return len(self.attention)
-
-    @property
-    def attention_layers(self) -> list[int]:
-        """Indices of the layers with softmax attention (all of them, except in hybrid decoders)."""
-        return [i for i, m in enumerate(self.attention) if m is not None]
 
     @property
     def num_heads(self) -> int:

@@ -47,7 +47,7 @@ def config_of(store: str, name: str) -> dict:
 
 def one_line_error(result, *words: str) -> None:
     assert result.exit_code == 2, result.output
-    lines = [line for line in result.output.splitlines() if line.strip()]
+    lines = [line for line in result.output.splitlines() if line.strip() and not line.startswith("loading the model")]
     assert len(lines) == 1 and lines[0].startswith("error:"), result.output
     assert all(word in lines[0] for word in words), lines[0]
 

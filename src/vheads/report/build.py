@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import math
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -70,11 +70,12 @@ def report_runs(store: Store, names: Sequence[str] | None = None) -> list[str]:
 
 
 def build_report(store_path: str | Path, out_dir: str | Path = "vheads-report", runs: Sequence[str] | None = None,
-                 overlays: int = 3, device: str = "auto") -> Path:
+                 overlays: int = 3, device: str = "auto", styles: Mapping[str, str] | None = None) -> Path:
     """Write `out_dir/index.html` and a PNG per figure for the chosen runs; returns the page's path.
 
     `overlays` is how many correct and how many wrong samples to draw per run (0: none); drawing them loads
     the run's model and data again, and a run whose model or data cannot be loaded just gets a note.
+    `styles` (prompt style -> run name, reference first) adds the prompt-style comparison after the overview.
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -87,6 +88,10 @@ def build_report(store_path: str | Path, out_dir: str | Path = "vheads-report", 
             raise ValueError(f"{store_path} has no finished run to report; run `vheads run` first")
         views = [_view(store, name, i) for i, name in enumerate(names)]
         sections = [_overview(views)]
+        if styles:
+            from vheads.report.styles import style_section
+
+            sections.append(style_section(store, styles, out))
         models: dict[tuple[str, str], Any] = {}
         for view in views:
             sections.append(_run_section(store, view, out, overlays, device, models))

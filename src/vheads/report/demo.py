@@ -92,10 +92,15 @@ def run_demo(settings: DemoSettings, say: Callable[[str], None] = print,
     style_runs = {"visual": summary.name}
     if settings.styles:
         say(f"2/5 the same questions with the box as text coordinates or left out: {', '.join(settings.styles)}")
+    accuracies = {"visual": summary.accuracy}
     for style in settings.styles:
         styled = replace(config, prompt_style=style, name=_free(f"{RUN_NAME}-{style}", existing))
         data = load_dataset(config.dataset, limit=config.limit, seed=config.seed, prompt_style=style)
-        style_runs[style] = run(styled, loaded=loaded, dataset=data).name
+        done = run(styled, loaded=loaded, dataset=data)
+        style_runs[style], accuracies[style] = done.name, done.accuracy
+    if settings.styles:
+        say("    accuracy by prompt style: " + ", ".join(
+            f"{style} {value:.3f}" for style, value in accuracies.items() if value is not None))
     seconds["styles"] = time.time() - step
     with Store(store, read_only=True) as db:
         ranking = head_table(db, summary.name)

@@ -19,7 +19,7 @@ from PIL import Image
 from transformers import LlavaForConditionalGeneration, LlavaProcessor
 
 from vheads.data.sample import Sample
-from vheads.data.shapes import COLORS, SHAPES, scene_for, shapes_sample, shapes_samples, thing_box
+from vheads.data.shapes import COLORS, SHAPES, scene_for, shapes_sample, shapes_samples
 from vheads.models.demo_build import build_demo
 
 QUESTION_TYPES = ("general", "obj", "super")
@@ -72,8 +72,8 @@ def train_batch(step: int, batch_size: int, seed: int, stage: Stage) -> list[Sam
 class Probes(torch.nn.Module):
     """Training-only linear read-outs that give the model direct signals early on; not part of the saved model.
 
-    On each image token (the projector's output): the class of the object there (none, or colour x shape)
-    and whether it is boxed. On the last prompt position at the middle layer of the language model:
+    On each image token (the projector's output): the class of the object centred there (none, or colour x
+    shape) and whether it is boxed. On the last prompt position at the middle layer of the language model:
     the target's colour and shape, where the question and image determine them.
     """
 
@@ -97,22 +97,18 @@ class Probes(torch.nn.Module):
 
 
 def probe_targets(samples: Sequence[Sample], stage: Stage, grid: int) -> dict[str, torch.Tensor]:
-    """What `Probes` should read: per image token (grid x grid patches) the class of the object covering most of
-    its patch (0: none) and whether its patch overlaps the drawn box; per sample the target class, and whether
-    the question plus image determine it."""
+    """What `Probes` should read: per image token (grid x grid patches) the class of the object centred in its
+    patch (0: none; one token per object, so counting can add tokens up) and whether its patch overlaps the
+    drawn box; per sample the target class, and whether the question plus image determine it."""
     colors, shapes = list(COLORS), list(SHAPES)
     cell_class = torch.zeros((len(samples), grid * grid), dtype=torch.long)
     cell_boxed = torch.zeros_like(cell_class)
     for row, sample in enumerate(samples):
         scene = scene_for(sample.meta["index"], sample.meta["seed"], "train", scene_size(sample), stage.max_count)
         edges = np.arange(grid + 1) * scene.image_size / grid
-        cover = np.full(grid * grid, 0.1)
         for thing in scene.things:
-            share = _patch_overlap(thing_box(thing, scene.image_size), edges).ravel()
-            label = 1 + colors.index(thing.color) * len(shapes) + shapes.index(thing.shape)
-            larger = share > cover
-            cover[larger] = share[larger]
-            cell_class[row, torch.from_numpy(larger)] = label
+            cell = int(thing.cy * grid / scene.image_size) * grid + int(thing.cx * grid / scene.image_size)
+            cell_class[row, cell] = 1 + colors.index(thing.color) * len(shapes) + shapes.index(thing.shape)
         if sample.prompt_style == "visual":
             cell_boxed[row] = torch.from_numpy(_patch_overlap(scene.box, edges).ravel() > 0).long()
     return {

@@ -77,6 +77,8 @@ def test_demo_runs_the_whole_study_and_can_run_again_in_the_same_folder(model_di
     with Store(second.store, read_only=True) as store:
         runs = store.runs()
     assert list(runs["name"]).count("demo") == 1
-    assert len(runs) == 1 + 1 + 2 + 2
+    assert second.style_runs == {"visual": "demo", "plain": "demo-plain", "none": "demo-none"}
+    assert len(runs) == 1 + 2 + 1 + 2 + 2
     page = second.index.read_text()
     assert "pruning curve" in page.lower() and "Run demo" in page
+    assert "Prompt styles" in page and (tmp_path / "demo" / "heatmap-styles.png").exists()

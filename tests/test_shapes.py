@@ -1,4 +1,4 @@
-"""ShapesQA: deterministic, split-disjoint, learnable by construction, and identical through the pointqa loader."""
+"""ShapesQA: deterministic, split-disjoint, ambiguous without the box, identical through the pointqa loader."""
 
 from __future__ import annotations
 
@@ -8,11 +8,26 @@ import re
 from collections import Counter
 from pathlib import Path
 
+import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from PIL import Image
 
 from vheads.data import load_dataset, shapes_samples, shapes_vocabulary, write_shapes
-from vheads.data.shapes import COLORS, SHAPES, SUPERCATEGORIES, scene_for, shapes_sample, split_words
+from vheads.data.shapes import (
+    COLORS,
+    GRID,
+    IMAGE_SIZE,
+    SHAPES,
+    SUPERCATEGORIES,
+    make_scene,
+    scene_for,
+    shapes_sample,
+    split_words,
+    supercategory,
+)
+from vheads.models.geometry import TokenGrid
 
 
 def png(image: Image.Image) -> bytes:
@@ -62,34 +77,101 @@ def test_question_types_cycle_and_name_the_right_words() -> None:
 
 def test_plain_style_puts_the_box_in_the_text() -> None:
     s = shapes_sample(0, seed=5, question_type="object", prompt_style="plain")
-    x1, y1, x2, y2 = (v / 128 for v in s.box)
+    x1, y1, x2, y2 = (v / IMAGE_SIZE for v in s.box)
     assert f"The exemplary object is at [{x1:.2f}, {y1:.2f}, {x2:.2f}, {y2:.2f}].\n" in s.text
     assert s.question_type == "obj"
 
 
-def test_scenes_follow_the_rules() -> None:
-    for i in range(300):
-        scene = scene_for(i, seed=11, split="train")
-        targets = [t for t in scene.things if (t.color, t.shape) == (scene.color, scene.shape)]
-        distractors = [t for t in scene.things if (t.color, t.shape) != (scene.color, scene.shape)]
-        assert len(targets) == scene.count and 1 <= scene.count <= 5
-        assert 1 <= len(distractors) <= 4
-        assert all((t.color == scene.color) != (t.shape == scene.shape) for t in distractors)
-        cells = {(int(t.cx // 32), int(t.cy // 32)) for t in scene.things}
-        assert len(cells) == len(scene.things)
-        for t in scene.things:
-            assert 0.6 * 32 <= t.size <= 0.8 * 32
-            assert abs(t.cx - (t.cx // 32 + 0.5) * 32) + t.size / 2 <= 16
-        x1, y1, x2, y2 = scene.box
-        exemplar = scene.things[scene.exemplar]
-        assert (exemplar.color, exemplar.shape) == (scene.color, scene.shape)
-        assert x1 < exemplar.cx < x2 and y1 < exemplar.cy < y2
-        assert 0 <= x1 and 0 <= y1 and x2 <= 128 and y2 <= 128
+scenes = st.builds(
+    lambda seed, max_count, size: make_scene(np.random.default_rng(seed), size, max_count),
+    st.integers(0, 2**32 - 1), st.integers(2, 7), st.sampled_from([64, IMAGE_SIZE, 128]),
+)
+
+
+def classes(scene) -> Counter:
+    """How many copies of each (colour, shape) the scene holds."""
+    return Counter((t.color, t.shape) for t in scene.things)
+
+
+@settings(max_examples=300, deadline=None)
+@given(scenes)
+def test_without_the_box_two_candidates_differ_in_count(scene) -> None:
+    counts = classes(scene)
+    target = (scene.color, scene.shape)
+    assert counts[target] == scene.count and counts[scene.other] == scene.other_count
+    assert scene.other != target and scene.count != scene.other_count
+    assert supercategory(scene.other[1]) == supercategory(scene.shape)
+    exemplar = scene.things[scene.exemplar]
+    assert (exemplar.color, exemplar.shape) == target
+
+
+@settings(max_examples=300, deadline=None)
+@given(scenes)
+def test_distractors_are_few_and_of_other_classes(scene) -> None:
+    counts = classes(scene)
+    extra = {k: n for k, n in counts.items() if k not in {(scene.color, scene.shape), scene.other}}
+    assert sum(extra.values()) == len(scene.things) - scene.count - scene.other_count <= 3
+
+
+def test_distractors_never_single_out_the_target() -> None:
+    scenes = [scene_for(i, seed=1, split="train") for i in range(2000)]
+
+    def linked(scene, cls: tuple[str, str]) -> int:
+        """Distractor objects sharing colour or shape with `cls`."""
+        pair = {(scene.color, scene.shape), scene.other}
+        others = [t for t in scene.things if (t.color, t.shape) not in pair]
+        return sum(1 for t in others if t.color == cls[0] or t.shape == cls[1])
+
+    to_target = sum(linked(s, (s.color, s.shape)) for s in scenes)
+    to_other = sum(linked(s, s.other) for s in scenes)
+    assert abs(to_target - to_other) / (to_target + to_other) < 0.05
+
+
+@settings(max_examples=200, deadline=None)
+@given(scenes)
+def test_objects_sit_in_their_own_cells_inside_the_image(scene) -> None:
+    cell = scene.image_size / GRID
+    cells = {(int(t.cx // cell), int(t.cy // cell)) for t in scene.things}
+    assert len(cells) == len(scene.things)
+    for t in scene.things:
+        assert 0.6 * cell <= t.size <= 0.8 * cell
+        assert abs(t.cx - (t.cx // cell + 0.5) * cell) + t.size / 2 <= cell / 2
+    boxes = scene.target_boxes()
+    assert len(boxes) == scene.count and scene.box in boxes
+    for x1, y1, x2, y2 in boxes:
+        assert 0 <= x1 < x2 <= scene.image_size and 0 <= y1 < y2 <= scene.image_size
+
+
+def test_the_box_covers_several_image_tokens_of_the_demo_model() -> None:
+    side = IMAGE_SIZE // 16
+    edges = np.arange(side) * 16.0
+    patches = np.array([[x, y, x + 16, y + 16] for y in edges for x in edges])
+    grid = TokenGrid(patches, np.zeros(len(patches)), np.repeat(np.arange(side), side), np.tile(np.arange(side), side))
+    covered = [int(grid.overlaps(scene_for(i, seed=5, split="test").box).sum()) for i in range(300)]
+    assert min(covered) >= 2 and np.mean(covered) >= 3
+
+
+def test_the_target_is_either_candidate_and_the_larger_count_only_half_the_time() -> None:
+    scenes = [scene_for(i, seed=0, split="train") for i in range(1500)]
+    larger = sum(s.count > s.other_count for s in scenes) / len(scenes)
+    assert 0.45 < larger < 0.55
+    most = sum(max(classes(s).values()) == s.count for s in scenes) / len(scenes)
+    assert most < 0.65
+
+
+def test_meta_keeps_the_competitor_and_every_target_box() -> None:
+    s = shapes_sample(3, seed=2, question_type="super")
+    scene = scene_for(3, seed=2)
+    assert s.meta["competitor"] == {"color": scene.other[0], "shape": scene.other[1], "count": scene.other_count}
+    assert s.meta["target_boxes"] == [[int(v) for v in box] for box in scene.target_boxes()]
+    assert [int(v) for v in s.box] in s.meta["target_boxes"]
+    assert s.meta["distractors"] == len(scene.things) - scene.count - scene.other_count
 
 
 def test_answers_and_classes_are_spread_evenly() -> None:
     scenes = [scene_for(i, seed=0, split="train") for i in range(1500)]
-    for counter, kinds in ((Counter(s.count for s in scenes), 5), (Counter(s.color for s in scenes), 4),
+    for counter, kinds in ((Counter(s.count for s in scenes), 5), (Counter(s.other_count for s in scenes), 5),
+                           (Counter(s.color for s in scenes), 4),
                            (Counter(s.shape for s in scenes), 4)):
         assert len(counter) == kinds
         assert max(counter.values()) / min(counter.values()) < 1.35
@@ -102,7 +184,7 @@ def test_visual_style_draws_the_box_and_colours_are_used() -> None:
     edge = s.image().getpixel(((x1 + x2) // 2, y1))
     assert edge[0] > 200 and edge[1] < 160
     assert bare.image().getpixel(((x1 + x2) // 2, y1)) != edge
-    assert s.image().size == (128, 128)
+    assert s.image().size == (IMAGE_SIZE, IMAGE_SIZE)
     pixels = set(bare.image().getdata())
     assert COLORS[s.meta["color"]] in pixels
 
@@ -140,7 +222,8 @@ def test_saved_png_has_no_box(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("kwargs", [{"split": "dev"}, {"question_type": "colour"}, {"prompt_style": "arrow"},
-                                    {"seed": -1}, {"max_count": 10}, {"image_size": 8}])
+                                    {"seed": -1}, {"max_count": 1}, {"max_count": 8},
+                                    {"image_size": 8}])
 def test_bad_arguments_are_refused(kwargs: dict) -> None:
     with pytest.raises(ValueError):
         shapes_samples(1, **kwargs)

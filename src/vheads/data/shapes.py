@@ -1,12 +1,15 @@
 """ShapesQA: the built-in synthetic counting set, PointQA's three question levels over coloured shapes.
 
 A scene is a light background with objects on a 4x4 grid (one per cell, small jitter, never
-overlapping). One class (colour, shape) is the target: 1..max_count copies of it (the answer, drawn
-uniformly) plus 1-4 distractors that share its colour or its shape but never both, so counting needs
-both attributes. The box surrounds one exemplar of the target. Supercategories: round = {circle, oval},
-pointy = {triangle, diamond}. Sample i of (seed, split) comes from its own generator
-`numpy.random.default_rng([seed, SPLIT_IDS[split], i])`, so splits never share a stream and any
-sample can be made alone; the same arguments give byte-identical images and text.
+overlapping). Two candidate classes (colour, shape) of the same supercategory appear with different
+counts (each 1..max_count); the target, whose count is the answer, is one of the two at random, and
+the box surrounds one of its copies. Up to three distractors of other classes, drawn without regard to
+which candidate is the target, fill further cells. So without the box a general or super question is a
+guess between the candidates, while an object question (which names the class) stays answerable: the
+control. Supercategories: round = {circle, oval}, pointy = {triangle, diamond}. Sample i of
+(seed, split) comes from its own generator `numpy.random.default_rng([seed, SPLIT_IDS[split], i])`, so
+splits never share a stream and any sample can be made alone; the same arguments give byte-identical
+images and text.
 """
 
 from __future__ import annotations
@@ -37,8 +40,10 @@ SPLIT_IDS = {"train": 0, "test": 1, "val": 2}
 QUESTION_TYPES = ("general", "obj", "super")
 BACKGROUND = (240, 240, 236)
 GRID = 4
+IMAGE_SIZE = 96
 SUPERSAMPLE = 4
-MAX_DISTRACTORS = 4
+MAX_DISTRACTORS = 3
+MAX_COUNT = 7
 WORD_PATTERN = r"\w+|[^\w\s]"
 
 # Half-extent of each shape (x, y) as a fraction of half its size.
@@ -58,7 +63,11 @@ class Thing:
 
 @dataclass(frozen=True)
 class Scene:
-    """Everything needed to draw one ShapesQA image and ask about it."""
+    """Everything needed to draw one ShapesQA image and ask about it.
+
+    `color`/`shape`/`count` are the target's, `other`/`other_count` the competing candidate's;
+    `exemplar` indexes the boxed copy in `things`.
+    """
 
     image_size: int
     things: tuple[Thing, ...]
@@ -66,17 +75,27 @@ class Scene:
     shape: str
     count: int
     exemplar: int
+    other: tuple[str, str] = ("", "")
+    other_count: int = 0
 
     @property
     def box(self) -> Box:
         """Integer pixel box around the exemplar, with a small margin."""
-        thing = self.things[self.exemplar]
-        ex, ey = _EXTENT[thing.shape]
-        half, pad = thing.size / 2, _pad(self.image_size)
-        x1, y1 = np.floor([thing.cx - ex * half - pad, thing.cy - ey * half - pad])
-        x2, y2 = np.ceil([thing.cx + ex * half + pad, thing.cy + ey * half + pad])
-        limit = float(self.image_size)
-        return (max(float(x1), 0.0), max(float(y1), 0.0), min(float(x2), limit), min(float(y2), limit))
+        return thing_box(self.things[self.exemplar], self.image_size)
+
+    def target_boxes(self) -> list[Box]:
+        """The box of every copy of the target class, in drawing order."""
+        return [thing_box(t, self.image_size) for t in self.things if (t.color, t.shape) == (self.color, self.shape)]
+
+
+def thing_box(thing: Thing, image_size: int) -> Box:
+    """Integer pixel box around one object, with a small margin, clipped to the image."""
+    ex, ey = _EXTENT[thing.shape]
+    half, pad = thing.size / 2, _pad(image_size)
+    x1, y1 = np.floor([thing.cx - ex * half - pad, thing.cy - ey * half - pad])
+    x2, y2 = np.ceil([thing.cx + ex * half + pad, thing.cy + ey * half + pad])
+    limit = float(image_size)
+    return (max(float(x1), 0.0), max(float(y1), 0.0), min(float(x2), limit), min(float(y2), limit))
 
 
 def supercategory(shape: str) -> str:
@@ -89,23 +108,33 @@ def _pad(image_size: int) -> int:
     return max(2, image_size // 64)
 
 
-def _distractor(rng: np.random.Generator, color: str, shape: str) -> tuple[str, str]:
-    """A class that shares exactly one attribute (colour or shape) with the target."""
-    if rng.random() < 0.5:
-        others = [s for s in SHAPES if s != shape]
-        return color, others[int(rng.integers(len(others)))]
-    others = [c for c in COLORS if c != color]
-    return others[int(rng.integers(len(others)))], shape
+def _pick(rng: np.random.Generator, options: list) -> Any:
+    """One of `options`, uniformly."""
+    return options[int(rng.integers(len(options)))]
 
 
-def make_scene(rng: np.random.Generator, image_size: int = 128, max_count: int = 5) -> Scene:
-    """Draw one scene's layout from `rng`: target class, count, distractors, cells, sizes and jitter."""
-    names = list(COLORS)
-    color = names[int(rng.integers(len(names)))]
-    shape = SHAPES[int(rng.integers(len(SHAPES)))]
-    count = int(rng.integers(1, max_count + 1))
-    classes = [(color, shape)] * count
-    classes += [_distractor(rng, color, shape) for _ in range(int(rng.integers(1, MAX_DISTRACTORS + 1)))]
+def candidate_pair(rng: np.random.Generator) -> tuple[tuple[str, str], tuple[str, str]]:
+    """Two different classes of one supercategory (e.g. red circle and red oval, or red and blue circles)."""
+    first = (_pick(rng, list(COLORS)), _pick(rng, list(SHAPES)))
+    members = list(SUPERCATEGORIES[supercategory(first[1])])
+    second = first
+    while second == first:
+        second = (_pick(rng, list(COLORS)), _pick(rng, members))
+    return first, second
+
+
+def make_scene(rng: np.random.Generator, image_size: int = IMAGE_SIZE, max_count: int = 5) -> Scene:
+    """Draw one scene's layout from `rng`: candidates and their counts, target, distractors, cells, sizes, jitter."""
+    pair = candidate_pair(rng)
+    first_count = int(rng.integers(1, max_count + 1))
+    second_count = _pick(rng, [c for c in range(1, max_count + 1) if c != first_count])
+    free = GRID * GRID - first_count - second_count
+    others = [(c, s) for c in COLORS for s in SHAPES if (c, s) not in pair]
+    extra = [_pick(rng, others) for _ in range(min(int(rng.integers(MAX_DISTRACTORS + 1)), free))]
+    classes = [pair[0]] * first_count + [pair[1]] * second_count + extra
+    pick = int(rng.integers(2))
+    target, count = (pair[pick], (first_count, second_count)[pick])
+    other, other_count = (pair[1 - pick], (first_count, second_count)[1 - pick])
     cells = rng.permutation(GRID * GRID)[: len(classes)]
     cell = image_size / GRID
     things = []
@@ -116,7 +145,9 @@ def make_scene(rng: np.random.Generator, image_size: int = 128, max_count: int =
         cx = (col + 0.5) * cell + float(rng.uniform(-slack, slack))
         cy = (row + 0.5) * cell + float(rng.uniform(-slack, slack))
         things.append(Thing(c, s, cx, cy, size))
-    return Scene(image_size, tuple(things), color, shape, count, int(rng.integers(count)))
+    copies = [k for k, (c, s) in enumerate(classes) if (c, s) == target]
+    exemplar = copies[int(rng.integers(count))]
+    return Scene(image_size, tuple(things), target[0], target[1], count, exemplar, other, other_count)
 
 
 def _draw_thing(draw: ImageDraw.ImageDraw, thing: Thing, scale: float) -> None:
@@ -167,8 +198,8 @@ def _check(split: str, question_type: str | None, prompt_style: str, seed: int, 
         raise ValueError(f"seed must be >= 0, got {seed}")
     if image_size < 16:
         raise ValueError(f"image_size must be >= 16, got {image_size}")
-    if not 1 <= max_count <= 9:
-        raise ValueError(f"max_count must be 1..9, got {max_count}")
+    if not 2 <= max_count <= MAX_COUNT:
+        raise ValueError(f"max_count must be 2..{MAX_COUNT} (two candidates with different counts), got {max_count}")
     if question_type is None:
         return None
     canonical = "obj" if question_type == "object" else question_type
@@ -177,7 +208,7 @@ def _check(split: str, question_type: str | None, prompt_style: str, seed: int, 
     return canonical
 
 
-def scene_for(i: int, seed: int = 0, split: str = "test", image_size: int = 128, max_count: int = 5) -> Scene:
+def scene_for(i: int, seed: int = 0, split: str = "test", image_size: int = IMAGE_SIZE, max_count: int = 5) -> Scene:
     """Scene i of (seed, split), from its own random generator."""
     return make_scene(np.random.default_rng([seed, SPLIT_IDS[split], i]), image_size, max_count)
 
@@ -188,14 +219,16 @@ def sample_id(i: int, seed: int, split: str) -> str:
 
 
 def _meta(scene: Scene, i: int, seed: int, split: str) -> dict[str, Any]:
-    """Facts about the scene kept with the sample (and written to shapes.json)."""
+    """Facts about the scene kept with the sample (and written to shapes.json); boxes are x1, y1, x2, y2 pixels."""
     return {"color": scene.color, "shape": scene.shape, "supercategory": supercategory(scene.shape),
-            "count": scene.count, "distractors": len(scene.things) - scene.count,
+            "count": scene.count, "distractors": len(scene.things) - scene.count - scene.other_count,
+            "competitor": {"color": scene.other[0], "shape": scene.other[1], "count": scene.other_count},
+            "target_boxes": [[int(v) for v in box] for box in scene.target_boxes()],
             "split": split, "seed": seed, "index": i}
 
 
 def shapes_sample(i: int, seed: int = 0, split: str = "test", question_type: str | None = None,
-                  prompt_style: str = "visual", image_size: int = 128, max_count: int = 5) -> Sample:
+                  prompt_style: str = "visual", image_size: int = IMAGE_SIZE, max_count: int = 5) -> Sample:
     """Sample i of (seed, split); question type None cycles general, obj, super with i."""
     asked = _check(split, question_type, prompt_style, seed, image_size, max_count)
     scene = scene_for(i, seed, split, image_size, max_count)
@@ -219,13 +252,13 @@ def shapes_sample(i: int, seed: int = 0, split: str = "test", question_type: str
 
 
 def shapes_samples(n: int, seed: int = 0, split: str = "test", question_type: str | None = None,
-                   prompt_style: str = "visual", image_size: int = 128, max_count: int = 5) -> list[Sample]:
+                   prompt_style: str = "visual", image_size: int = IMAGE_SIZE, max_count: int = 5) -> list[Sample]:
     """The first n samples of (seed, split): "train" to learn from, "test" (held out) to measure."""
     _check(split, question_type, prompt_style, seed, image_size, max_count)
     return [shapes_sample(i, seed, split, question_type, prompt_style, image_size, max_count) for i in range(n)]
 
 
-def write_shapes(out_dir: str | Path, n: int, seed: int = 0, split: str = "test", image_size: int = 128,
+def write_shapes(out_dir: str | Path, n: int, seed: int = 0, split: str = "test", image_size: int = IMAGE_SIZE,
                  max_count: int = 5) -> Path:
     """Write n samples as ViP-LLaVA's PointQA JSON list (`shapes.json`) plus PNGs without the box.
 

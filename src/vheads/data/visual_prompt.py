@@ -2,7 +2,7 @@
 
 ViP-LLaVA ('constant' style for pointQA_twice) composites a red rectangle outline, alpha 128, with
 line width `int(3 * max_side / 336)`. vheads keeps that but never goes below 2 px, so the box still
-shows after small images (ShapesQA's 128 px) are resized for the vision tower; for images wider
+shows after small images (ShapesQA's 96 px) are resized for the vision tower; for images wider
 than 224 px the two rules agree.
 """
 

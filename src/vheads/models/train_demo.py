@@ -13,6 +13,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from PIL import Image
 from transformers import LlavaForConditionalGeneration, LlavaProcessor
@@ -22,7 +23,7 @@ from vheads.data.shapes import COLORS, SHAPES, scene_for, shapes_sample, shapes_
 from vheads.models.demo_build import build_demo
 
 QUESTION_TYPES = ("general", "obj", "super")
-STYLE_MIX = (("visual", 0.7), ("plain", 0.15), ("none", 0.15))
+STYLE_MIX = (("visual", 0.75), ("plain", 0.1), ("none", 0.15))
 
 
 @dataclass(frozen=True)
@@ -71,8 +72,8 @@ def train_batch(step: int, batch_size: int, seed: int, stage: Stage) -> list[Sam
 class Probes(torch.nn.Module):
     """Training-only linear read-outs that give the model direct signals early on; not part of the saved model.
 
-    On each image token (the projector's output): the class of the object there (none, or colour x shape)
-    and whether it is boxed. On the last prompt position at the middle layer of the language model:
+    On each image token (the projector's output): the class of the object centred there (none, or colour x
+    shape) and whether it is boxed. On the last prompt position at the middle layer of the language model:
     the target's colour and shape, where the question and image determine them.
     """
 
@@ -96,24 +97,40 @@ class Probes(torch.nn.Module):
 
 
 def probe_targets(samples: Sequence[Sample], stage: Stage, grid: int) -> dict[str, torch.Tensor]:
-    """What `Probes` should read: per image token (grid x grid) the class centred there and whether it is boxed;
-    per sample the target class, and whether the question plus image determine it."""
+    """What `Probes` should read: per image token (grid x grid patches) the class of the object centred in its
+    patch (0: none; one token per object, so counting can add tokens up) and whether its patch overlaps the
+    drawn box; per sample the target class, and whether the question plus image determine it."""
     colors, shapes = list(COLORS), list(SHAPES)
     cell_class = torch.zeros((len(samples), grid * grid), dtype=torch.long)
     cell_boxed = torch.zeros_like(cell_class)
     for row, sample in enumerate(samples):
         scene = scene_for(sample.meta["index"], sample.meta["seed"], "train", scene_size(sample), stage.max_count)
-        for k, thing in enumerate(scene.things):
+        edges = np.arange(grid + 1) * scene.image_size / grid
+        for thing in scene.things:
             cell = int(thing.cy * grid / scene.image_size) * grid + int(thing.cx * grid / scene.image_size)
             cell_class[row, cell] = 1 + colors.index(thing.color) * len(shapes) + shapes.index(thing.shape)
-            cell_boxed[row, cell] = int(k == scene.exemplar and sample.prompt_style == "visual")
+        if sample.prompt_style == "visual":
+            cell_boxed[row] = torch.from_numpy(_patch_overlap(scene.box, edges).ravel() > 0).long()
     return {
         "cell_class": cell_class,
         "cell_boxed": cell_boxed,
         "color": torch.tensor([colors.index(s.meta["color"]) for s in samples]),
         "shape": torch.tensor([shapes.index(s.meta["shape"]) for s in samples]),
-        "known": torch.tensor([s.question_type == "obj" or s.prompt_style == "visual" for s in samples]),
+        "known": torch.tensor([answerable(s) for s in samples]),
     }
+
+
+def _patch_overlap(box: tuple[float, float, float, float], edges: np.ndarray) -> np.ndarray:
+    """Share of each patch (rows x cols, cut at `edges` pixels on both axes) that `box` covers."""
+    x1, y1, x2, y2 = box
+    wide = np.clip(np.minimum(x2, edges[1:]) - np.maximum(x1, edges[:-1]), 0, None)
+    high = np.clip(np.minimum(y2, edges[1:]) - np.maximum(y1, edges[:-1]), 0, None)
+    return np.outer(high, wide) / np.diff(edges)[0] ** 2
+
+
+def answerable(sample: Sample) -> bool:
+    """Whether the question and the image determine the target: an object question, or the box drawn."""
+    return sample.question_type == "obj" or sample.prompt_style == "visual"
 
 
 def scene_size(sample: Sample) -> int:
@@ -224,12 +241,15 @@ def answer_positions(labels: torch.Tensor) -> torch.Tensor:
     return (labels != -100).int().argmax(dim=1)
 
 
-def answer_accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:
-    """Share of rows whose first supervised token (the answer) is the argmax of the logits before it."""
+def answer_accuracy(logits: torch.Tensor, labels: torch.Tensor, rows: torch.Tensor | None = None) -> float:
+    """Share of rows (all, or those where `rows` is true) whose first supervised token (the answer) is the argmax
+    of the logits before it."""
     first = answer_positions(labels)
-    rows = torch.arange(labels.shape[0])
-    guess = logits[rows, first - 1].argmax(dim=-1)
-    return (guess == labels[rows, first]).float().mean().item()
+    index = torch.arange(labels.shape[0])
+    hits = logits[index, first - 1].argmax(dim=-1) == labels[index, first]
+    if rows is not None:
+        hits = hits[rows]
+    return hits.float().mean().item() if len(hits) else 0.0
 
 
 def _optimizer(model: torch.nn.Module, lr: float) -> torch.optim.AdamW:
@@ -275,7 +295,8 @@ class DemoTrainer:
         torch.nn.utils.clip_grad_norm_([*self.model.parameters(), *self.probes.parameters()], 1.0)
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
-        return out.loss.item(), probe_loss.item(), answer_accuracy(out.logits, batch["labels"])
+        determined = torch.tensor([answerable(s) for s in samples])
+        return out.loss.item(), probe_loss.item(), answer_accuracy(out.logits, batch["labels"], determined)
 
     def finish(self) -> None:
         """Detach the probes from the model (the saved model is a plain LLaVA)."""

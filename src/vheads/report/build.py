@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import math
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -72,13 +72,15 @@ def report_runs(store: Store, names: Sequence[str] | None = None) -> list[str]:
 
 def build_report(store_path: str | Path, out_dir: str | Path = "vheads-report", runs: Sequence[str] | None = None,
                  overlays: int = 3, device: str = "auto", stages: tuple[int, int] | None = None,
-                 progress: Callable[[int, int, str], None] | None = None) -> Path:
+                 progress: Callable[[int, int, str], None] | None = None,
+                 styles: Mapping[str, str] | None = None) -> Path:
     """Write `out_dir/index.html` and a PNG per figure for the chosen runs; returns the page's path.
 
     Stages: `stages` for every run, else each run's stored `--stages`, else thirds.
     `progress(done, total, what)` is called as each run's section is written, and once for the shared figures.
     `overlays` is how many correct and how many wrong samples to draw per run (0: none); drawing them loads
     the run's model and data again, and a run whose model or data cannot be loaded just gets a note.
+    `styles` (prompt style -> run name, reference first) adds the prompt-style comparison after the overview.
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -91,6 +93,10 @@ def build_report(store_path: str | Path, out_dir: str | Path = "vheads-report", 
             raise ValueError(f"{store_path} has no finished run to report; run `vheads run` first")
         views = [_view(store, name, i, stages) for i, name in enumerate(names)]
         sections = [_overview(views)]
+        if styles:
+            from vheads.report.styles import style_section
+
+            sections.append(style_section(store, styles, out))
         models: dict[tuple[str, str], Any] = {}
         steps = len(views) + 1
         for i, view in enumerate(views):

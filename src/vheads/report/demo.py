@@ -1,4 +1,5 @@
-"""`vheads demo`: the whole study on the embedded default in one call: run, rank, ablate, report."""
+"""`vheads demo`: the whole study on the embedded default in one call: run, compare prompt styles, rank, ablate,
+report."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from vheads.store import Store
 STORE_NAME = "vheads-demo.duckdb"
 RUN_NAME = "demo"
 SELECTORS = ("top", "random", "late")
+STYLES = ("plain", "none")
 
 
 @dataclass
@@ -33,6 +35,7 @@ class DemoSettings:
     overlays: int = 3
     model: str | None = None
     batch_size: int = 16
+    styles: tuple[str, ...] = STYLES
 
     def store_path(self) -> Path:
         """The store the demo writes: `--store`, else a fresh `vheads-demo.duckdb` inside the output folder."""
@@ -46,6 +49,7 @@ class DemoResult:
     index: Path
     store: Path
     run: RunSummary
+    style_runs: dict[str, str]
     ranking: pd.DataFrame
     points: list[dict[str, Any]]
     seconds: dict[str, float] = field(default_factory=dict)
@@ -63,7 +67,8 @@ def fresh_store(settings: DemoSettings) -> Path:
 
 def run_demo(settings: DemoSettings, say: Callable[[str], None] = print,
              on_ranking: Callable[[pd.DataFrame], None] | None = None) -> DemoResult:
-    """Run the study: held-out ShapesQA through the model, head ranking, a small pruning sweep, the report.
+    """Run the study: held-out ShapesQA through the model, the same questions in the other prompt styles, head
+    ranking, a small pruning sweep, the report.
 
     The sweep ablates the top visual heads, random heads (several seeds) and the weakest late heads, K at a
     time, each point a stored run, on the same questions (or `sweep_limit` questions drawn with the same seed).
@@ -80,14 +85,27 @@ def run_demo(settings: DemoSettings, say: Callable[[str], None] = print,
     config = RunConfig(model=settings.model, limit=settings.limit, store=str(store), batch_size=settings.batch_size)
     dataset = load_dataset(config.dataset, limit=config.limit, seed=config.seed)
     existing = _names(store)
-    name = RUN_NAME if RUN_NAME not in existing else None
-    say(f"1/4 running {loaded.name} on {len(dataset.samples)} held-out ShapesQA questions")
-    summary = run(replace(config, name=name), loaded=loaded, dataset=dataset)
+    say(f"1/5 running {loaded.name} on {len(dataset.samples)} held-out ShapesQA questions")
+    summary = run(replace(config, name=_free(RUN_NAME, existing)), loaded=loaded, dataset=dataset)
     seconds["run"] = time.time() - began
+    step = time.time()
+    style_runs = {"visual": summary.name}
+    if settings.styles:
+        say(f"2/5 the same questions with the box as text coordinates or left out: {', '.join(settings.styles)}")
+    accuracies = {"visual": summary.accuracy}
+    for style in settings.styles:
+        styled = replace(config, prompt_style=style, name=_free(f"{RUN_NAME}-{style}", existing))
+        data = load_dataset(config.dataset, limit=config.limit, seed=config.seed, prompt_style=style)
+        done = run(styled, loaded=loaded, dataset=data)
+        style_runs[style], accuracies[style] = done.name, done.accuracy
+    if settings.styles:
+        say("    accuracy by prompt style: " + ", ".join(
+            f"{style} {value:.3f}" for style, value in accuracies.items() if value is not None))
+    seconds["styles"] = time.time() - step
     with Store(store, read_only=True) as db:
         ranking = head_table(db, summary.name)
-    say(f"2/4 ranked {len(ranking)} heads; accuracy {summary.accuracy:.3f}" if summary.accuracy is not None
-        else f"2/4 ranked {len(ranking)} heads")
+    say(f"3/5 ranked {len(ranking)} heads; accuracy {summary.accuracy:.3f}" if summary.accuracy is not None
+        else f"3/5 ranked {len(ranking)} heads")
     if on_ranking:
         on_ranking(ranking)
     step = time.time()
@@ -95,17 +113,24 @@ def run_demo(settings: DemoSettings, say: Callable[[str], None] = print,
     if settings.sweep_limit is not None and settings.sweep_limit != settings.limit:
         sweep_config = replace(config, limit=settings.sweep_limit)
         sweep_data = load_dataset(config.dataset, limit=settings.sweep_limit, seed=config.seed)
-    say(f"3/4 ablating K = {', '.join(map(str, settings.ks))} heads (top, {settings.seeds} random seeds, late) "
+    say(f"4/5 ablating K = {', '.join(map(str, settings.ks))} heads (top, {settings.seeds} random seeds, late) "
         f"on {len(sweep_data.samples)} questions")
     points = sweep(store, summary.name, selectors=SELECTORS, ks=settings.ks, seeds=settings.seeds,
                    config=sweep_config, loaded=loaded, dataset=sweep_data)
     seconds["sweep"] = time.time() - step
     step = time.time()
-    say("4/4 writing the report")
-    index = build_report(store, settings.out, runs=[summary.name], overlays=settings.overlays)
+    say("5/5 writing the report")
+    index = build_report(store, settings.out, runs=[summary.name], overlays=settings.overlays,
+                         styles=style_runs if settings.styles else None)
     seconds["report"] = time.time() - step
     seconds["total"] = time.time() - began
-    return DemoResult(index=index, store=store, run=summary, ranking=ranking, points=points, seconds=seconds)
+    return DemoResult(index=index, store=store, run=summary, style_runs=style_runs, ranking=ranking, points=points,
+                      seconds=seconds)
+
+
+def _free(name: str, existing: set[str]) -> str | None:
+    """`name` if no run has it yet, else None (the pipeline then picks a fresh name)."""
+    return name if name not in existing else None
 
 
 def _names(store: Path) -> set[str]:

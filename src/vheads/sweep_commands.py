@@ -13,7 +13,6 @@ from pathlib import Path
 from typing import Any, get_type_hints
 
 import typer
-from click.core import ParameterSource
 
 from vheads.cli import check_choice, console, emit, err, errors, fail, frame_table, setup_logging
 from vheads.cli import run as run_command
@@ -69,7 +68,7 @@ def sweep(
     from vheads.study import AXES, StudyError, axis_entry, expand, read_study
     from vheads.sweep import SweepError, plan, run_sweep
 
-    given = {k for k in options if ctx.get_parameter_source(k) not in (ParameterSource.DEFAULT, None)}
+    given = {k for k in options if getattr(ctx.get_parameter_source(k), "name", "DEFAULT") != "DEFAULT"}
     spellings = option_spellings()
     settings: dict[str, Any] = {}
     axes: dict[str, list[dict[str, Any]]] = {"models": [{"model": None}], "datasets": [{"dataset": "shapes"}]}

@@ -6,7 +6,7 @@ plain, `--n` questions each. Every side uses one torch thread per worker (Ray: `
 `--cpus` workers side by side); the shares are of the side's wall time: starting Ray (connecting the driver),
 and loading models and data (worker-seconds, summed over the workers).
 
-    python benchmarks/sweep.py [--n 64] [--cpus 2]
+    python benchmarks/sweep.py [--n 32] [--cpus 2]
 """
 
 from __future__ import annotations
@@ -59,7 +59,7 @@ def runs_side(n: int) -> dict[str, float]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--n", type=int, default=64)
+    parser.add_argument("--n", type=int, default=32)
     parser.add_argument("--cpus", type=int, default=2)
     args = parser.parse_args()
     torch.set_num_threads(1)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -31,6 +32,14 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def kill_processes_of(root: Path) -> None:
+    """Kill the processes this module's cluster started (those naming its temp folder), and no other."""
+    for p in psutil.process_iter(["cmdline"]):
+        if any(str(root) in part for part in p.info["cmdline"] or ()):
+            with contextlib.suppress(psutil.Error):
+                p.kill()
+
+
 @pytest.fixture(scope="module")
 def cluster():
     """The address of a 2-CPU Ray head started in a folder of its own; stopped (every process of it) afterwards."""
@@ -41,27 +50,34 @@ def cluster():
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (SRC, os.environ.get("PYTHONPATH")) if p),
            "RAY_AUTH_MODE": "disabled"}
     ray = str(Path(sys.executable).parent / "ray")
-    with open(root / "head.log", "w") as log:
-        proc = subprocess.Popen([ray, "start", "--head", "--block", "--num-cpus", "2", "--num-gpus", "0",
-                                 "--port", str(port), "--node-ip-address", "127.0.0.1", "--temp-dir", str(root / "t"),
-                                 "--include-dashboard", "false", "--disable-usage-stats"],
-                                cwd=head, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    command = [ray, "start", "--head", "--block", "--num-cpus", "2", "--num-gpus", "0", "--port", str(port),
+               "--node-ip-address", "127.0.0.1", "--temp-dir", str(root / "t"), "--include-dashboard", "false",
+               "--disable-usage-stats"]
+    proc = None
     try:
-        deadline = time.time() + 180
-        while "Ray runtime started" not in (root / "head.log").read_text():
-            if proc.poll() is not None or time.time() > deadline:
-                pytest.fail("the Ray head did not start:\n" + (root / "head.log").read_text()[-2000:])
-            time.sleep(0.5)
+        for _ in range(3):  # Ray gives its node 30 s to come up, which a loaded machine can miss
+            with open(root / "head.log", "w") as log:
+                proc = subprocess.Popen(command, cwd=head, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                        start_new_session=True)
+            deadline = time.time() + 180
+            while "Ray runtime started" not in (root / "head.log").read_text() and proc.poll() is None:
+                if time.time() > deadline:
+                    pytest.fail("the Ray head did not start:\n" + (root / "head.log").read_text()[-2000:])
+                time.sleep(0.5)
+            if proc.poll() is None:
+                break
+            kill_processes_of(root)
+        else:
+            pytest.fail("the Ray head did not start:\n" + (root / "head.log").read_text()[-2000:])
         yield {"address": f"127.0.0.1:{port}", "head": head}
     finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-        for p in psutil.process_iter(["cmdline"]):
-            if any(str(root) in part for part in p.info["cmdline"] or ()):
-                p.kill()
+        if proc is not None and proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+        kill_processes_of(root)
         shutil.rmtree(root, ignore_errors=True)
 
 

@@ -118,8 +118,8 @@ def test_on_ray_a_killed_worker_is_retried_without_duplicates_and_a_bad_model_fa
     tasks = result.tasks.set_index("run")
     assert tasks.loc["tiny", "status"] == "done" and tasks.loc["missing", "status"] == "failed"
     assert "does not exist" in tasks.loc["missing", "error"]
-    failures = [e for e in events if e.kind == "failure"]
-    assert [e.run for e in failures] == ["tiny", "missing"] and "trying again" in failures[0].text
+    failures = sorted((e.run, e.text) for e in events if e.kind == "failure")
+    assert [run for run, _ in failures] == ["missing", "tiny"] and "trying again" in failures[1][1]
     with Store(store, read_only=True) as db:
         assert db.run("tiny")["status"] == "done" and db.run("tiny")["n_samples"] == 8
         assert len(db.head_stats("tiny")) == 8 * 3 * 4

@@ -429,16 +429,25 @@ def _pool(local: bool, address: str | None, gpus_per_task: float | None, cpus_pe
 
 
 def _init_ray(ray: Any, address: str | None, num_cpus: int | None) -> None:
-    """Connect to the cluster at `address`, or start a local Ray without dashboard or worker log forwarding."""
-    try:
-        if address:
-            ray.init(address=address, logging_level=logging.WARNING, log_to_driver=False)
-        else:
-            ray.init(num_cpus=num_cpus or os.cpu_count() or 1, include_dashboard=False, log_to_driver=False,
-                     logging_level=logging.WARNING)
-    except Exception as exc:  # noqa: BLE001 - every start failure becomes one line
-        where = f"the Ray cluster at {address}" if address else "a local Ray"
-        raise SweepError(f"cannot start {where}: {first_line(exc)}") from exc
+    """Connect to the cluster at `address`, or start a local Ray without dashboard or worker log forwarding.
+
+    A local start is tried three times: Ray gives its node 30 s to come up, which a busy machine can miss.
+    """
+    tries = 1 if address else 3
+    for attempt in range(1, tries + 1):
+        try:
+            if address:
+                ray.init(address=address, logging_level=logging.WARNING, log_to_driver=False)
+            else:
+                ray.init(num_cpus=num_cpus or os.cpu_count() or 1, include_dashboard=False, log_to_driver=False,
+                         logging_level=logging.WARNING)
+            return
+        except Exception as exc:  # noqa: BLE001 - every start failure becomes one line
+            ray.shutdown()
+            if attempt == tries:
+                where = f"the Ray cluster at {address}" if address else "a local Ray"
+                raise SweepError(f"cannot start {where}: {first_line(exc)}") from exc
+            log.warning("a local Ray did not start (%s); trying again", first_line(exc))
 
 
 def _finished(runs: Sequence[RunConfig], store: Path) -> dict[str, dict[str, Any]]:

@@ -114,7 +114,7 @@ def test_on_ray_a_killed_worker_is_retried_without_duplicates_and_a_bad_model_fa
             os.kill(killed[0], signal.SIGKILL)
             killed.append(True)
 
-    result = run_sweep(runs, store, address=cluster["address"], retries=1, on_event=on_event)
+    result = run_sweep(runs, store, address=cluster["address"], cpus_per_task=2, retries=1, on_event=on_event)
     tasks = result.tasks.set_index("run")
     assert tasks.loc["tiny", "status"] == "done" and tasks.loc["missing", "status"] == "failed"
     assert "does not exist" in tasks.loc["missing", "error"]

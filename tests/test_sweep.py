@@ -1,17 +1,20 @@
-"""`vheads sweep`: the plan, in-process and Ray sweeps merged into one store, failures reported, re-runs idempotent."""
+"""`vheads sweep` in-process: the plan, study files, the driver writing what workers compute, failures reported."""
 
 from __future__ import annotations
 
 import shutil
 import sys
 
+import pandas as pd
 import pytest
 from typer.testing import CliRunner
 
 from vheads.cli import app
 from vheads.pipeline import RunConfig, run
 from vheads.store import Store
-from vheads.sweep import SweepError, parse_dataset, plan, run_sweep
+from vheads.study import expand, read_study
+from vheads.sweep import SweepError, absolute, plan, run_sweep
+from vheads.sweep_commands import option_spellings
 
 
 @pytest.fixture(scope="module")
@@ -21,38 +24,59 @@ def two_models(model_dirs, tmp_path_factory):
     return [str(shutil.copytree(model_dirs("llava"), root / name)) for name in ("tiny-a", "tiny-b")]
 
 
-def test_plan_gives_one_resumable_task_per_model_dataset_and_shard(tmp_path):
-    base = RunConfig(store=str(tmp_path / "vheads.duckdb"), limit=6, readout="generated")
-    configs = plan(["/models/llava-7b", "demo"], ["shapes", "pope:/data/pope.jsonl"], 2, base)
-    assert [(c.name, c.shard) for c in configs[:4]] == [
-        ("llava-7b-shapes-generated", (1, 2)), ("llava-7b-shapes-generated", (2, 2)),
-        ("llava-7b-pope-generated", (1, 2)), ("llava-7b-pope-generated", (2, 2)),
-    ]
-    assert {c.name for c in configs[4:]} == {"demo-shapes-generated", "demo-pope-generated"}
-    assert all(c.resume and c.limit == 6 for c in configs)
-    assert [c.data for c in configs[:4]] == [None, None, "/data/pope.jsonl", "/data/pope.jsonl"]
-    files = [c.store_path() for c in configs]
-    assert len(set(files)) == len(files)
-    assert files[0] == tmp_path / "vheads-sweep" / "llava-7b-shapes-generated.shard-1-of-2.duckdb"
+def figures(store, name):
+    """A run's samples and head figures, in a fixed order, for comparing two stores."""
+    with Store(store, read_only=True) as db:
+        samples = db.samples(name).drop(columns=["run_id"]).sort_values("sample_id").reset_index(drop=True)
+        heads = db.head_stats(name).drop(columns=["run_id"])
+    return samples, heads.sort_values(["sample_id", "layer", "head"]).reset_index(drop=True)
 
 
-def test_plan_with_one_shard_and_a_workdir(tmp_path):
-    configs = plan(["demo"], ["shapes"], 1, RunConfig(store="out/v.duckdb", split="train"), workdir=tmp_path)
-    assert [(c.name, c.shard) for c in configs] == [("demo-shapes-train", None)]
-    assert configs[0].store_path() == tmp_path / "v-sweep" / "demo-shapes-train.duckdb"
+def test_plan_names_every_run_and_makes_its_paths_absolute(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "models" / "llava-7b").mkdir(parents=True)
+    configs = [RunConfig(model=m, dataset="pope", data="pope.jsonl", images="coco", readout=r)
+               for m in ("models/llava-7b", "llava-hf/llava-1.5-7b-hf") for r in ("prompt", "generated")]
+    configs.append(RunConfig(dataset="shapes", prompt_style="plain", ablate=[(0, 1)], tags={"ablate": "top:5"}))
+    runs = plan(configs)
+    assert [r.name for r in runs] == ["llava-7b-pope", "llava-7b-pope-generated", "llava-1.5-7b-hf-pope",
+                                      "llava-1.5-7b-hf-pope-generated", "demo-shapes-plain-zero-top_5"]
+    assert runs[0].model == str(tmp_path / "models" / "llava-7b") and runs[2].model == "llava-hf/llava-1.5-7b-hf"
+    assert runs[0].data == str(tmp_path / "pope.jsonl") and runs[0].images == str(tmp_path / "coco")
+    assert all(r.resume and r.shard is None for r in runs)
+    assert absolute(RunConfig(model="demo")).model == "demo"
 
 
 def test_plan_refuses_runs_that_would_share_a_name():
     with pytest.raises(ValueError, match="both be run 'llava-shapes'"):
-        plan(["/a/llava", "/b/llava"], ["shapes"], 2, RunConfig())
-    assert parse_dataset("POPE:/d/x:y.jsonl") == ("pope", "/d/x:y.jsonl")
+        plan([RunConfig(model="/a/llava"), RunConfig(model="/b/llava")])
 
 
-def test_an_in_process_sweep_merges_every_run_and_reports_the_failed_task(tmp_path, two_models):
+def test_a_study_file_is_every_combination_of_its_axes(tmp_path):
+    study = tmp_path / "study.toml"
+    study.write_text('store = "out/s.duckdb"\nshards = 2\nlimit = 4\nmax-new-tokens = 3\n'
+                     'models = ["demo", { model = "m", dtype = "float32" }]\n'
+                     'datasets = ["shapes", "pope:pope.jsonl"]\n'
+                     'readouts = ["prompt", "generated"]\n'
+                     'ablations = ["none", { ablate = "0.1", ablation = "uniform" }]\n')
+    read = read_study(study, option_spellings())
+    assert read.settings == {"shards": 2}
+    assert read.base == {"store": str(tmp_path / "out" / "s.duckdb"), "limit": 4, "max_new_tokens": 3}
+    assert read.axes["datasets"] == [{"dataset": "shapes"}, {"dataset": "pope", "data": str(tmp_path / "pope.jsonl")}]
+    combos = expand(read.base, read.axes)
+    assert len(combos) == 16
+    assert combos[-1] == {**read.base, "model": "m", "dtype": "float32", "dataset": "pope",
+                          "data": str(tmp_path / "pope.jsonl"), "readout": "generated", "ablate_heads": "0.1",
+                          "ablation": "uniform"}
+    study.write_text('models = ["demo"]\nbatchsize = 3\n')
+    with pytest.raises(ValueError, match=r"study.toml: top level: unknown option 'batchsize'"):
+        read_study(study, option_spellings())
+
+
+def test_an_in_process_sweep_stores_what_vheads_run_stores_and_reports_the_failed_run(tmp_path, two_models):
     store = tmp_path / "vheads.duckdb"
-    models = two_models + [str(tmp_path / "no-such-model")]
-    configs = plan(models, ["shapes"], 2, RunConfig(limit=6, batch_size=3, store=str(store)))
-    result = run_sweep(configs, into=store, local=True)
+    configs = [RunConfig(model=m, limit=6, batch_size=2) for m in two_models + [str(tmp_path / "no-such")]]
+    result = run_sweep(plan(configs), store, shards=2, local=True, retries=3)
     tasks = result.tasks
     assert list(tasks["status"]) == ["done"] * 4 + ["failed"] * 2 and not result.ok
     assert list(tasks["samples"][:4]) == [3, 3, 3, 3]
@@ -61,55 +85,53 @@ def test_an_in_process_sweep_merges_every_run_and_reports_the_failed_task(tmp_pa
         runs = db.runs().set_index("name")
         assert set(runs.index) == {"tiny-a-shapes", "tiny-b-shapes"}
         assert (runs["status"] == "done").all() and (runs["n_samples"] == 6).all()
-        assert len(db.head_stats("tiny-a-shapes")) == 6 * 3 * 4
 
-    again = run_sweep(configs[:4], into=store, local=True)
-    assert again.ok and list(again.tasks["seconds"]) == [0.0] * 4
-    assert sum(m.samples_added for m in again.merges) == 0
-    with Store(store, read_only=True) as db:
-        assert len(db.samples("tiny-b-shapes")) == 6
+    reference = tmp_path / "run.duckdb"
+    run(RunConfig(model=two_models[0], limit=6, batch_size=2, store=str(reference), name="tiny-a-shapes"))
+    for ours, theirs in zip(figures(store, "tiny-a-shapes"), figures(reference, "tiny-a-shapes"), strict=True):
+        pd.testing.assert_frame_equal(ours, theirs, check_exact=False, rtol=1e-4, atol=1e-6)  # other batches
+    with Store(store, read_only=True) as db, Store(reference, read_only=True) as ref:
+        assert db.run("tiny-a-shapes")["config"] == ref.run("tiny-a-shapes")["config"]
+        assert db.run("tiny-a-shapes")["accuracy"] == ref.run("tiny-a-shapes")["accuracy"]
+
+    again = run_sweep(plan(configs[:2]), store, shards=2, local=True)
+    assert again.ok and list(again.tasks["shard"]) == ["kept", "kept"]
 
 
-def test_a_run_that_cannot_merge_is_reported_and_the_others_land(tmp_path, two_models):
+def test_a_sweep_resumes_a_run_and_a_run_that_cannot_resume_fails_alone(tmp_path, two_models):
     store = tmp_path / "vheads.duckdb"
-    run(RunConfig(model=two_models[0], limit=2, store=str(store), name="tiny-a-shapes"))
-    configs = plan(two_models, ["shapes"], 2, RunConfig(limit=2, store=str(store)))
-    tasks = run_sweep(configs, into=store, local=True).tasks
-    assert list(tasks["status"]) == ["merge failed"] * 2 + ["done"] * 2
-    assert "cut into 2 shard(s) there but 1" in tasks["error"][0]
+    run(RunConfig(model=two_models[0], limit=3, store=str(store), name="tiny-a-shapes"))
+    run(RunConfig(model=two_models[1], limit=2, readout="generated", store=str(store), name="tiny-b-shapes"))
+    tasks = run_sweep(plan([RunConfig(model=m, limit=5) for m in two_models]), store, shards=2, local=True).tasks
+    assert list(tasks["status"]) == ["done", "done", "failed", "failed"]
+    assert list(tasks["samples"][:2]) == [0, 2]
+    assert "cannot resume run tiny-b-shapes" in tasks["error"][2] and "readout" in tasks["error"][2]
     with Store(store, read_only=True) as db:
-        assert db.run("tiny-b-shapes")["status"] == "done" and db.run("tiny-a-shapes")["n_samples"] == 2
+        assert db.run("tiny-a-shapes")["status"] == "done" and len(db.samples("tiny-a-shapes")) == 5
 
 
-def test_the_sweep_command_in_process(tmp_path, two_models):
-    store = tmp_path / "s.duckdb"
-    args = ["sweep", "--models", ",".join(two_models), "--datasets", "shapes", "--shards", "2", "--limit", "4",
-            "--store", str(store), "--workdir", str(tmp_path / "work"), "--no-ray"]
-    result = CliRunner().invoke(app, args)
+def test_the_sweep_command_with_a_study_file_and_run_options(tmp_path, two_models, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    study = tmp_path / "study.toml"
+    study.write_text(f'store = "s.duckdb"\nlimit = 3\nbatch-size = 2\nmodels = ["{two_models[0]}"]\n'
+                     'readouts = ["prompt", "first-generated"]\n'
+                     'ablations = ["none", { ablate = "0.1", ablation = "uniform" }]\n')
+    result = CliRunner().invoke(app, ["sweep", str(study), "--no-ray", "--max-new-tokens", "2", "--shards", "2"])
     assert result.exit_code == 0, result.output
-    assert "tiny-b-shapes (done)" in result.output
-    assert sorted(p.name for p in (tmp_path / "work" / "s-sweep").iterdir()) == [
-        f"tiny-{m}-shapes.shard-{k}-of-2.duckdb" for m in "ab" for k in (1, 2)]
-    bad = CliRunner().invoke(app, ["sweep", "--models", "/a/m,/b/m", "--store", str(store), "--no-ray"])
+    with Store(tmp_path / "s.duckdb", read_only=True) as db:
+        runs = db.runs().set_index("name")
+    assert set(runs.index) == {"tiny-a-shapes", "tiny-a-shapes-first-generated", "tiny-a-shapes-uniform-0.1",
+                               "tiny-a-shapes-first-generated-uniform-0.1"}
+    assert (runs["n_samples"] == 3).all() and runs.loc["tiny-a-shapes-uniform-0.1", "ablation"] == "uniform:0.1"
+    assert {c["max_new_tokens"] for c in runs["config"]} == {2}
+
+    bad = CliRunner().invoke(app, ["sweep", "--models", "/a/m,/b/m", "--no-ray"])
     assert bad.exit_code == 2 and "both be run" in bad.output
+    failed = CliRunner().invoke(app, ["sweep", "--models", "missing-folder/", "--no-ray", "--store", "f.duckdb"])
+    assert failed.exit_code == 1 and "failed missing-folder-shapes 1/1: ModelError" in failed.output
 
 
 def test_without_ray_the_sweep_says_what_to_install(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "ray", None)
-    configs = plan(["demo"], ["shapes"], 1, RunConfig(store=str(tmp_path / "v.duckdb")))
     with pytest.raises(SweepError, match=r"install vheads\[ray\]"):
-        run_sweep(configs, into=tmp_path / "v.duckdb")
-
-
-def test_a_sweep_on_local_ray_with_a_failing_task(tmp_path, two_models):
-    pytest.importorskip("ray")
-    store = tmp_path / "vheads.duckdb"
-    models = [two_models[0], str(tmp_path / "no-such-model")]
-    configs = plan(models, ["shapes"], 2, RunConfig(limit=4, batch_size=2, store=str(store)))
-    tasks = run_sweep(configs, into=store, num_cpus=2).tasks
-    assert list(tasks["status"]) == ["done", "done", "failed", "failed"], tasks.to_string()
-    assert "does not exist" in tasks["error"][3]
-    with Store(store, read_only=True) as db:
-        run = db.run("tiny-a-shapes")
-        assert run["status"] == "done" and run["n_samples"] == 4
-        assert set(run["tags"]["parts"]) == {"1/2", "2/2"}
+        run_sweep(plan([RunConfig()]), tmp_path / "v.duckdb")

@@ -17,7 +17,7 @@ import torch
 
 from vheads import metrics
 from vheads import settings as run_settings
-from vheads.capture import HeadRecorder, ablate, attention_layer_indices
+from vheads.capture import HeadFigures, HeadRecorder, ablate, attention_layer_indices
 from vheads.data import BadSample, Dataset, Sample, load_dataset, score
 from vheads.data.images import DEFAULT_MAX_PIXELS
 from vheads.data.skips import SkipLog
@@ -338,6 +338,32 @@ class Runner:
             start += size
 
 
+@dataclass
+class Computed:
+    """One computed batch: its `samples` rows and their head figures, or (figures None) samples that were skipped."""
+
+    rows: list[dict[str, Any]]
+    figures: HeadFigures | None
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+
+
+def compute(runner: Runner, samples: Sequence[Sample], batch_size: int) -> Iterator[Computed]:
+    """Answer and measure `samples`, `batch_size` at a time; unreadable ones come first in their batch, skipped."""
+    for i in range(0, len(samples), batch_size):
+        good, images, bad = runner.prepare(samples[i:i + batch_size])
+        if bad:
+            yield Computed([], None, [(sample.id, reason) for sample, reason in bad])
+        for lo, hi, (answers, figures, region_tokens, too_long) in runner.run_adaptive(good, images):
+            rows = [sample_row(s, a, n, r, bool(t)) for s, a, n, r, t in
+                    zip(good[lo:hi], answers, figures.image_token_count, region_tokens, too_long, strict=True)]
+            yield Computed(rows, figures)
+
+
+def skip_reason(reason: str) -> str:
+    """The reason a skipped sample is counted under: 'unreadable image (OSError)' -> 'unreadable image'."""
+    return reason.split(" (")[0]
+
+
 def sample_row(sample: Sample, prediction: str, image_tokens: int, region_tokens: int,
                too_long: bool = False) -> dict[str, Any]:
     """The `samples` table row of one answered sample (meta `over_max_positions` marks a too-long prompt)."""
@@ -386,7 +412,7 @@ def run(config: RunConfig, loaded: Loaded | None = None, dataset: Dataset | None
             settings["attention_layers"] = attention_layers  # read off the model, see settings.DERIVED
             handle = store.start_run(
                 name, model=loaded.name, family=loaded.family, dataset=dataset.name, split=dataset.split or "",
-                layers=layers, heads=heads, readout=config.readout, ablation=_ablation_label(config),
+                layers=layers, heads=heads, readout=config.readout, ablation=ablation_label(config),
                 config=settings, resume=config.resume, sweep=config.sweep,
                 shard=config.shard, tags=config.tags or None,
             )
@@ -440,19 +466,17 @@ def _run_samples(store: Store, handle: RunHandle, config: RunConfig, loaded: Loa
 
     try:
         with interrupt_guard(), BatchWriter(store, handle, on_stored=stored) as writer:
-            for i in range(0, len(todo), config.batch_size):
-                good, images, bad = runner.prepare(todo[i:i + config.batch_size])
-                for sample, reason in bad:
-                    skip_log.add(reason.split(" (")[0], f"skipped sample {sample.id}: {reason}")
-                    runtime_skips[reason.split(" (")[0]] += 1
-                for lo, hi, (answers, figures, region_tokens, too_long) in runner.run_adaptive(good, images):
-                    rows = [sample_row(s, a, n, r, bool(t)) for s, a, n, r, t in
-                            zip(good[lo:hi], answers, figures.image_token_count, region_tokens, too_long, strict=True)]
-                    writer.submit(rows, figures)
-                    done += len(rows)
-                    correct += sum(bool(r["correct"]) for r in rows)
-                    if progress:
-                        progress(done, len(todo), correct)
+            for batch in compute(runner, todo, config.batch_size):
+                for sample_id, reason in batch.skipped:
+                    skip_log.add(skip_reason(reason), f"skipped sample {sample_id}: {reason}")
+                    runtime_skips[skip_reason(reason)] += 1
+                if batch.figures is None:
+                    continue
+                writer.submit(batch.rows, batch.figures)
+                done += len(batch.rows)
+                correct += sum(bool(r["correct"]) for r in batch.rows)
+                if progress:
+                    progress(done, len(todo), correct)
     except KeyboardInterrupt:
         skip_log.close()
         store.finish_run(handle, status="interrupted", skipped=_skips(dataset, runtime_skips))
@@ -462,15 +486,16 @@ def _run_samples(store: Store, handle: RunHandle, config: RunConfig, loaded: Loa
         store.finish_run(handle, status="failed", skipped=_skips(dataset, runtime_skips))
         raise
     skip_log.close()
-    summary = _summarize(store, handle, store_path, dataset, runtime_skips, time.time() - began,
-                         runner.max_positions)
+    summary = summarize(store, handle, store_path, _skips(dataset, runtime_skips), is_yesno(dataset),
+                        time.time() - began, runner.max_positions)
     if runner.no_regions:
         summary.notes.append(runner.no_regions)
     store.finish_run(handle, status="done", accuracy=summary.accuracy, skipped=summary.skipped)
     return summary
 
 
-def _ablation_label(config: RunConfig) -> str:
+def ablation_label(config: RunConfig) -> str:
+    """The run's `ablation` column: 'none', or 'MODE:L.H,L.H'."""
     if not config.ablate:
         return "none"
     return f"{config.ablation}:" + ",".join(f"{layer}.{head}" for layer, head in config.ablate)
@@ -482,8 +507,13 @@ def _skips(dataset: Dataset, runtime: Counter[str]) -> dict[str, int]:
     return dict(counts)
 
 
-def _summarize(store: Store, handle: RunHandle, store_path: Path, dataset: Dataset, runtime: Counter[str],
-               seconds: float, max_positions: int | None = None) -> RunSummary:
+def is_yesno(dataset: Dataset) -> bool:
+    """Whether the dataset is scored yes/no (POPE), so its runs report POPE's metrics."""
+    return bool(dataset.samples) and dataset.samples[0].scoring == "yesno"
+
+
+def summarize(store: Store, handle: RunHandle, store_path: Path, skipped: dict[str, int], yesno: bool,
+              seconds: float, max_positions: int | None = None) -> RunSummary:
     """The run's totals, computed in the store (a resumed run counts its earlier batches too)."""
     counts = store.query(
         "SELECT coalesce(question_type, 'all') AS question_type, count(*) AS n, count(correct) AS scored, "
@@ -493,7 +523,7 @@ def _summarize(store: Store, handle: RunHandle, store_path: Path, dataset: Datas
     n, scored, correct = (int(counts[c].sum()) for c in ("n", "scored", "correct"))
     by_type = {str(row.question_type): row.correct / row.scored for row in counts.itertuples() if row.scored}
     extra: dict[str, Any] = {}
-    if scored and dataset.samples and dataset.samples[0].scoring == "yesno":
+    if scored and yesno:
         from vheads.data import pope_metrics
 
         answered = store.query("SELECT prediction, answer FROM samples WHERE run_id = ? AND correct IS NOT NULL "
@@ -504,7 +534,7 @@ def _summarize(store: Store, handle: RunHandle, store_path: Path, dataset: Datas
         "coalesce(json_extract(meta, '$.over_max_positions')::BOOLEAN, false)", [handle.run_id])["n"].iloc[0])
     return RunSummary(name=handle.name, run_id=handle.run_id, store=str(store_path), samples=n, correct=correct,
                       accuracy=correct / scored if scored else None, by_type=by_type,
-                      skipped=_skips(dataset, runtime), status="done", seconds=seconds, extra=extra,
+                      skipped=skipped, status="done", seconds=seconds, extra=extra,
                       long_prompts=long_prompts, max_positions=max_positions)
 
 

@@ -1,35 +1,49 @@
-"""`vheads sweep`: many models x datasets (x shards) as one task each, on Ray or in-process, merged into one store.
+"""`vheads sweep`: many runs (models x datasets x options), each cut into pieces, computed by workers and stored
+by the driver.
 
-Every task writes its own DuckDB file (DuckDB allows one writer per file) under the work folder, named after
-its run and shard; the shards of one (model, dataset) share a run name, so merging folds them into one run.
-On a multi-machine Ray cluster the work folder must be a filesystem every node reaches (NFS, a mounted
-bucket), and so must the models and data files.
+The driver is the store's one writer: workers (Ray actors, or one worker in this process) load a model once,
+compute batches of a run's samples and send the per-sample results back; the driver writes them through the
+same `BatchWriter`, transactions and resume rules as `vheads run`. No filesystem is shared for outputs; the
+models and data files must be reachable from every worker, so their paths are made absolute before they
+leave the driver.
 """
 
 from __future__ import annotations
 
-import gc
-import json
 import logging
 import os
 import re
 import time
+from collections import Counter, deque
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 
 from vheads import settings as run_settings
-from vheads.models import Loaded
-from vheads.pipeline import Interrupted, RunConfig, base_name, run
-from vheads.store import MergeSummary, Store, StoreError, merge
+from vheads.pipeline import (
+    Computed,
+    Interrupted,
+    RunConfig,
+    RunSummary,
+    ablation_label,
+    base_name,
+    skip_reason,
+    summarize,
+    with_stages,
+)
+from vheads.store import RunHandle, Store, StoreError
+from vheads.study import parse_dataset
+from vheads.sweep_workers import Failure, LocalPool, Opened, RayPool, first_line
+from vheads.writer import BatchWriter
 
 log = logging.getLogger("vheads.sweep")
 
 DEMO = "demo"
 COLUMNS = ("run", "model", "dataset", "shard", "status", "samples", "accuracy", "seconds", "error")
+IN_FLIGHT = 2
 
 
 class SweepError(Exception):
@@ -37,35 +51,29 @@ class SweepError(Exception):
 
 
 @dataclass
-class TaskResult:
-    """What one (model, dataset, shard) task reports back: its run's state in its own file, or why it failed."""
+class Event:
+    """What the driver tells the live view: kind is 'worker', 'open', 'progress', 'failure' or 'finished'."""
 
-    status: str
-    samples: int = 0
-    accuracy: float | None = None
-    seconds: float = 0.0
-    error: str = ""
+    kind: str
+    run: str = ""
+    shard: str = ""
+    done: int = 0
+    total: int = 0
+    new: int = 0
+    text: str = ""
 
 
 @dataclass
 class SweepResult:
-    """A sweep's tasks (one row each, see `COLUMNS`) and the merge of each run into the store."""
+    """A sweep's pieces (one row each, see `COLUMNS`) and where its time went (seconds)."""
 
     tasks: pd.DataFrame
-    merges: list[MergeSummary] = field(default_factory=list)
+    timing: dict[str, float] = field(default_factory=dict)
 
     @property
     def ok(self) -> bool:
-        """Every task finished and every run merged."""
+        """Every piece of every run finished and is stored."""
         return bool((self.tasks["status"] == "done").all())
-
-
-def parse_dataset(text: str) -> tuple[str, str | None]:
-    """'pope:/data/pope.jsonl' -> ('pope', '/data/pope.jsonl'); a bare name has no data file."""
-    name, _, data = text.strip().partition(":")
-    if not name:
-        raise ValueError(f"--datasets: {text!r} has no dataset name (NAME or NAME:PATH)")
-    return name.lower(), data or None
 
 
 def model_label(model: str | None) -> str:
@@ -75,225 +83,421 @@ def model_label(model: str | None) -> str:
     return Path(str(model).rstrip("/\\")).name or str(model)
 
 
-def run_name(model: str | None, dataset: str, base: RunConfig) -> str:
-    """`<model>-<dataset>[-<split>][-<readout>][-<ablation>K]`, the same for every shard of one (model, dataset)."""
-    return base_name(model_label(model), replace(base, dataset=dataset), base.split)
+def run_name(config: RunConfig) -> str:
+    """`<model>-<dataset>[-<split>][-<question type>][-<prompt style>][-<readout>][-<ablation>]`."""
+    name = base_name(model_label(config.model), replace(config, ablate=[]), config.split)
+    parts = [name] + [v for v in (config.question_type, config.prompt_style) if v]
+    spec = (config.tags or {}).get("ablate")
+    if spec:
+        parts.append(f"{config.ablation}-" + re.sub(r"[^\w.+-]", "_", str(spec).replace(",", "+")))
+    elif config.ablate:
+        parts.append(f"{config.ablation}{len(config.ablate)}")
+    return "-".join(parts)
 
 
-def task_folder(store: str | Path, workdir: str | Path | None = None) -> Path:
-    """Where the task files of a sweep into `store` go: `<workdir>/<store name>-sweep/` (workdir: the store's)."""
-    store = Path(store)
-    return Path(workdir if workdir is not None else store.parent) / f"{store.stem}-sweep"
+def absolute(config: RunConfig, base: str | Path | None = None) -> RunConfig:
+    """`config` with its model folder, data and images paths made absolute against `base` (default: this folder).
+
+    A model is taken as a folder when it exists there or starts with '.', '/' or '~'; otherwise it is a hub id.
+    """
+    base = Path(base or os.getcwd())
+
+    def resolve(path: str) -> str:
+        return str((base / Path(path).expanduser()).resolve())
+
+    model = config.model
+    if model and model != DEMO and (model.startswith((".", "/", "~")) or (base / model).exists()):
+        model = resolve(model)
+    return replace(config, model=model, data=config.data and resolve(config.data),
+                   images=config.images and resolve(config.images))
 
 
-def plan(models: Sequence[str | None], datasets: Sequence[str], shards: int, base: RunConfig,
-         workdir: str | Path | None = None) -> list[RunConfig]:
-    """One resumable config per (model, dataset, shard), each writing its own file under `task_folder`.
+def plan(configs: Sequence[RunConfig], base: str | Path | None = None) -> list[RunConfig]:
+    """The runs of a sweep: each config with absolute paths, named by `run_name`, resumable.
 
-    `datasets` are names or NAME:PATH. Raises ValueError when two (model, dataset) pairs would share a run name.
+    Raises ValueError when two configs would share a run name.
+    """
+    if not configs:
+        raise ValueError("a sweep needs at least one model and one dataset")
+    runs: list[RunConfig] = []
+    seen: dict[str, RunConfig] = {}
+    for config in configs:
+        config = absolute(config, base)
+        name = config.name or run_name(config)
+        if name in seen:
+            raise ValueError(f"two runs of the sweep would both be run {name!r}; give the models distinct folder "
+                             "names and each dataset and option once")
+        seen[name] = config
+        runs.append(replace(config, name=name, shard=None, resume=True))
+    return runs
+
+
+@dataclass
+class _Run:
+    """The driver's state of one run: its store handle, the samples stored or skipped, its pieces."""
+
+    config: RunConfig
+    jobs: list[_Job] = field(default_factory=list)
+    handle: RunHandle | None = None
+    stored: set[str] = field(default_factory=set)
+    skipped_ids: set[str] = field(default_factory=set)
+    skipped: Counter[str] = field(default_factory=Counter)
+    dataset_skips: dict[str, int] = field(default_factory=dict)
+    ids: set[str] = field(default_factory=set)
+    yesno: bool = False
+    began: float = field(default_factory=time.time)
+    new: int = 0
+    summary: RunSummary | None = None
+
+    @property
+    def name(self) -> str:
+        return str(self.config.name)
+
+
+@dataclass
+class _Job:
+    """One piece of a run, computed by one worker at a time."""
+
+    run: _Run
+    piece: tuple[int, int] | None
+    status: str = "pending"
+    attempts: int = 0
+    slot: int | None = None
+    batches: list[list[str]] = field(default_factory=list)
+    in_flight: set[Any] = field(default_factory=set)
+    samples: int = 0
+    seconds: float = 0.0
+    began: float = 0.0
+    error: str = ""
+    opened: bool = False
+
+    @property
+    def key(self) -> tuple[str, str]:
+        return (self.run.name, self.shard)
+
+    @property
+    def shard(self) -> str:
+        return "{}/{}".format(*(self.piece or (1, 1)))
+
+
+def run_sweep(runs: Sequence[RunConfig], store: str | Path, shards: int = 1, address: str | None = None,
+              gpus_per_task: float | None = None, cpus_per_task: float = 1, num_cpus: int | None = None,
+              local: bool = False, retries: int = 1, on_event: Callable[[Event], None] | None = None
+              ) -> SweepResult:
+    """Compute every run of `plan(...)`, cut into `shards` pieces, on workers, and store it all in `store`.
+
+    `local`: one worker in this process; else Ray: the cluster at `address` ("auto", "ray://host:10001") or a
+    local Ray on `num_cpus` CPUs. `gpus_per_task` None: one GPU per worker when the cluster has GPUs when the
+    worker starts, else none. A piece that fails is tried again `retries` times (bad input is not retried);
+    a piece whose results do not all arrive is failed, never done. Runs already done with the same settings are
+    kept without loading their model.
     """
     if shards < 1:
         raise ValueError(f"--shards must be at least 1, got {shards}")
-    if not models or not datasets:
-        raise ValueError("a sweep needs at least one model and one dataset")
-    folder = task_folder(base.store, workdir)
-    configs: list[RunConfig] = []
-    seen: dict[str, tuple[str | None, str]] = {}
-    for model in models:
-        for text in datasets:
-            dataset, data = parse_dataset(text)
-            name = run_name(model, dataset, base)
-            if name in seen:
-                raise ValueError(f"{seen[name]} and {(model, text)} would both be run {name!r}; "
-                                 "give the models distinct folder names and each dataset once")
-            seen[name] = (model, text)
-            store = folder / (re.sub(r"[^\w.-]", "_", name) + ".duckdb")
-            for k in range(1, shards + 1):
-                configs.append(replace(base, model=model, dataset=dataset, data=data or base.data, name=name,
-                                       store=str(store), shard=(k, shards) if shards > 1 else None, resume=True))
-    return configs
+    began = time.perf_counter()
+    emit = on_event or _log_event
+    kept = _finished(runs, Path(store))
+    states = [_Run(config) for config in runs if config.name not in kept]
+    for state in states:
+        state.jobs = [_Job(state, (k, shards) if shards > 1 else None) for k in range(1, shards + 1)]
+    timing = {"start": 0.0, "load": 0.0}
+    if states:
+        pool, stop = _pool(local, address, gpus_per_task, cpus_per_task, num_cpus, timing)
+        try:
+            Path(store).parent.mkdir(parents=True, exist_ok=True)
+            with Store(store) as db, BatchWriter(db, None) as writer:
+                _Driver(pool, writer, retries, emit, timing).run(states)
+        except KeyboardInterrupt:
+            raise Interrupted("sweep interrupted; finished batches are stored. Run the same command again to "
+                              "continue it") from None
+        finally:
+            pool.shutdown()
+            stop()
+    timing["wall"] = time.perf_counter() - began
+    rows = [_kept_row(config, kept[config.name]) for config in runs if config.name in kept]
+    rows += [_row(job) for state in states for job in state.jobs]
+    order = {config.name: i for i, config in enumerate(runs)}
+    rows.sort(key=lambda row: order[row["run"]])
+    return SweepResult(pd.DataFrame(rows, columns=list(COLUMNS)), timing)
 
 
-def run_task(config: RunConfig, models: ModelCache | None = None) -> TaskResult:
-    """Run one task into its own file and report it; any error becomes a failed result, never an exception."""
-    began = time.time()
-    try:
-        config.store_path().parent.mkdir(parents=True, exist_ok=True)
-        summary = run(config, loaded=models.get(config) if models else None)
-    except Interrupted:
-        raise
-    except Exception as exc:  # noqa: BLE001 - one failed task must not stop the sweep
-        return TaskResult("failed", seconds=time.time() - began, error=_first_line(exc))
-    return TaskResult(summary.status, summary.samples, summary.accuracy, time.time() - began)
+class _Driver:
+    """Hands pieces to free workers, sends them batches, and writes what comes back; the store's one writer."""
+
+    def __init__(self, pool: Any, writer: BatchWriter, retries: int, emit: Callable[[Event], None],
+                 timing: dict[str, float]) -> None:
+        self.pool, self.writer, self.retries, self.emit, self.timing = pool, writer, retries, emit, timing
+        self.pending: deque[_Job] = deque()
+        self.free: list[int] = []
+        self.models: dict[int, Any] = {}
+        self.calls: dict[Any, tuple[_Job, int, str, list[str]]] = {}
+        self.workers = 0
+
+    def run(self, runs: Sequence[_Run]) -> None:
+        """Compute and store every piece of `runs`; returns when each is done or failed."""
+        self.pending.extend(job for state in runs for job in state.jobs)
+        unsettled = len(self.pending)
+        while self.pending or self.calls:
+            while self.pending and not self.free and self.workers < min(self.pool.capacity(), unsettled):
+                slot, what = self.pool.start()
+                self.workers += 1
+                self.free.append(slot)
+                self.emit(Event("worker", text=f"worker {slot + 1}: {what}"))
+            while self.pending and self.free:
+                self._assign(self.pending.popleft())
+            for handle, outcome in self.pool.wait(list(self.calls), timeout=1.0):
+                job, attempt, kind, ids = self.calls.pop(handle)
+                job.in_flight.discard(handle)
+                if attempt != job.attempts or job.status != "running":
+                    continue
+                if isinstance(outcome, Failure):
+                    self._fail(job, outcome)
+                elif kind == "open":
+                    self._opened(job, outcome)
+                else:
+                    self._computed(job, outcome, ids)
+            unsettled = sum(1 for state in runs for job in state.jobs if job.status in ("pending", "running"))
+
+    def _assign(self, job: _Job) -> None:
+        """Open `job` on a free worker, preferring one that holds its model already."""
+        model = (job.run.config.model, job.run.config.dtype, job.run.config.device)
+        slot = next((s for s in self.free if self.models.get(s) == model), self.free[0])
+        self.free.remove(slot)
+        self.models[slot] = model
+        job.slot, job.status, job.attempts = slot, "running", job.attempts + 1
+        job.began = job.began or time.time()
+        self._call(job, "open", [], job.key, job.run.config, job.piece)
+
+    def _call(self, job: _Job, method: str, ids: list[str], *args: Any) -> None:
+        handle = self.pool.call(job.slot, method, *args)
+        self.calls[handle] = (job, job.attempts, method, ids)
+        job.in_flight.add(handle)
+
+    def _opened(self, job: _Job, opened: Opened) -> None:
+        """Start (or resume) the run in the store on its first piece, then send the piece's unstored samples."""
+        state = job.run
+        self.timing["load"] += opened.seconds
+        if state.handle is None:
+            try:
+                state.handle, stored = self.writer.call(lambda db: _start(db, state.config, opened)).result()
+            except StoreError as exc:
+                for other in state.jobs:
+                    self._settle(other, "failed", first_line(exc))
+                self._release(job)
+                return
+            state.stored, state.dataset_skips, state.yesno = stored, opened.skipped, opened.yesno
+        if not job.opened:
+            job.opened = True
+            state.ids.update(opened.ids)
+        todo = [i for i in opened.ids if i not in state.stored and i not in state.skipped_ids]
+        size = state.config.batch_size
+        job.batches = [todo[i:i + size] for i in range(0, len(todo), size)]
+        self.emit(Event("open", state.name, job.shard, *self._count(state),
+                        text=f"{opened.where}, {len(todo)} to compute"))
+        self._feed(job)
+
+    def _computed(self, job: _Job, batches: list[Computed], ids: list[str]) -> None:
+        """Hand one batch's results to the writer; a sample that did not come back fails the piece."""
+        state = job.run
+        returned = set()
+        for batch in batches:
+            for sample_id, reason in batch.skipped:
+                returned.add(sample_id)
+                if sample_id not in state.skipped_ids:
+                    state.skipped_ids.add(sample_id)
+                    state.skipped[skip_reason(reason)] += 1
+                    log.warning("run %s: skipped sample %s: %s", state.name, sample_id, reason)
+            if batch.figures is not None:
+                self.writer.submit(batch.rows, batch.figures, run=state.handle)
+                new = [row["sample_id"] for row in batch.rows]
+                returned.update(new)
+                state.stored.update(new)
+                job.samples += len(new)
+                state.new += len(new)
+        missing = set(ids) - returned
+        if missing:
+            self._fail(job, Failure(f"{len(missing)} sample(s) of a batch did not come back from the worker"))
+            return
+        self.emit(Event("progress", state.name, job.shard, *self._count(state)))
+        self._feed(job)
+
+    def _feed(self, job: _Job) -> None:
+        """Keep two batches queued at the piece's worker; when none is left, the piece is done."""
+        while job.batches and len(job.in_flight) < IN_FLIGHT:
+            ids = job.batches.pop(0)
+            self._call(job, "compute", ids, job.key, ids)
+        if not job.batches and not job.in_flight:
+            self.pool.call(job.slot, "close", job.key)
+            self._release(job)
+            self._settle(job, "done")
+
+    def _fail(self, job: _Job, failure: Failure) -> None:
+        """Try the piece again on a worker (it resumes after what is stored) or, out of tries, fail it."""
+        slot = job.slot
+        if failure.lost and slot is not None:
+            what = self.pool.replace(slot)
+            self.emit(Event("worker", text=f"worker {slot + 1} replaced: {what}"))
+        self._release(job)
+        job.in_flight.clear()
+        if failure.retry and job.attempts <= self.retries:
+            job.status = "pending"
+            self.pending.appendleft(job)
+            self.emit(Event("failure", job.run.name, job.shard, text=f"{failure.reason} (trying again, "
+                            f"{job.attempts} of {self.retries} retries)"))
+            return
+        self._settle(job, "failed", failure.reason)
+
+    def _release(self, job: _Job) -> None:
+        if job.slot is not None and job.slot not in self.free:
+            self.free.append(job.slot)
+        job.slot = None
+
+    def _settle(self, job: _Job, status: str, error: str = "") -> None:
+        """Close a piece; when it was its run's last, finish the run in the store."""
+        if job.status in ("done", "failed"):
+            return
+        if job in self.pending:
+            self.pending.remove(job)
+        job.status, job.error, job.seconds = status, error, time.time() - (job.began or time.time())
+        self._release(job)
+        if error:
+            self.emit(Event("failure", job.run.name, job.shard, text=error))
+        state = job.run
+        if state.handle is None or any(j.status in ("pending", "running") for j in state.jobs):
+            return
+        ok = all(j.status == "done" for j in state.jobs)
+        skipped = _add(state.dataset_skips, state.skipped)
+        expected = state.ids - state.skipped_ids
+        state.summary, missing = self.writer.call(
+            lambda db: _finish(db, state, skipped, expected, ok)).result()
+        if missing:
+            for j in state.jobs:
+                j.status, j.error = "failed", f"{missing} sample(s) never reached the store"
+        status = "done" if ok and not missing else "failed"
+        accuracy = state.summary.accuracy if state.summary else None
+        self.emit(Event("finished", state.name, "", *self._count(state),
+                        text=status + ("" if accuracy is None else f", accuracy {accuracy:.3f}")))
+
+    def _count(self, state: _Run) -> tuple[int, int, int]:
+        """(samples stored, samples known, stored by this sweep) of a run."""
+        return len(state.stored & state.ids), len(state.ids - state.skipped_ids), state.new
 
 
-class ModelCache:
-    """The last loaded model, reused by consecutive in-process tasks of that model (a sweep's shards)."""
-
-    def __init__(self) -> None:
-        self.key: tuple[Any, ...] | None = None
-        self.loaded: Loaded | None = None
-
-    def get(self, config: RunConfig) -> Loaded:
-        """The model `config` names, loading it (and dropping the previous one) when it changed."""
-        key = (config.model, config.dtype, config.device, config.attn, config.trust_remote_code)
-        if key != self.key or self.loaded is None:
-            self.key, self.loaded = None, None
-            gc.collect()
-            self.loaded, self.key = config.load_model(), key
-        return self.loaded
+def _add(a: dict[str, int], b: Counter[str]) -> dict[str, int]:
+    total = Counter(a)
+    total.update(b)
+    return dict(total)
 
 
-def finished(config: RunConfig) -> TaskResult | None:
-    """The task's result when its file already holds its run, done, with the same settings (a re-run skips it)."""
-    path = config.store_path()
-    if not path.is_file():
-        return None
-    try:
-        with Store(path, read_only=True) as store:
-            runs = store.runs()
-            if not len(runs) or config.name not in set(runs["name"]):
-                return None
-            info = store.run(config.name)
-    except StoreError:
-        return None
-    stored = {k: v for k, v in (info["config"] or {}).items() if k not in run_settings.DERIVED}
-    if info["status"] != "done" or stored != _settings(config):
-        return None
-    accuracy = info.get("accuracy")
-    return TaskResult("done", int(info.get("n_samples") or 0), None if pd.isna(accuracy) else float(accuracy))
+def _start(db: Store, config: RunConfig, opened: Opened) -> tuple[RunHandle, set[str]]:
+    """Create or resume the run in the store (on the writer's thread); its handle and the samples it has."""
+    settings = run_settings.stored_settings(with_stages(config, opened.layers))
+    settings["attention_layers"] = opened.attention_layers  # read off the model, see settings.DERIVED
+    handle = db.start_run(str(config.name), model=opened.model, family=opened.family, dataset=opened.dataset,
+                          split=opened.split or "", layers=opened.layers, heads=opened.heads,
+                          readout=config.readout, ablation=ablation_label(config), config=settings,
+                          resume=True, sweep=config.sweep, tags=config.tags or None)
+    return handle, set(handle.done_ids)
 
 
-def run_sweep(configs: Sequence[RunConfig], into: str | Path, address: str | None = None,
-              gpus_per_task: float | None = None, cpus_per_task: float = 1, num_cpus: int | None = None,
-              local: bool = False) -> SweepResult:
-    """Run every task (on Ray, or one after another in-process with `local`), then merge each run into `into`.
-
-    `address`: a Ray cluster ("auto", "ray://host:10001"); none starts a local Ray on `num_cpus` CPUs (default:
-    all). `gpus_per_task` None means one GPU per task when the cluster has GPUs, else none. Tasks already done
-    with the same settings are not run again; a failed task is reported in its row and the others go on.
-    """
-    results: dict[int, TaskResult] = {}
-    for config in configs:
-        kept = finished(config)
-        if kept is not None:
-            results[id(config)] = kept
-    todo = [c for c in configs if id(c) not in results]
-    if todo:
-        runner = _run_local if local else _ray_runner(address, gpus_per_task, cpus_per_task, num_cpus)
-        results.update(runner(todo))
-    rows = [_row(c, results[id(c)]) for c in configs]
-    merges = _merge_runs(configs, rows, Path(into))
-    return SweepResult(pd.DataFrame(rows, columns=list(COLUMNS)), merges)
+def _finish(db: Store, state: _Run, skipped: dict[str, int], expected: set[str], ok: bool
+            ) -> tuple[RunSummary | None, int]:
+    """Close the run (on the writer's thread, after its batches): done only when every sample is stored."""
+    handle = state.handle
+    missing = len(expected - handle.done_ids)
+    if not ok or missing:
+        db.finish_run(handle, status="failed", skipped=skipped)
+        return None, missing
+    summary = summarize(db, handle, db.path, skipped, state.yesno, time.time() - state.began)
+    db.finish_run(handle, status="done", accuracy=summary.accuracy, skipped=skipped)
+    return summary, 0
 
 
-def _run_local(configs: Sequence[RunConfig]) -> dict[int, TaskResult]:
-    """Run the tasks one after another in this process, reusing a loaded model across its shards."""
-    models = ModelCache()
-    results = {}
-    for i, config in enumerate(configs, 1):
-        results[id(config)] = result = run_task(config, models)
-        _log_task(i, len(configs), config, result)
-    return results
-
-
-def _ray_runner(address: str | None, gpus_per_task: float | None, cpus_per_task: float,
-                num_cpus: int | None) -> Callable[[Sequence[RunConfig]], dict[int, TaskResult]]:
-    """A function running tasks on Ray: the given cluster, or a local Ray with a small footprint."""
+def _pool(local: bool, address: str | None, gpus_per_task: float | None, cpus_per_task: float,
+          num_cpus: int | None, timing: dict[str, float]) -> tuple[Any, Callable[[], None]]:
+    """The workers' pool and how to stop what was started for it; the time taken to start Ray in `timing`."""
+    if local:
+        return LocalPool(), lambda: None
     try:
         import ray
     except ImportError:
         raise SweepError("Ray is not installed: install vheads[ray] or pass --no-ray") from None
-
-    def run_on_ray(configs: Sequence[RunConfig]) -> dict[int, TaskResult]:
-        started = not ray.is_initialized()
-        if started:
-            _init_ray(ray, address, num_cpus)
-        try:
-            gpus = gpus_per_task
-            if gpus is None:
-                gpus = 1 if ray.cluster_resources().get("GPU", 0) > 0 else 0
-            remote = ray.remote(num_cpus=cpus_per_task, num_gpus=gpus, max_retries=1)(run_task)
-            pending = {remote.remote(config): config for config in configs}
-            results: dict[int, TaskResult] = {}
-            while pending:
-                ready, _ = ray.wait(list(pending), num_returns=1)
-                config = pending.pop(ready[0])
-                try:
-                    result = ray.get(ready[0])
-                except Exception as exc:  # noqa: BLE001 - a crashed worker fails its task only
-                    result = TaskResult("failed", error=_first_line(exc))
-                results[id(config)] = result
-                _log_task(len(results), len(configs), config, result)
-            return results
-        except KeyboardInterrupt:
-            raise Interrupted("sweep interrupted; run the same command again to continue it") from None
-        finally:
-            if started:
-                ray.shutdown()
-
-    return run_on_ray
+    began = time.perf_counter()
+    started = not ray.is_initialized()
+    if started:
+        _init_ray(ray, address, num_cpus)
+    timing["start"] = time.perf_counter() - began
+    return RayPool(ray, gpus_per_task, cpus_per_task), (ray.shutdown if started else lambda: None)
 
 
 def _init_ray(ray: Any, address: str | None, num_cpus: int | None) -> None:
-    """Connect to the cluster at `address`, or start a local Ray without dashboard or worker log forwarding."""
-    try:
-        if address:
-            ray.init(address=address, logging_level=logging.WARNING)
-        else:
-            ray.init(num_cpus=num_cpus or os.cpu_count() or 1, include_dashboard=False, log_to_driver=False,
-                     logging_level=logging.WARNING)
-    except Exception as exc:  # noqa: BLE001 - every start failure becomes one line
-        where = f"the Ray cluster at {address}" if address else "a local Ray"
-        raise SweepError(f"cannot start {where}: {_first_line(exc)}") from exc
+    """Connect to the cluster at `address`, or start a local Ray without dashboard or worker log forwarding.
 
-
-def _merge_runs(configs: Sequence[RunConfig], rows: list[dict[str, Any]], into: Path) -> list[MergeSummary]:
-    """Merge each run's task files into the store, one run at a time so one bad run does not block the others."""
-    groups: dict[str, list[int]] = {}
-    for i, config in enumerate(configs):
-        groups.setdefault(str(config.name), []).append(i)
-    merges = []
-    into.parent.mkdir(parents=True, exist_ok=True)
-    for indices in groups.values():
-        files = sorted({configs[i].store_path() for i in indices if configs[i].store_path().is_file()})
-        if not files:
-            continue
+    A local start is tried three times: Ray gives its node 30 s to come up, which a busy machine can miss.
+    """
+    tries = 1 if address else 3
+    for attempt in range(1, tries + 1):
         try:
-            merges.append(merge(files, into))
-        except StoreError as exc:
-            log.warning("run %s not merged: %s", configs[indices[0]].name, _first_line(exc))
-            for i in indices:
-                rows[i].update(status="merge failed", error=rows[i]["error"] or _first_line(exc))
-    return merges
+            if address:
+                ray.init(address=address, logging_level=logging.WARNING, log_to_driver=False)
+            else:
+                ray.init(num_cpus=num_cpus or os.cpu_count() or 1, include_dashboard=False, log_to_driver=False,
+                         logging_level=logging.WARNING)
+            return
+        except Exception as exc:  # noqa: BLE001 - every start failure becomes one line
+            ray.shutdown()
+            if attempt == tries:
+                where = f"the Ray cluster at {address}" if address else "a local Ray"
+                raise SweepError(f"cannot start {where}: {first_line(exc)}") from exc
+            log.warning("a local Ray did not start (%s); trying again", first_line(exc))
 
 
-def _log_task(i: int, total: int, config: RunConfig, result: TaskResult) -> None:
-    """One line per finished task: info when it is done, a warning with the reason when not."""
-    shard = "{}/{}".format(*(config.shard or (1, 1)))
-    if result.error:
-        log.warning("task %d/%d %s %s %s: %s", i, total, config.name, shard, result.status, result.error)
-    else:
-        log.info("task %d/%d %s %s %s (%d samples)", i, total, config.name, shard, result.status, result.samples)
+def _finished(runs: Sequence[RunConfig], store: Path) -> dict[str, dict[str, Any]]:
+    """The runs the store holds already, done, with the same settings (a re-run keeps them)."""
+    if not store.is_file():
+        return {}
+    try:
+        with Store(store, read_only=True) as db:
+            frame = db.runs()
+    except StoreError:
+        return {}
+    infos = {row["name"]: row for row in frame.to_dict("records")}
+    kept = {}
+    for config in runs:
+        info = infos.get(config.name)
+        if info and info["status"] == "done" and _same_settings(info["config"] or {}, config):
+            kept[str(config.name)] = info
+    return kept
 
 
-def _row(config: RunConfig, result: TaskResult) -> dict[str, Any]:
-    k, n = config.shard or (1, 1)
-    return {"run": config.name, "model": model_label(config.model), "dataset": config.dataset, "shard": f"{k}/{n}",
-            "status": result.status, "samples": result.samples, "accuracy": result.accuracy,
-            "seconds": round(result.seconds, 1), "error": result.error}
+def _same_settings(stored: dict[str, Any], config: RunConfig) -> bool:
+    """Whether a stored run was made with `config`'s settings (values read off the model aside, and the stages
+    when `config` leaves them to the model's depth)."""
+    planned = run_settings.plain(run_settings.stored_settings(config))
+    ignore = set(run_settings.DERIVED) | ({"stages"} if config.stages is None else set())
+    return {k: v for k, v in stored.items() if k not in ignore} == {k: v for k, v in planned.items()
+                                                                    if k not in ignore}
 
 
-def _settings(config: RunConfig) -> dict[str, Any]:
-    """The settings a run stores, as read back from its file (the pipeline drops store, name, resume and tags)."""
-    settings = {k: v for k, v in asdict(config).items() if k not in ("store", "name", "resume", "tags")}
-    return json.loads(json.dumps(settings, sort_keys=True, default=str))
+def _log_event(event: Event) -> None:
+    """Without a live view: failures as warnings, the rest as info lines."""
+    text = f"{event.run} {event.shard} {event.kind}: {event.text}".strip()
+    (log.warning if event.kind == "failure" else log.info)(text)
 
 
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return f"{type(exc).__name__}: {text.splitlines()[0]}" if text else type(exc).__name__
+def _row(job: _Job) -> dict[str, Any]:
+    summary = job.run.summary
+    return {"run": job.run.name, "model": model_label(job.run.config.model), "dataset": job.run.config.dataset,
+            "shard": job.shard, "status": job.status, "samples": job.samples,
+            "accuracy": summary.accuracy if summary else None, "seconds": round(job.seconds, 1), "error": job.error}
 
 
-__all__ = ["COLUMNS", "SweepError", "SweepResult", "TaskResult", "model_label", "parse_dataset", "plan",
-           "run_name", "run_sweep", "run_task", "task_folder"]
+def _kept_row(config: RunConfig, info: dict[str, Any]) -> dict[str, Any]:
+    accuracy = info.get("accuracy")
+    return {"run": config.name, "model": model_label(config.model), "dataset": config.dataset, "shard": "kept",
+            "status": "done", "samples": 0, "accuracy": None if pd.isna(accuracy) else float(accuracy),
+            "seconds": 0.0, "error": ""}
+
+
+__all__ = ["COLUMNS", "Event", "SweepError", "SweepResult", "absolute", "model_label", "parse_dataset", "plan",
+           "run_name", "run_sweep"]

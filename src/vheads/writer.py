@@ -5,7 +5,8 @@ instead of adding to it. Batches are stored in order, each in its own transactio
 most `depth` computed batches wait in memory. Closing waits until every submitted batch is stored, on an
 interrupt too, so nothing computed is lost; a write error stops the writer and is raised in the caller.
 While it runs, DuckDB works on one thread: inserting a batch gains nothing from more, and the model
-needs the cores.
+needs the cores. One writer may store the batches of several runs of its store (`submit(..., run=)`), and
+`call` runs any other store work (starting, finishing a run) on the same thread, in order.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import logging
 import queue
 import threading
 from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import Future
 from typing import Any
 
 from vheads.capture import HeadFigures
@@ -31,7 +33,7 @@ class BatchWriter:
     each batch commits.
     """
 
-    def __init__(self, store: Store, run: RunHandle, depth: int = 2,
+    def __init__(self, store: Store, run: RunHandle | None, depth: int = 2,
                  on_stored: Callable[[Sequence[Mapping[str, Any]]], None] | None = None):
         self.store = store
         self.run = run
@@ -40,16 +42,29 @@ class BatchWriter:
         self._abandon = False
         self._queue: queue.Queue = queue.Queue(maxsize=max(1, depth))
         store.set_threads(1)
-        self._thread = threading.Thread(target=self._work, name=f"vheads-writer-{run.name}", daemon=True)
+        name = run.name if run else store.path.name
+        self._thread = threading.Thread(target=self._work, name=f"vheads-writer-{name}", daemon=True)
         self._thread.start()
         self._closed = False
 
-    def submit(self, rows: Sequence[Mapping[str, Any]], figures: HeadFigures) -> None:
-        """Queue one batch (sample rows and their head figures); raises the writer's error if a write failed."""
+    def submit(self, rows: Sequence[Mapping[str, Any]], figures: HeadFigures, run: RunHandle | None = None) -> None:
+        """Queue one batch (sample rows and their head figures) of `run` (default: the writer's run).
+
+        Raises the writer's error if a write failed.
+        """
         if self._closed:
             raise RuntimeError("BatchWriter is closed")
         self._raise_error()
-        self._queue.put((list(rows), figures))
+        self._queue.put((run or self.run, list(rows), figures))
+
+    def call(self, work: Callable[[Store], Any]) -> Future:
+        """Run `work(store)` on the writer thread after the batches queued before it; its result as a future."""
+        if self._closed:
+            raise RuntimeError("BatchWriter is closed")
+        self._raise_error()
+        future: Future = Future()
+        self._queue.put((work, future))
+        return future
 
     def close(self) -> None:
         """Wait until every submitted batch is stored, then raise the first write error if there was one.
@@ -92,13 +107,25 @@ class BatchWriter:
             item = self._queue.get()
             if item is _STOP:
                 return
+            if len(item) == 2:
+                self._call(*item)
+                continue
             if self.error is not None or self._abandon:
                 continue
-            rows, figures = item
+            run, rows, figures = item
             try:
-                self.store.add_batch(self.run, rows, figures.visual_weight, figures.concentration,
+                self.store.add_batch(run, rows, figures.visual_weight, figures.concentration,
                                      figures.region_weight, figures.text_weight, figures.sink_weight)
                 if self.on_stored is not None:
                     self.on_stored(rows)
             except BaseException as error:  # noqa: BLE001 - handed to the caller's thread
                 self.error = error
+
+    def _call(self, work: Callable[[Store], Any], future: Future) -> None:
+        if self.error is not None or self._abandon:
+            future.set_exception(self.error or RuntimeError("BatchWriter was stopped"))
+            return
+        try:
+            future.set_result(work(self.store))
+        except BaseException as error:  # noqa: BLE001 - handed to the caller through the future
+            future.set_exception(error)

@@ -24,7 +24,7 @@ NOT_STORED = ("store", "name", "resume", "tags", "explicit")
 # Read off the model when a run starts, not chosen by the user.
 DERIVED = ("attention_layers",)
 # What `ablate --from RUN` does not take from RUN: the sweep sets its own heads, mode and tag.
-NOT_INHERITED = ("ablate", "ablation", "shard", "sweep")
+NOT_INHERITED = ("ablate", "ablation", "shard", "sweep", *DERIVED)
 # `--preset paper`: the reference code's choices (stages are set from the model's depth when the run starts).
 PRESETS: dict[str, dict[str, Any]] = {"paper": {"readout": "first-generated", "max_new_tokens": 128}}
 _TUPLES = ("stages", "shard")

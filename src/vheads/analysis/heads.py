@@ -37,12 +37,25 @@ def run_stages(info: dict, stages: tuple[int, int] | None = None) -> tuple[int, 
     return None if chosen is None else metrics.check_stages(chosen, int(info["layers"]))
 
 
+def attention_heads(info: dict, w: np.ndarray, layers: int, heads: int) -> np.ndarray:
+    """[layers, heads] mask of the heads with softmax attention: the run's recorded attention layers, else the
+    heads with a W in some sample, else (no sample has the readout row) every head."""
+    recorded = (info.get("config") or {}).get("attention_layers")
+    mask = np.zeros((layers, heads), dtype=bool)
+    if recorded is not None:
+        mask[[int(i) for i in recorded]] = True
+        return mask
+    finite = np.isfinite(w).any(axis=0) if w.shape[0] else mask
+    return finite if finite.any() else ~mask
+
+
 def head_table(store: Store, run: str | int, k: int | None = None, threshold: float = 0.5,
                where: str | None = None, stages: tuple[int, int] | None = None) -> pd.DataFrame:
     """The ranking of DESIGN.md: score (share of the samples with the readout row that have the head in the top K
     by W), then mean W. Stages follow `stages`, else the run's stored `--stages`, else thirds.
 
-    Heads never measured in any sample (the layers of a hybrid decoder without softmax attention) are left out.
+    Heads of layers without softmax attention (a hybrid decoder's, as the run recorded them, else those never
+    measured in a sample that has the readout) are left out.
     attrs: layers, heads, k, stages, samples (all the run's samples), scored (those with the readout row; 0 means
     every score is NaN), attention_layers (the layers that were measured).
     """
@@ -60,7 +73,7 @@ def head_table(store: Store, run: str | int, k: int | None = None, threshold: fl
     mean_w, mean_c = metrics.nanmean(w), metrics.nanmean(c)
     share = metrics.nanmean(metrics.region_share(rw, w))
     flags = metrics.visual_head_flags(scores, threshold)
-    measured = np.isfinite(w).any(axis=0) if w.shape[0] else np.ones((layers, heads), dtype=bool)
+    measured = attention_heads(info, w, layers, heads)
     rows = []
     ranked = [(layer, head) for layer, head in metrics.rank_heads(scores, mean_w) if measured[layer, head]]
     for rank, (layer, head) in enumerate(ranked, start=1):

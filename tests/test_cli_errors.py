@@ -87,3 +87,15 @@ def test_a_pickle_only_model_folder_says_how_to_convert_it(tmp_path, model_dirs)
     (folder / "pytorch_model.bin").write_bytes(b"not loaded")
     result = runner.invoke(app, ["run", "--limit", "2", "--model", str(folder), "--store", str(tmp_path / "s.duckdb")])
     one_error_line(result, "pytorch_model.bin", "safetensors", "save_pretrained")
+
+
+@pytest.mark.parametrize("args,needles", [
+    (["run", "--batch-size", "0"], ["--batch-size", "greater than or equal to 1", "run --help"]),
+    (["run", "--bogus"], ["No such option: --bogus"]),
+    (["report", "--overlays", "-1"], ["--overlays"]),
+    (["no-such-command"], ["No such command"]),
+])
+def test_a_mistyped_option_or_a_value_out_of_its_range_is_one_line(args, needles):
+    result = runner.invoke(app, args)
+    one_error_line(result, *needles)
+    assert len([line for line in result.output.splitlines() if line.strip()]) == 1, result.output

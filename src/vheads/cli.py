@@ -12,10 +12,43 @@ from typing import Any
 
 import typer
 from rich.text import Text
+from typer.core import TyperGroup
+
+try:  # typer >= 0.20 carries its own copy of click
+    from typer._click.exceptions import ClickException, UsageError
+except ImportError:  # pragma: no cover - older typer on click
+    from click.exceptions import ClickException, UsageError
 
 from vheads.output import FORMATS, ProgressView, check_format, console, emit, emit_many, err, frame_table, say
 
+
+class OneLineErrors(TyperGroup):
+    """The vheads command group: a mistyped option or a value out of an option's range is one `error:` line and
+    exit code 2, like every other user error, instead of click's usage box."""
+
+    def main(self, *args: Any, standalone_mode: bool = True, **kwargs: Any) -> Any:
+        if not standalone_mode:
+            return super().main(*args, standalone_mode=False, **kwargs)
+        try:
+            code = super().main(*args, standalone_mode=False, **kwargs)
+        except UsageError as exc:
+            if type(exc).__name__ == "NoArgsIsHelpError":  # the help was printed: nothing else to say
+                exc.show()
+                sys.exit(exc.exit_code)
+            command = f"{exc.ctx.command_path} --help" if exc.ctx is not None else "vheads --help"
+            err.print(Text.assemble(("error:", "bold red"), " ", exc.format_message(), f" (see {command})"),
+                      soft_wrap=True)
+            sys.exit(exc.exit_code)
+        except ClickException as exc:
+            exc.show()
+            sys.exit(exc.exit_code)
+        except typer.Abort:
+            sys.exit(1)
+        sys.exit(code if isinstance(code, int) else 0)
+
+
 app = typer.Typer(
+    cls=OneLineErrors,
     help="Find and test the attention heads vision-language models use to look at images (visual heads).\n\n"
          "With no --model, every command uses the embedded demo LLaVA trained on ShapesQA; with no --dataset, "
          "held-out ShapesQA. Results go to a DuckDB store (vheads.duckdb in the current folder).",

@@ -8,6 +8,7 @@ scaled up so attention is peaked and concentration is far from 0.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
@@ -402,21 +403,29 @@ def build_paligemma(out: Path) -> Path:
     return _finish(PaliGemmaForConditionalGeneration(config), proc, tok, out)
 
 
-def build_mistral3(out: Path) -> Path:
-    """Mistral 3 / Pixtral layout: images up to 64px in 8px patches merged 2x2, one `[IMG]` per merged cell,
-    `[IMG_BREAK]` after each row, `[IMG_END]` last."""
-    from transformers import Mistral3Config, Mistral3ForConditionalGeneration, PixtralImageProcessorPil
+def pixtral_parts(size: int, merge: int) -> tuple[Any, Any, dict, dict]:
+    """Tokenizer, processor, vision and text configs of a Pixtral-tower model: images up to `size` px in 8px
+    patches merged `merge` x `merge`, one `[IMG]` per merged cell, `[IMG_BREAK]` per row, `[IMG_END]` last."""
+    from transformers import PixtralImageProcessorPil
 
     from vheads.models.processors import PixtralProcessor
 
-    torch.manual_seed(0)
     tok = word_tokenizer(("[IMG]", "[IMG_BREAK]", "[IMG_END]"))
-    ip = PixtralImageProcessorPil(size={"longest_edge": 64}, patch_size=8)
-    proc = PixtralProcessor(image_processor=ip, tokenizer=tok, patch_size=8, spatial_merge_size=2,
+    ip = PixtralImageProcessorPil(size={"longest_edge": size}, patch_size=8)
+    proc = PixtralProcessor(image_processor=ip, tokenizer=tok, patch_size=8, spatial_merge_size=merge,
                             chat_template=chat_template("[IMG]"))
     vision = dict(model_type="pixtral", hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                  num_attention_heads=2, head_dim=16, image_size=64, patch_size=8)
+                  num_attention_heads=2, head_dim=16, image_size=size, patch_size=8)
     text = {**small_text(tok), "model_type": "mistral", "sliding_window": None}
+    return tok, proc, vision, text
+
+
+def build_mistral3(out: Path) -> Path:
+    """Mistral 3 / Pixtral layout: images up to 64px in 8px patches merged 2x2."""
+    from transformers import Mistral3Config, Mistral3ForConditionalGeneration
+
+    torch.manual_seed(0)
+    tok, proc, vision, text = pixtral_parts(64, merge=2)
     config = Mistral3Config(vision_config=vision, text_config=text, spatial_merge_size=2,
                             image_token_index=tok.convert_tokens_to_ids("[IMG]"))
     return _finish(Mistral3ForConditionalGeneration(config), proc, tok, out)

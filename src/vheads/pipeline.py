@@ -191,6 +191,22 @@ def check_heads(heads: Sequence[tuple[int, int]], layers: int, per_layer: int,
                          f"(attention layers: {', '.join(map(str, attention_layers))})")
 
 
+def head_grid(loaded: Loaded, ablated: Sequence[tuple[int, int]]) -> tuple[int, int, list[int]]:
+    """The model's layers, heads per layer and softmax-attention layers, after checking that `ablated` names
+    heads it has (ValueError otherwise)."""
+    text = loaded.model.config.get_text_config()
+    layers, heads = int(text.num_hidden_layers), int(text.num_attention_heads)
+    attention_layers = attention_layer_indices(loaded.model)
+    check_heads(ablated, layers, heads, attention_layers)
+    return layers, heads, attention_layers
+
+
+def stored_run_settings(config: RunConfig, layers: int, attention_layers: list[int]) -> dict[str, Any]:
+    """What `runs.config` keeps for a run: its settings with the stages fixed for the model's depth, and the
+    attention layers read off the model (see `settings.DERIVED`)."""
+    return {**run_settings.stored_settings(with_stages(config, layers)), "attention_layers": attention_layers}
+
+
 def shard_samples(samples: Sequence[Sample], shard: tuple[int, int] | None) -> list[Sample]:
     """The k-th of n contiguous chunks of ceil(len/n) samples (LLaVA's --num-chunks / --chunk-idx)."""
     if shard is None:
@@ -402,18 +418,13 @@ def run(config: RunConfig, loaded: Loaded | None = None, dataset: Dataset | None
             config = prepared(config, store)
             dataset = dataset if dataset is not None else config.load_dataset()
             loaded = loaded if loaded is not None else config.load_model()
-            text = loaded.model.config.get_text_config()
-            layers, heads = int(text.num_hidden_layers), int(text.num_attention_heads)
-            attention_layers = attention_layer_indices(loaded.model)
-            check_heads(config.ablate, layers, heads, attention_layers)
+            layers, heads, attention_layers = head_grid(loaded, config.ablate)
             config = with_stages(config, layers)
             name = config.name or default_name(store, config, loaded.name, dataset.split)
-            settings = run_settings.stored_settings(config)
-            settings["attention_layers"] = attention_layers  # read off the model, see settings.DERIVED
             handle = store.start_run(
                 name, model=loaded.name, family=loaded.family, dataset=dataset.name, split=dataset.split or "",
                 layers=layers, heads=heads, readout=config.readout, ablation=ablation_label(config),
-                config=settings, resume=config.resume, sweep=config.sweep,
+                config=stored_run_settings(config, layers, attention_layers), resume=config.resume, sweep=config.sweep,
                 shard=config.shard, tags=config.tags or None,
             )
             return _run_samples(store, handle, config, loaded, dataset, store_path, progress, start)

@@ -31,8 +31,8 @@ from vheads.pipeline import (
     ablation_label,
     base_name,
     skip_reason,
+    stored_run_settings,
     summarize,
-    with_stages,
 )
 from vheads.store import RunHandle, Store, StoreError
 from vheads.study import parse_dataset
@@ -391,8 +391,7 @@ def _add(a: dict[str, int], b: Counter[str]) -> dict[str, int]:
 
 def _start(db: Store, config: RunConfig, opened: Opened) -> tuple[RunHandle, set[str]]:
     """Create or resume the run in the store (on the writer's thread); its handle and the samples it has."""
-    settings = run_settings.stored_settings(with_stages(config, opened.layers))
-    settings["attention_layers"] = opened.attention_layers  # read off the model, see settings.DERIVED
+    settings = stored_run_settings(config, opened.layers, opened.attention_layers)
     handle = db.start_run(str(config.name), model=opened.model, family=opened.family, dataset=opened.dataset,
                           split=opened.split or "", layers=opened.layers, heads=opened.heads,
                           readout=config.readout, ablation=ablation_label(config), config=settings,

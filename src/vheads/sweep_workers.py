@@ -16,10 +16,10 @@ from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from vheads.capture import CaptureError, attention_layer_indices
+from vheads.capture import CaptureError
 from vheads.data import DataError
 from vheads.models import Loaded, ModelError
-from vheads.pipeline import Computed, RunConfig, Runner, check_heads, compute, is_yesno, shard_samples
+from vheads.pipeline import Computed, RunConfig, Runner, compute, head_grid, is_yesno, shard_samples
 from vheads.store import StoreError
 
 BAD_INPUT = (DataError, ModelError, StoreError, CaptureError, ValueError, FileNotFoundError)
@@ -88,10 +88,7 @@ class Worker:
             began = time.perf_counter()
             loaded = self.models.get(config)
             dataset = self._dataset(config)
-            text = loaded.model.config.get_text_config()
-            layers, heads = int(text.num_hidden_layers), int(text.num_attention_heads)
-            attention_layers = attention_layer_indices(loaded.model)
-            check_heads(config.ablate, layers, heads, attention_layers)
+            layers, heads, attention_layers = head_grid(loaded, config.ablate)
             samples = shard_samples(dataset.samples, piece)
             self.jobs[key] = (Runner(loaded, config), {s.id: s for s in samples}, config.batch_size)
             return Opened(loaded.name, loaded.family, dataset.name, dataset.split, layers, heads,

@@ -235,11 +235,11 @@ def test_a_run_whose_layout_cannot_be_mapped_says_so_once_in_its_summary(tmp_pat
     generic = Loaded(known.model, known.processor, Adapter(known.model, known.processor), known.name)
     summary = run(RunConfig(limit=4, batch_size=2, max_new_tokens=2, store=str(tmp_path / "s.duckdb"), name="r"),
                   loaded=generic)
-    assert summary.notes == ["no region figures: vheads does not know how LlavaForConditionalGeneration lays out "
-                             "image tokens"]
+    assert summary.notes == ["no region, pointing or spatial-entropy figures: vheads does not know how "
+                             "LlavaForConditionalGeneration lays out image tokens"]
     capsys.readouterr()
     print_summary(summary)
-    assert capsys.readouterr().out.count("no region figures") == 1
+    assert capsys.readouterr().out.count("no region, pointing") == 1
 
 
 @pytest.mark.parametrize("family,adapter", [("internvl", "internvl"), ("llava_onevision", "llava_onevision"),

@@ -277,9 +277,10 @@ def print_summary(summary: Any) -> None:
 
 
 HEAD_HEADERS = {"rank": "#", "layer": "layer", "head": "head", "score": "score", "mean_w": "W", "mean_c": "C",
-                "mean_region_share": "region", "stage": "stage", "visual": "visual"}
+                "pointing": "point", "mean_region_share": "region", "stage": "stage", "visual": "visual"}
 HEAD_LEGEND = ("score: share of the scored samples with the head in the top K by W; W: mean visual weight; C: mean "
-               "concentration; region: mean share of the image attention on the asked-about box; —: undefined")
+               "concentration; point: share of the samples whose most-attended image token lies on a target; "
+               "region: mean share of the image attention on the asked-about box; —: undefined")
 
 
 def print_heads(table: Any, title: str, fmt: str = "table") -> None:
@@ -344,7 +345,8 @@ def heads(
     fmt: str = typer.Option("table", "--format", help=FORMAT_HELP),
 ) -> None:
     """Rank the heads of a run: score (share of the samples with the readout row that have the head in the top K
-    by W; undefined when none has it), mean W, mean C, stage."""
+    by W; undefined when none has it), mean W, mean C, pointing (share of samples whose most-attended image token
+    lies on a target), stage."""
     from vheads.analysis.heads import head_table, no_readout_hint
     from vheads.store import Store
 

@@ -81,6 +81,69 @@ def attention_figures(
 FIGURES = ("visual_weight", "concentration", "region_weight", "text_weight", "sink_weight")
 
 
+def pointing(attn: Any, image_mask: Any, target_mask: Any) -> Any:
+    """1 where the most-attended image token is a target token, else 0; NaN where no image token has attention.
+
+    `attn` [..., keys]; the bool masks [..., keys] broadcast against it. The most-attended token is the first one
+    of highest attention (argmax order). Where the sample has no target, the caller marks the result NaN.
+    """
+    xp = _xp(attn)
+    masked = xp.where(image_mask, attn, -1.0 * xp.ones_like(attn))
+    if xp is np:
+        top = np.argmax(masked, axis=-1)[..., None]
+        peak = np.take_along_axis(masked, top, -1)[..., 0]
+        hit = np.take_along_axis(np.broadcast_to(target_mask, masked.shape), top, -1)[..., 0]
+    else:
+        top = masked.argmax(-1, keepdim=True)
+        peak = masked.gather(-1, top)[..., 0]
+        hit = target_mask.expand(masked.shape).gather(-1, top)[..., 0]
+    value = hit * xp.ones_like(peak)
+    return xp.where(peak > 0, value, xp.full_like(peak, float("nan")))
+
+
+def spatial_entropy(maps: np.ndarray, tile: np.ndarray, row: np.ndarray, col: np.ndarray) -> np.ndarray:
+    """Spatial entropy of attention maps over image tokens (Kang et al., CVPR 2025): lower = one compact region.
+
+    The tokens whose attention is above the map's mean form connected regions (8-neighbours on the patch grid of
+    the token's own frame: `tile`, `row`, `col` per token, tile -1 for tokens without a patch, left out); with
+    P_r = Σ_{i∈r}(a_i − mean) / Σ_{i above the mean}(a_i − mean), H = −Σ_r P_r log P_r. `maps` [..., n]; returns
+    [...], NaN where no token is above the mean (an even or empty map). Frames are labelled separately, so a
+    region that crosses a tile border counts once per tile.
+    """
+    from scipy import ndimage
+
+    maps = np.asarray(maps, dtype=np.float64)
+    shape = maps.shape[:-1]
+    keep = np.asarray(tile) >= 0
+    flat = maps.reshape(-1, maps.shape[-1])[:, keep]
+    tile, row, col = (np.asarray(v)[keep].astype(np.int64) for v in (tile, row, col))
+    m = flat.shape[0]
+    if m == 0 or flat.shape[1] == 0:
+        return np.full(shape, np.nan)
+    excess = flat - flat.mean(axis=1, keepdims=True)
+    above = excess > 0
+    labels = np.zeros(flat.shape, dtype=np.int64)
+    plane = np.zeros((3, 3, 3), dtype=bool)
+    plane[1] = True
+    offset = 0
+    for frame in np.unique(tile):
+        idx = np.flatnonzero(tile == frame)
+        canvas = np.zeros((m, int(row[idx].max()) + 1, int(col[idx].max()) + 1), dtype=bool)
+        canvas[:, row[idx], col[idx]] = above[:, idx]
+        found, count = ndimage.label(canvas, structure=plane)
+        labels[:, idx] = np.where(found[:, row[idx], col[idx]] > 0, found[:, row[idx], col[idx]] + offset, 0)
+        offset += count
+    mass = np.bincount(labels.ravel(), weights=np.where(above, excess, 0.0).ravel(), minlength=offset + 1)
+    owner = np.zeros(offset + 1, dtype=np.int64)
+    owner[labels] = np.arange(m)[:, None]
+    total = np.bincount(owner[1:], weights=mass[1:], minlength=m)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        p = mass[1:] / total[owner[1:]]
+        terms = np.where(p > 0, -p * np.log(np.where(p > 0, p, 1.0)), 0.0)
+    entropy = np.bincount(owner[1:], weights=terms, minlength=m)
+    return np.where(total > 0, entropy, np.nan).reshape(shape)
+
+
 def masked_sums(attn: Any, key_masks: Any) -> Any:
     """The linear part of the figures, [..., rows, 5]: W, region, text and sink weight, and sum(a log a) over
     the image tokens. `attn` is [..., rows, keys]; `key_masks` [..., keys, 4] holds the image, region, text

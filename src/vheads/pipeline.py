@@ -21,7 +21,7 @@ from vheads.capture import HeadFigures, HeadRecorder, ablate, attention_layer_in
 from vheads.data import BadSample, Dataset, Sample, load_dataset, score
 from vheads.data.images import DEFAULT_MAX_PIXELS
 from vheads.data.skips import SkipLog
-from vheads.models import GeometryError, Loaded, load
+from vheads.models import GeometryError, Loaded, TokenGrid, load
 from vheads.store import RunHandle, Store, StoreError, shard_path
 from vheads.writer import BatchWriter
 
@@ -261,6 +261,16 @@ def is_oom(exc: BaseException) -> bool:
     return isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower()
 
 
+@dataclass
+class BatchLayout:
+    """A batch's image tokens on the picture: the asked-about box's tokens, the tokens on any target instance
+    ([batch, seq] bool or None without boxes) and each row's `TokenGrid` (None when the geometry is unknown)."""
+
+    region: torch.Tensor | None
+    target: torch.Tensor | None
+    grids: list[TokenGrid] | None
+
+
 class Runner:
     """Runs batches of samples through a loaded model with capture (and ablation) on."""
 
@@ -294,18 +304,22 @@ class Runner:
                 bad.append((sample, f"unreadable image ({type(exc).__name__})"))
         return good, images, bad
 
-    def region(self, images: list[list[Any]], inputs: Any, samples: Sequence[Sample]) -> torch.Tensor | None:
-        """The region mask of the batch's boxes, or None when the family's geometry is unknown."""
-        boxes = [s.box for s in samples]
-        if all(b is None for b in boxes):
-            return None
+    def layout(self, images: list[list[Any]], inputs: Any, samples: Sequence[Sample]) -> BatchLayout:
+        """Where the batch's image tokens lie: the region and target masks and each row's token grid, or none of
+        them when the family's geometry is unknown (said once per run)."""
+        adapter = self.loaded.adapter
         try:
-            return self.loaded.adapter.region_mask(images, inputs, boxes)
+            row_grids = adapter.row_grids(images, inputs)
         except GeometryError as exc:
             if self.no_regions is None:
-                self.no_regions = f"no region figures: {exc}"
+                self.no_regions = f"no region, pointing or spatial-entropy figures: {exc}"
                 log.warning("%s", self.no_regions)
-            return None
+            return BatchLayout(None, None, None)
+        boxes = [[] if s.box is None else [s.box] for s in samples]
+        targets = [s.targets() for s in samples]
+        region = adapter.boxes_mask(row_grids, inputs, boxes) if any(boxes) else None
+        target = adapter.boxes_mask(row_grids, inputs, targets) if any(targets) else None
+        return BatchLayout(region, target, [TokenGrid.concat(list(per_image)) for per_image in row_grids])
 
     def run_batch(self, samples: Sequence[Sample], images: Sequence[Any]
                   ) -> tuple[list[str], Any, np.ndarray, np.ndarray]:
@@ -315,7 +329,8 @@ class Runner:
         nested = [[img] for img in images]
         prompts = [adapter.prompt(s.text) for s in samples]
         inputs = adapter.encode(prompts, nested)
-        region = self.region(nested, inputs, samples)
+        layout = self.layout(nested, inputs, samples)
+        region = layout.region
         region_tokens = np.zeros(len(samples), dtype=np.int64) if region is None else region.sum(1).numpy()
         lengths = (inputs["attention_mask"].sum(1) if "attention_mask" in inputs else
                    torch.full((len(samples),), inputs["input_ids"].shape[1]))
@@ -328,7 +343,8 @@ class Runner:
             stack.enter_context(torch.inference_mode())
             if self.config.ablate:
                 stack.enter_context(ablate(model, self.config.ablate, self.config.ablation))
-            recorder = stack.enter_context(HeadRecorder(model, self.config.readout, region_mask=region))
+            recorder = stack.enter_context(HeadRecorder(model, self.config.readout, region_mask=region,
+                                                        target_mask=layout.target, grids=layout.grids))
             output = model.generate(**inputs, max_new_tokens=self.config.max_new_tokens, do_sample=False,
                                     pad_token_id=adapter.tokenizer.pad_token_id)
         answers = adapter.decode(output, inputs["input_ids"].shape[1])

@@ -44,7 +44,9 @@ SAMPLE_FIELDS = (
     "region_tokens",
     "meta",
 )
-HEAD_FIELDS = ("visual_weight", "concentration", "region_weight", "text_weight", "sink_weight")
+HEAD_FIELDS = ("visual_weight", "concentration", "region_weight", "text_weight", "sink_weight", "pointing",
+               "spatial_entropy")
+GROUNDING_FIELDS = ("x1", "y1", "x2", "y2", "targets", "pointing", "iou")
 
 _SAMPLE_TYPES = {
     "question_type": pa.string(),
@@ -106,7 +108,9 @@ _DDL = (
         concentration REAL,
         region_weight REAL,
         text_weight REAL,
-        sink_weight REAL
+        sink_weight REAL,
+        pointing REAL,
+        spatial_entropy REAL
     )""",
     """CREATE TABLE IF NOT EXISTS comparisons (
         created TIMESTAMP NOT NULL,
@@ -119,7 +123,24 @@ _DDL = (
         n INTEGER,
         detail JSON
     )""",
+    """CREATE TABLE IF NOT EXISTS groundings (
+        run_id INTEGER NOT NULL,
+        selector TEXT NOT NULL,
+        heads JSON,
+        sample_id TEXT NOT NULL,
+        x1 DOUBLE,
+        y1 DOUBLE,
+        x2 DOUBLE,
+        y2 DOUBLE,
+        targets JSON,
+        pointing BOOLEAN,
+        iou DOUBLE,
+        created TIMESTAMP,
+        PRIMARY KEY (run_id, selector, sample_id)
+    )""",
 )
+# Columns added after a table first shipped: stores written before them gain them when opened for writing.
+_ADDED_COLUMNS = (("head_stats", "pointing", "REAL"), ("head_stats", "spatial_entropy", "REAL"))
 
 
 _TABLES = {re.search(r"EXISTS (\w+)", statement).group(1) for statement in _DDL}
@@ -168,6 +189,8 @@ def create_schema(con: duckdb.DuckDBPyConnection) -> None:
     """Create every table the store needs; idempotent, so later features extend `_DDL` and old files catch up."""
     for statement in _DDL:
         con.execute(statement)
+    for table, column, kind in _ADDED_COLUMNS:
+        con.execute(f"ALTER TABLE {table} ADD COLUMN IF NOT EXISTS {column} {kind}")
     con.execute("INSERT INTO meta VALUES ('schema_version', ?) ON CONFLICT DO NOTHING", [str(SCHEMA_VERSION)])
 
 
@@ -312,11 +335,13 @@ class Store:
         region_weight: np.ndarray | None,
         text_weight: np.ndarray | None,
         sink_weight: np.ndarray | None,
+        pointing: np.ndarray | None = None,
+        spatial_entropy: np.ndarray | None = None,
     ) -> int:
         """Store one batch in one transaction (all rows or none), skipping stored samples; returns how many were new.
 
-        The five arrays are `[batch, layers, heads]`, row i belonging to `samples[i]`; NaN is stored as NULL,
-        and an array given as None (not measured) is all NULL.
+        The arrays are `[batch, layers, heads]`, row i belonging to `samples[i]`; NaN is stored as NULL, and an
+        array given as None (not measured) is all NULL.
         """
         self._require_writable()
         if run.run_id not in self._open_runs:
@@ -324,7 +349,7 @@ class Store:
         ids = [_sample_id(s) for s in samples]
         shape = (len(ids), run.layers, run.heads)
         arrays: dict[str, np.ndarray | None] = {}
-        given = (visual_weight, concentration, region_weight, text_weight, sink_weight)
+        given = (visual_weight, concentration, region_weight, text_weight, sink_weight, pointing, spatial_entropy)
         for name, values in zip(HEAD_FIELDS, given, strict=True):
             if values is not None:
                 values = np.asarray(values, dtype=np.float32)
@@ -431,11 +456,36 @@ class Store:
                       avg(region_weight / nullif(visual_weight, 0)) AS region_share,
                       avg(text_weight) AS text_weight,
                       avg(sink_weight) AS sink_weight,
+                      avg(pointing) AS pointing,
                       count(*) AS n,
                       count(concentration) AS n_concentration
                FROM head_stats WHERE run_id = ? GROUP BY layer, head ORDER BY layer, head""",
             [self._resolve(run)],
         ).df()
+
+    def add_groundings(self, run: RunRef, selector: str, heads: Sequence[str],
+                       rows: Sequence[Mapping[str, Any]]) -> None:
+        """Keep the boxes one head set drew on a run's samples, replacing that selector's earlier ones (one
+        transaction). Each row: sample_id, the box x1 y1 x2 y2 (None: no box), targets, pointing, iou."""
+        self._require_writable()
+        run_id = self._resolve(run)
+        now = _now()
+        values = [[run_id, selector, _dumps(list(heads)), str(r["sample_id"]),
+                   *(None if r.get(k) is None else float(r[k]) for k in ("x1", "y1", "x2", "y2")),
+                   _dumps(r.get("targets")), None if r.get("pointing") is None else bool(r["pointing"]),
+                   None if r.get("iou") is None else float(r["iou"]), now] for r in rows]
+        with self._transaction():
+            self._con.execute("DELETE FROM groundings WHERE run_id = ? AND selector = ?", [run_id, selector])
+            if values:
+                self._con.executemany("INSERT INTO groundings VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", values)
+
+    def groundings(self, run: RunRef) -> pd.DataFrame:
+        """The boxes `add_groundings` kept for a run, newest selector first; heads and targets decoded."""
+        frame = self._con.execute("SELECT * FROM groundings WHERE run_id = ? ORDER BY created DESC, selector, "
+                                  "sample_id", [self._resolve(run)]).df()
+        for column in ("heads", "targets"):
+            frame[column] = frame[column].map(_loads)
+        return frame
 
     def query(self, sql: str, params: Sequence[Any] | None = None) -> pd.DataFrame:
         """Run any SQL on the store (what `vheads query` does); a DuckDB error becomes a one-line StoreError."""
@@ -484,7 +534,7 @@ class Store:
             raise StoreError(f"{self.path} is a DuckDB file but not a vheads store")
         if not tables and self.read_only:
             raise StoreError(f"{self.path} is an empty DuckDB file, not a vheads store")
-        if not self.read_only and not tables >= _TABLES:
+        if not self.read_only and not (tables >= _TABLES and self._has_added_columns()):
             create_schema(self._con)
         version = self._con.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
         if version is None or int(version[0]) > SCHEMA_VERSION:
@@ -498,6 +548,12 @@ class Store:
                 "WHERE status = 'running' AND writer_pid IS NOT NULL AND writer_pid <> ?",
                 [os.getpid()],
             )
+
+    def _has_added_columns(self) -> bool:
+        """Whether the tables already have every column added since they first shipped."""
+        have = {(r[0], r[1]) for r in self._con.execute(
+            "SELECT table_name, column_name FROM duckdb_columns() WHERE database_name = current_database()").fetchall()}
+        return all((table, column) in have for table, column, _ in _ADDED_COLUMNS)
 
     def _merge(self, sources: Sequence[Path], summary: MergeSummary) -> None:
         """Fold files into this store in one transaction, all or nothing; each is attached read-only, so a shard
@@ -575,8 +631,12 @@ class Store:
             ("samples", ("sample_id",) + SAMPLE_FIELDS),
         ):
             names = ", ".join(columns)
+            present = {r[0] for r in self._con.execute(
+                "SELECT column_name FROM duckdb_columns() WHERE database_name = ? AND table_name = ?",
+                [alias, table]).fetchall()}
+            picked = ", ".join(c if c in present else f"NULL AS {c}" for c in columns)
             added = self._con.execute(
-                f"INSERT INTO {table} (run_id, {names}) SELECT ?, {names} FROM {alias}.{table} "
+                f"INSERT INTO {table} (run_id, {names}) SELECT ?, {picked} FROM {alias}.{table} "
                 "WHERE run_id = ? AND sample_id IN (SELECT sample_id FROM vheads_new_ids)",
                 [run_id, src_id],
             ).fetchone()[0]

@@ -8,17 +8,21 @@ import pandas as pd
 from vheads import metrics
 from vheads.store import Store
 
-HEAD_COLUMNS = ["rank", "layer", "head", "score", "mean_w", "mean_c", "mean_region_share", "stage", "visual"]
+HEAD_COLUMNS = ["rank", "layer", "head", "score", "mean_w", "mean_c", "pointing", "mean_region_share", "stage",
+                "visual"]
 
 
 def weights_array(store: Store, run: str | int, figure: str = "visual_weight",
                   where: str | None = None) -> tuple[np.ndarray, list[str]]:
-    """One figure of a run as [samples, layers, heads] (NaN for NULL) and the sample ids in that order."""
+    """One figure of a run as [samples, layers, heads] (NaN for NULL) and the sample ids in that order.
+
+    A figure a store predates (written before it was recorded, opened read-only) reads as all NaN."""
     info = store.run(run)
     layers, heads = int(info["layers"]), int(info["heads"])
     extra = f" AND {where}" if where else ""
+    value = f"h.{figure}" if figure in head_stats_columns(store) else "NULL::REAL"
     frame = store.query(
-        f"SELECT h.sample_id, h.layer, h.head, h.{figure} AS v FROM head_stats h "
+        f"SELECT h.sample_id, h.layer, h.head, {value} AS v FROM head_stats h "
         f"JOIN samples s ON s.run_id = h.run_id AND s.sample_id = h.sample_id "
         f"WHERE h.run_id = {int(info['run_id'])}{extra} ORDER BY h.sample_id, h.layer, h.head"
     )
@@ -29,6 +33,13 @@ def weights_array(store: Store, run: str | int, figure: str = "visual_weight",
         rows = frame["sample_id"].map(index).to_numpy()
         values[rows, frame["layer"].to_numpy(), frame["head"].to_numpy()] = frame["v"].astype(float).to_numpy()
     return values, ids
+
+
+def head_stats_columns(store: Store) -> set[str]:
+    """The columns of the store's head_stats table."""
+    found = store.query("SELECT column_name FROM duckdb_columns() WHERE table_name = 'head_stats' "
+                        "AND database_name = current_database()")
+    return set(found["column_name"])
 
 
 def run_stages(info: dict, stages: tuple[int, int] | None = None) -> tuple[int, int] | None:
@@ -52,7 +63,8 @@ def attention_heads(info: dict, w: np.ndarray, layers: int, heads: int) -> np.nd
 def head_table(store: Store, run: str | int, k: int | None = None, threshold: float = 0.5,
                where: str | None = None, stages: tuple[int, int] | None = None) -> pd.DataFrame:
     """The ranking of DESIGN.md: score (share of the samples with the readout row that have the head in the top K
-    by W), then mean W. Stages follow `stages`, else the run's stored `--stages`, else thirds.
+    by W), then mean W; beside them mean C, pointing (the share of samples with a target whose most-attended
+    image token lies on one) and region share. Stages follow `stages`, else the run's stored `--stages`, else thirds.
 
     Heads of layers without softmax attention (a hybrid decoder's, as the run recorded them, else those never
     measured in a sample that has the readout) are left out.
@@ -64,13 +76,14 @@ def head_table(store: Store, run: str | int, k: int | None = None, threshold: fl
     w, _ = weights_array(store, run, "visual_weight", where)
     c, _ = weights_array(store, run, "concentration", where)
     rw, _ = weights_array(store, run, "region_weight", where)
+    point, _ = weights_array(store, run, "pointing", where)
     layers, heads = w.shape[1], w.shape[2]
     k = metrics.default_top_k(layers, heads) if k is None else k
     if not 1 <= k <= layers * heads:
         raise ValueError(f"--k {k}: must be between 1 and {layers * heads} (the run's {layers} layers x {heads} "
                          "heads)")
     scores = metrics.head_scores(w, k)
-    mean_w, mean_c = metrics.nanmean(w), metrics.nanmean(c)
+    mean_w, mean_c, pointing = metrics.nanmean(w), metrics.nanmean(c), metrics.nanmean(point)
     share = metrics.nanmean(metrics.region_share(rw, w))
     flags = metrics.visual_head_flags(scores, threshold)
     measured = attention_heads(info, w, layers, heads)
@@ -79,6 +92,7 @@ def head_table(store: Store, run: str | int, k: int | None = None, threshold: fl
     for rank, (layer, head) in enumerate(ranked, start=1):
         rows.append({"rank": rank, "layer": layer, "head": head, "score": float(scores[layer, head]),
                      "mean_w": float(mean_w[layer, head]), "mean_c": float(mean_c[layer, head]),
+                     "pointing": float(pointing[layer, head]),
                      "mean_region_share": float(share[layer, head]),
                      "stage": metrics.stage_of(layer, layers, bounds), "visual": bool(flags[layer, head])})
     table = pd.DataFrame(rows, columns=HEAD_COLUMNS)

@@ -13,10 +13,13 @@ from vheads import metrics
 from vheads.capture.observer import Observer, is_prefill, prompt_layout
 from vheads.capture.session import AttentionCall, CaptureError, CaptureSession
 from vheads.models.families import image_token_id
+from vheads.models.geometry import TokenGrid
 
 READOUTS = ("prompt", "first-generated", "generated")
 FIGURES = metrics.FIGURES
 REGION = FIGURES.index("region_weight")
+MAP_FIGURES = ("pointing", "spatial_entropy")
+RECORDED = (*FIGURES, *MAP_FIGURES)
 
 
 @dataclass
@@ -25,7 +28,9 @@ class HeadFigures:
 
     `image_token_count` [batch] counts the image tokens of each sample; `readout_steps` [batch] counts the
     query rows averaged into each sample (1 for `prompt`, the generated tokens for `generated`, 0 where the
-    readout never happened, e.g. `first-generated` on a single forward call).
+    readout never happened, e.g. `first-generated` on a single forward call). `pointing` (1 where the head's
+    most-attended image token lies on a target) and `spatial_entropy` (`metrics.spatial_entropy`) are NaN where
+    the recorder had no target mask or no token grids.
     """
 
     visual_weight: np.ndarray
@@ -35,6 +40,8 @@ class HeadFigures:
     sink_weight: np.ndarray
     image_token_count: np.ndarray
     readout_steps: np.ndarray
+    pointing: np.ndarray | None = None
+    spatial_entropy: np.ndarray | None = None
 
     @property
     def batch(self) -> int:
@@ -50,7 +57,7 @@ class _Group:
     """Running sums for the samples of one prefill call (and the decode steps that follow it)."""
 
     def __init__(self, layers: int, heads: int, masks: dict[str, torch.Tensor | None], rows: torch.Tensor,
-                 image_tokens: torch.Tensor):
+                 image_tokens: torch.Tensor, grids: list[TokenGrid | None] | None = None):
         b = rows.shape[0]
         device = rows.device
         self.prompt_len = masks["image"].shape[1]
@@ -61,8 +68,10 @@ class _Group:
         columns = [masks["image"], region if region is not None else torch.zeros_like(masks["image"]),
                    masks["text"], masks["sink"]]
         self.key_matrix = torch.stack(columns, dim=-1).float()
-        self.sums = torch.zeros(b, layers, heads, len(FIGURES), dtype=torch.float64, device=device)
-        self.counts = torch.zeros(b, layers, heads, len(FIGURES), dtype=torch.float64, device=device)
+        self.sums = torch.zeros(b, layers, heads, len(RECORDED), dtype=torch.float64, device=device)
+        self.counts = torch.zeros(b, layers, heads, len(RECORDED), dtype=torch.float64, device=device)
+        self.maps = _TokenMaps(masks["image"], image_tokens, masks["target"], grids)
+        self.pending_maps: dict[int, torch.Tensor] = {}
         self.steps = torch.zeros(b, dtype=torch.long, device=device)
         self.finished = torch.zeros(b, dtype=torch.bool, device=device)
         self.step = 0
@@ -86,6 +95,51 @@ class _Group:
         return self._keys[key]
 
 
+class _TokenMaps:
+    """Where a group's image tokens sit in the prompt, for the figures read off each head's map over them: which
+    are targets (pointing) and how they lie on their patch grids (spatial entropy). Inactive without either."""
+
+    def __init__(self, image: torch.Tensor, counts: torch.Tensor, target: torch.Tensor | None,
+                 grids: list[TokenGrid | None] | None):
+        usable = grids is not None and any(g is not None for g in grids)
+        self.active = target is not None or usable
+        if not self.active:
+            return
+        n = max(1, int(counts.max())) if counts.numel() else 1
+        self.positions = torch.argsort((~image).to(torch.int8), dim=1, stable=True)[:, :n]
+        self.valid = torch.arange(n, device=image.device)[None, :] < counts[:, None]
+        self.target = None if target is None else target.gather(1, self.positions) & self.valid
+        self.has_target = (torch.zeros_like(counts, dtype=torch.bool) if self.target is None
+                           else self.target.any(dim=1))
+        self.layouts: dict[bytes, tuple[list[int], TokenGrid]] = {}
+        for row, grid in enumerate(grids if usable else []):
+            if grid is not None and len(grid) == int(counts[row]):
+                key = grid.tile.tobytes() + grid.row.tobytes() + grid.col.tobytes()
+                self.layouts.setdefault(key, ([], grid))[0].append(row)
+
+    def gather(self, probs: torch.Tensor, kv_offset: int) -> torch.Tensor:
+        """The attention [batch, heads, n] of each row's image tokens, in token order (0 for padding slots)."""
+        index = (self.positions - kv_offset).clamp(min=0).to(probs.device)
+        picked = torch.take_along_dim(probs, index[:, None, :].expand(-1, probs.shape[1], -1), dim=2)
+        ok = (self.valid & (self.positions >= kv_offset)).to(probs.device)
+        return picked * ok[:, None, :]
+
+    def figures(self, maps: torch.Tensor) -> torch.Tensor:
+        """Pointing and spatial entropy [batch, layers, heads, 2] from image-token maps [batch, layers, heads, n]."""
+        out = torch.full((*maps.shape[:-1], len(MAP_FIGURES)), float("nan"), dtype=maps.dtype, device=maps.device)
+        if self.target is not None:
+            valid = self.valid.to(maps.device)[:, None, None, :]
+            hit = metrics.pointing(maps, valid, self.target.to(maps.device)[:, None, None, :])
+            out[..., 0] = hit.masked_fill(~self.has_target.to(maps.device)[:, None, None], float("nan"))
+        if self.layouts:
+            values = maps.float().cpu().numpy()
+            entropy = np.full(values.shape[:-1], np.nan)
+            for rows, grid in self.layouts.values():
+                entropy[rows] = metrics.spatial_entropy(values[rows][..., : len(grid)], grid.tile, grid.row, grid.col)
+            out[..., 1] = torch.from_numpy(entropy).to(out)
+        return out
+
+
 class HeadRecorder(Observer):
     """Context manager that records per-head figures of every `model(...)` / `model.generate(...)` inside it.
 
@@ -93,18 +147,22 @@ class HeadRecorder(Observer):
     token), `first-generated` (the first generated token's row) or `generated` (every step that produces a
     generated token, averaged per sample up to its end-of-sequence). Image positions come from the call's
     own `input_ids == image_token_id`; `region_mask` ([batch, seq] bool, optional) marks the image tokens of
-    the asked-about region;
-    a row with no marked token has no region (NaN). Several calls inside one context stack their samples
-    along the batch axis.
+    the asked-about region; a row with no marked token has no region (NaN). `target_mask` ([batch, seq] bool,
+    optional) marks the image tokens on any target instance, for pointing; `grids` (one `TokenGrid` per row, of
+    all its image tokens in order, or None) place the tokens on their patch grids, for spatial entropy. Several
+    calls inside one context stack their samples along the batch axis.
     """
 
     def __init__(self, model: nn.Module, readout: str = "prompt", region_mask: torch.Tensor | None = None,
-                 image_token_id: int | None = None, eos_token_ids: list[int] | None = None):
+                 image_token_id: int | None = None, eos_token_ids: list[int] | None = None,
+                 target_mask: torch.Tensor | None = None, grids: list[TokenGrid | None] | None = None):
         if readout not in READOUTS:
             raise ValueError(f"unknown readout {readout!r}; expected one of {', '.join(READOUTS)}")
         self.model = model
         self.readout = readout
         self.region_mask = region_mask
+        self.target_mask = target_mask
+        self.grids = grids
         self.image_token_id = image_token_id if image_token_id is not None else _image_token_id(model)
         self.eos_token_ids = eos_token_ids if eos_token_ids is not None else _eos_ids(model)
         self.session: CaptureSession | None = None
@@ -146,15 +204,13 @@ class HeadRecorder(Observer):
         first = torch.where(real & ~image, positions, input_ids.shape[1]).min(dim=1).values
         sink = positions[None, :] == first[:, None]
         text = real & ~image & ~sink
-        region = None
-        if self.region_mask is not None:
-            region = self.region_mask.to(device=input_ids.device, dtype=torch.bool)
-            if region.shape != input_ids.shape:
-                raise CaptureError(f"region_mask has shape {tuple(region.shape)} but the inputs have "
-                                   f"{tuple(input_ids.shape)}")
-            region = region & image
-        masks = {"image": image, "region": region, "text": text, "sink": sink}
-        return _Group(session.num_layers, session.num_heads, masks, last, image.sum(dim=1))
+        region, target = (None if mask is None else _token_mask(mask, name, input_ids) & image
+                          for mask, name in ((self.region_mask, "region_mask"), (self.target_mask, "target_mask")))
+        grids = self.grids
+        if grids is not None and len(grids) != input_ids.shape[0]:
+            raise CaptureError(f"{len(grids)} token grids for a batch of {input_ids.shape[0]}")
+        masks = {"image": image, "region": region, "text": text, "sink": sink, "target": target}
+        return _Group(session.num_layers, session.num_heads, masks, last, image.sum(dim=1), grids)
 
     def observe(self, call: AttentionCall) -> None:
         """Reduce the readout rows of one layer's attention to the linear sums of the figures; the figures of
@@ -163,10 +219,13 @@ class HeadRecorder(Observer):
             return
         group = self.groups[-1]
         probs = call.probabilities(group.call_rows)[:, :, 0]
-        keys, image_tokens = group.keys(call.key.shape[2], probs.device)
+        kv_len = call.key.shape[2]
+        keys, image_tokens = group.keys(kv_len, probs.device)
         sums = metrics.masked_sums(probs, keys)
         group.pending[call.layer] = (sums.to(group.sums.device, torch.float64),
                                      image_tokens.to(group.sums.device, torch.float64))
+        if group.maps.active:
+            group.pending_maps[call.layer] = group.maps.gather(probs, group.prompt_len + group.step - kv_len)
         if call.layer == self.session.attention_layers[-1]:
             self._flush(group)
 
@@ -181,6 +240,14 @@ class HeadRecorder(Observer):
         figures = metrics.figures_from_sums(sums, image_tokens)
         no_box = ~group.has_region.to(figures.device)[:, None, None]
         figures[..., REGION] = figures[..., REGION].masked_fill(no_box, float("nan"))
+        if group.pending_maps:
+            maps = torch.stack([group.pending_maps[i] for i in layers], dim=1)
+            group.pending_maps.clear()
+            extra = group.maps.figures(maps).to(figures)
+        else:
+            extra = torch.full((*figures.shape[:-1], len(MAP_FIGURES)), float("nan"), dtype=figures.dtype,
+                               device=figures.device)
+        figures = torch.cat([figures, extra], dim=-1)
         ok = group.valid.to(figures.device)[:, None, None, None] & ~torch.isnan(figures)
         index = slice(None) if layers == list(range(group.sums.shape[1])) else layers
         group.sums[:, index] += torch.where(ok, figures, 0.0)
@@ -198,10 +265,18 @@ class HeadRecorder(Observer):
             mean = g.sums / g.counts.clamp(min=1)
             means.append(torch.where(g.counts > 0, mean, float("nan")).float().cpu().numpy())
         stacked = np.concatenate(means, axis=0)
-        out = {name: np.ascontiguousarray(stacked[..., i]) for i, name in enumerate(FIGURES)}
+        out = {name: np.ascontiguousarray(stacked[..., i]) for i, name in enumerate(RECORDED)}
         counts = np.concatenate([g.image_tokens.cpu().numpy() for g in self.groups]).astype(np.int64)
         steps = np.concatenate([g.steps.cpu().numpy() for g in self.groups]).astype(np.int64)
         return HeadFigures(**out, image_token_count=counts, readout_steps=steps)
+
+
+def _token_mask(mask: torch.Tensor, name: str, input_ids: torch.Tensor) -> torch.Tensor:
+    """A [batch, seq] token mask on the inputs' device, checked against their shape."""
+    mask = mask.to(device=input_ids.device, dtype=torch.bool)
+    if mask.shape != input_ids.shape:
+        raise CaptureError(f"{name} has shape {tuple(mask.shape)} but the inputs have {tuple(input_ids.shape)}")
+    return mask
 
 
 def _image_token_id(model: nn.Module) -> int:

@@ -45,3 +45,15 @@ class Sample:
     def image(self) -> Image.Image:
         """The RGB image the model sees (with the box drawn on it for the `visual` prompt style)."""
         return self.image_fn()
+
+    def targets(self) -> list[tuple[float, float, float, float]]:
+        """Every box the question is about, in original pixels: the target instances the loader lists under
+        `meta["target_boxes"]` (ShapesQA lists each copy of the counted class), else the box; empty without one."""
+        listed = self.meta.get("target_boxes")
+        if isinstance(listed, list | tuple) and listed:
+            boxes = [tuple(float(v) for v in box) for box in listed
+                     if isinstance(box, list | tuple) and len(box) == 4
+                     and all(isinstance(v, int | float) and not isinstance(v, bool) for v in box)]
+            if boxes:
+                return boxes
+        return [] if self.box is None else [tuple(float(v) for v in self.box)]

@@ -149,12 +149,19 @@ class Adapter:
         """Bool [batch, seq]: the tokens of each row's first image whose patch overlaps the row's box, or None."""
         if all(box is None for box in boxes):
             return None
+        return self.boxes_mask(self.row_grids(images, inputs), inputs, [[] if b is None else [b] for b in boxes])
+
+    def boxes_mask(self, grids: Sequence[Sequence[TokenGrid]], inputs: BatchFeature,
+                   boxes: Sequence[Sequence[Box]]) -> torch.Tensor:
+        """Bool [batch, seq]: the tokens of each row's first image whose patch overlaps any of the row's boxes.
+
+        `grids` are `row_grids` of the batch; a row with no box has no token marked.
+        """
         image = inputs["input_ids"] == self.image_token_id
-        grids = self.row_grids(images, inputs)
         hits = np.zeros((len(grids), max(1, int(image.sum(dim=1).max()))), dtype=bool)
-        for row, (per_image, box) in enumerate(zip(grids, boxes, strict=True)):
-            if box is not None:
-                hits[row, : len(per_image[0])] = per_image[0].overlaps(box)
+        for row, (per_image, row_boxes) in enumerate(zip(grids, boxes, strict=True)):
+            for box in row_boxes:
+                hits[row, : len(per_image[0])] |= per_image[0].overlaps(box)
         nth_image_token = (image.cumsum(dim=1) - 1).clamp(min=0)
         return image & torch.from_numpy(hits).gather(1, nth_image_token)
 

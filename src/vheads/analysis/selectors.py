@@ -2,7 +2,9 @@
 
 `top:K` the K best heads of a run's ranking; `random:K[:seed]` K heads drawn from all heads with the seed;
 `late:K` the K lowest-scoring heads of the late stage; `stage:early|mid|late` every head of a stage;
-`L.H,L.H` an explicit list. Random sets are nested: for one seed, the K = 4 set is part of the K = 8 set.
+`pointing:K` the K heads of a run that most often point at a target; `localization:K` Kang et al.'s
+localization heads of a run (`analysis.localization`); `L.H,L.H` an explicit list. Random sets are nested: for
+one seed, the K = 4 set is part of the K = 8 set.
 """
 
 from __future__ import annotations
@@ -11,18 +13,21 @@ import numpy as np
 import pandas as pd
 
 from vheads import metrics
-from vheads.analysis.heads import head_table, no_readout_hint
+from vheads.analysis.heads import attention_heads, head_table, no_readout_hint, weights_array
+from vheads.analysis.localization import localization_heads
 from vheads.pipeline import parse_heads
 from vheads.store import Store
 
 Head = tuple[int, int]
 SWEEP_SELECTORS = ("top", "random", "late")
-NEEDS_RUN = ("top", "late")
+NEEDS_RUN = ("top", "late", "pointing", "localization")
+SELECTORS = (*SWEEP_SELECTORS, "stage", "pointing", "localization")
+EXPECTED = "top:K, random:K[:seed], late:K, stage:NAME, pointing:K, localization:K or L.H,..."
 
 
 def is_selector(spec: str | None) -> bool:
     """Whether an `--ablate` value is a selector (`top:8`, `stage:late`, ...) rather than an `L.H` list."""
-    return bool(spec) and spec.strip().split(":")[0] in (*SWEEP_SELECTORS, "stage")
+    return bool(spec) and spec.strip().split(":")[0] in SELECTORS
 
 
 def resolve_heads(spec: str, store: Store | None = None, from_run: str | int | None = None,
@@ -38,7 +43,7 @@ def resolve_heads(spec: str, store: Store | None = None, from_run: str | int | N
     """
     text = (spec or "").strip()
     if not text:
-        raise ValueError("empty head selector; expected top:K, random:K[:seed], late:K, stage:NAME or L.H,...")
+        raise ValueError(f"empty head selector; expected {EXPECTED}")
     kind = text.split(":")[0]
     if kind in NEEDS_RUN and (store is None or from_run is None):
         raise ValueError(f"{text}: `{kind}` ranks the heads of a run; pass --from RUN")
@@ -51,7 +56,20 @@ def resolve_heads(spec: str, store: Store | None = None, from_run: str | int | N
             check_ranked(table, from_run)
         elif stages is None:
             stages = head_table(store, from_run).attrs["stages"]
+        if kind == "localization":
+            return run_localization_heads(store, from_run, _single_count(text, len(table)))
     return select_heads(text, table, layers, heads, stages, attention_layers)
+
+
+def run_localization_heads(store: Store, run: str | int, k: int) -> list[Head]:
+    """`localization:K` on a run: Kang et al.'s rule on its mean W and per-sample spatial entropies."""
+    w, _ = weights_array(store, run, "visual_weight")
+    entropy, _ = weights_array(store, run, "spatial_entropy")
+    if not np.isfinite(entropy).any():
+        raise ValueError(f"localization:{k}: run {run} has no spatial entropies (the model's image tokens have no "
+                         "patch layout, or the run was stored before vheads recorded them)")
+    measured = attention_heads(store.run(run), w, w.shape[1], w.shape[2])
+    return localization_heads(metrics.nanmean(w), entropy, measured, k)
 
 
 def check_ranked(table: pd.DataFrame, run: str | int) -> None:
@@ -77,7 +95,7 @@ def select_heads(spec: str, ranking: pd.DataFrame | None, layers: int | None, he
         attention_layers = ranking.attrs.get("attention_layers")
     if not is_selector(text):
         if ":" in text:
-            raise ValueError(f"unknown selector {text!r}; expected top:K, random:K[:seed], late:K or stage:NAME")
+            raise ValueError(f"unknown selector {text!r}; expected {EXPECTED}")
         return _explicit(text, layers, heads)
     kind, *args = text.split(":")
     if layers is None or heads is None:
@@ -96,13 +114,26 @@ def select_heads(spec: str, ranking: pd.DataFrame | None, layers: int | None, he
         return random_heads(k, layers, heads, seed, attention_layers)
     if len(args) != 1:
         raise ValueError(f"{text}: expected {kind}:K")
-    if ranking is None:
+    if ranking is None or kind == "localization":
         raise ValueError(f"{text}: `{kind}` needs the ranking of a run; pass --from RUN")
     ranked = [(int(r.layer), int(r.head)) for r in ranking.itertuples()]
     if kind == "top":
         return ranked[:_count(text, args[0], len(ranked))]
+    if kind == "pointing":
+        return pointing_heads(ranking, _count(text, args[0], len(ranked)), text)
     late = [h for h in ranked if metrics.stage_of(h[0], layers, stages) == "late"]
     return late[::-1][:_count(text, args[0], len(late))]
+
+
+def pointing_heads(ranking: pd.DataFrame, k: int, spec: str = "pointing") -> list[Head]:
+    """The K heads of a ranking with the highest pointing accuracy (ties: higher mean W, then lower layer and head);
+    heads never measured on a target are left out."""
+    known = ranking[np.isfinite(ranking["pointing"].to_numpy(dtype=float))]
+    if known.empty:
+        raise ValueError(f"{spec}: the run has no pointing figures (its samples have no box, or the model's image "
+                         "tokens have no patch layout)")
+    ordered = known.sort_values(["pointing", "mean_w", "layer", "head"], ascending=[False, False, True, True])
+    return [(int(r.layer), int(r.head)) for r in ordered.head(k).itertuples()]
 
 
 def random_heads(k: int, layers: int, heads: int, seed: int = 0,
@@ -121,6 +152,14 @@ def _grid(store: Store, from_run: str | int, layers: int | None, heads: int | No
         raise ValueError(f"run {info['name']} has {run_layers} x {run_heads} heads but the model has "
                          f"{layers} x {heads}")
     return run_layers, run_heads
+
+
+def _single_count(spec: str, available: int) -> int:
+    """K of a `kind:K` selector, checked."""
+    parts = spec.split(":")
+    if len(parts) != 2:
+        raise ValueError(f"{spec}: expected {parts[0]}:K")
+    return _count(spec, parts[1], available)
 
 
 def _count(spec: str, text: str, available: int) -> int:

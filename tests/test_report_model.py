@@ -7,11 +7,11 @@ import pytest
 import torch
 from report_helpers import EXTERNAL, HOSTILE, spread
 
+from vheads.analysis.attention import TokenAttention, attention_maps
 from vheads.capture import HeadRecorder
 from vheads.data import shapes_samples
 from vheads.models import load
 from vheads.pipeline import RunConfig, run
-from vheads.report.attention import TokenAttention, attention_maps
 from vheads.report.build import build_report
 from vheads.report.demo import DemoSettings, run_demo
 from vheads.store import Store

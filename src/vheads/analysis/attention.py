@@ -1,13 +1,15 @@
-"""Per-image-token attention of a few chosen heads, for drawing back onto the image (the report's overlays).
+"""A stored run's samples run again: per-image-token attention of a few chosen heads, for drawing it back onto
+the image (the report's overlays) and for grounding (`vheads ground`).
 
 `TokenAttention` is a capture observer (like `HeadRecorder`): registered on the model's `CaptureSession`,
 it keeps, for every sample, the readout row's attention to each image token for the chosen heads only.
-`attention_maps` re-runs a model on a few samples with it and pairs each map with the image's token grid.
+`attention_maps` re-runs a model on samples with it and pairs each map with the image's token grid;
+`reload_samples`, `run_model` and `run_ablation` get a run's samples, model and ablation back from its record.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass
 from typing import Any
@@ -20,10 +22,11 @@ from torch import nn
 from vheads.capture import CaptureSession, ablate
 from vheads.capture.observer import Observer, is_prefill, prompt_layout
 from vheads.capture.session import AttentionCall, CaptureError
-from vheads.data import Sample
-from vheads.models import Loaded, TokenGrid, image_token_id
+from vheads.data import Sample, load_dataset
+from vheads.models import Loaded, TokenGrid, image_token_id, load
 
 Head = tuple[int, int]
+DATASET_FIELDS = ("data", "images", "split", "question_type", "prompt_style", "limit", "seed", "max_pixels")
 
 
 class TokenAttention(Observer):
@@ -103,8 +106,13 @@ def attention_maps(loaded: Loaded, samples: Sequence[Sample], heads: Sequence[He
     Ablated heads (`ablate_heads`, `ablation`) are switched off as in the run being drawn. Raises
     `GeometryError` when the family's image tokens cannot be mapped back to patches.
     """
+    return list(iter_attention_maps(loaded, samples, heads, readout, ablate_heads, ablation))
+
+
+def iter_attention_maps(loaded: Loaded, samples: Sequence[Sample], heads: Sequence[Head], readout: str = "prompt",
+                        ablate_heads: Sequence[Head] = (), ablation: str = "zero") -> Iterator[SampleAttention]:
+    """`attention_maps` one sample at a time, so a long run's images are not all held at once."""
     adapter, model = loaded.adapter, loaded.model
-    out = []
     for sample in samples:
         image = sample.image()
         inputs = adapter.encode([adapter.prompt(sample.text)], [[image]])
@@ -123,5 +131,30 @@ def attention_maps(loaded: Loaded, samples: Sequence[Sample], heads: Sequence[He
                 model.generate(**inputs, max_new_tokens=2, min_new_tokens=2, do_sample=False,
                                pad_token_id=adapter.tokenizer.pad_token_id)
         maps = recorder.maps[0][:, : len(grid)]
-        out.append(SampleAttention(sample, image, grid, list(heads), maps))
-    return out
+        yield SampleAttention(sample, image, grid, list(heads), maps)
+
+
+def reload_samples(run: Mapping[str, Any], ids: Sequence[str]) -> list[Sample]:
+    """The samples `ids` of a run, loaded again from its dataset with the run's own options (in `ids` order).
+
+    Raises DataError when the dataset cannot be loaded; ids it no longer holds are left out.
+    """
+    config = run.get("config") or {}
+    options = {key: config.get(key) for key in DATASET_FIELDS if config.get(key) is not None}
+    dataset = load_dataset(config.get("dataset") or run["dataset"], **options)
+    by_id = {s.id: s for s in dataset.samples}
+    return [by_id[i] for i in ids if i in by_id]
+
+
+def run_model(run: Mapping[str, Any], device: str = "auto") -> Loaded:
+    """A run's model loaded again with the run's dtype, attention kernel and remote-code setting."""
+    config = run.get("config") or {}
+    return load(run["model"], dtype=config.get("dtype", "auto"), device=device, attn=config.get("attn", "sdpa"),
+                trust_remote_code=bool(config.get("trust_remote_code")))
+
+
+def run_ablation(run: Mapping[str, Any]) -> tuple[list[Head], str]:
+    """The heads a run ablated and how (so its samples run again as they ran)."""
+    config = run.get("config") or {}
+    heads = [(int(layer), int(head)) for layer, head in config.get("ablate") or []]
+    return heads, str(config.get("ablation") or "zero")

@@ -1,4 +1,5 @@
-"""The analysis commands of the `vheads` command line: `ablate` (pruning sweeps) and `compare` (across runs)."""
+"""The analysis commands of the `vheads` command line: `ablate` (pruning sweeps), `compare` (across runs) and
+`ground` (boxes from the attention of chosen heads)."""
 
 from __future__ import annotations
 
@@ -25,6 +26,7 @@ from vheads.cli import (
 from vheads.output import ProgressView, check_format, console, emit, emit_many, frame_table, records, say
 
 JSON_POINT_KEYS = ("selector", "k", "seed", "accuracy", "low", "high", "heads")
+GROUND_HEADERS = {"selector": "heads", "n": "n", "pointing": "pointing", "iou": "IoU", "acc50": "acc50"}
 CONSISTENCY_HEADERS = {"mean_w_pearson": "W r", "mean_w_spearman": "W rho", "score_pearson": "score r",
                        "score_spearman": "score rho", "top_k_overlap": "overlap"}
 
@@ -138,6 +140,60 @@ def compare(
     say(f"kept {saved} figures in the comparisons table of {store}")
 
 
+def ground(
+    from_run: str = typer.Option(..., "--from", help="Run whose samples are grounded (run again with its stored "
+                                 "model, data options and ablation)."),
+    heads: list[str] = typer.Option(["localization:4"], "--heads", help="Head set: localization:K (Kang et al.'s "
+                                    "localization heads), pointing:K, top:K, random:K[:seed], late:K, stage:NAME or "
+                                    "L.H,...; repeat for several sets (one pass over the samples)."),
+    heads_from: str = typer.Option(None, "--heads-from", help="Run of the same model whose figures the selectors "
+                                   "rank (default: --from), to choose heads on other samples than those grounded."),
+    sigma: float = typer.Option(0.5, "--sigma", min=0.0, help="Gaussian smoothing of the combined map before "
+                                "thresholding, in token cells (0: none)."),
+    store: str = typer.Option("vheads.duckdb", "--store", help=STORE_HELP),
+    device: str = typer.Option("auto", "--device", help="Where the model runs: auto, cpu, cuda, cuda:N."),
+    fmt: str = typer.Option("table", "--format", help="table, csv or json (json: one {selector, heads, n, pointing, "
+                            "iou, acc50} object, a list of them for several --heads)."),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="More log lines."),
+) -> None:
+    """Ground a run's samples: boxes from the combined attention of chosen heads, scored against the true boxes.
+
+    Per head set: n (samples with a box), pointing (share whose combined map peaks on a target), iou (mean IoU of
+    the predicted box with the best-matching target) and acc50 (share with IoU >= 0.5). The boxes are kept in the
+    store's groundings table; `vheads report` draws them on its overlays.
+    """
+    setup_logging(verbose)
+    from vheads.analysis.ground import ground as ground_run
+    from vheads.models import GeometryError, check_device
+
+    with errors():
+        check_format(fmt)
+        check_device(device)
+        try:
+            with ProgressView() as view:
+                view.status(f"grounding the samples of {from_run} ...")
+                results = ground_run(existing_store(store), from_run, heads, heads_from=heads_from, device=device,
+                                     sigma_cells=sigma,
+                                     progress=lambda done, total: view.update("ground", done, total, ""))
+        except GeometryError as exc:
+            raise ValueError(f"cannot ground run {from_run}: {exc}") from None
+    rows = [result.summary() for result in results]
+    if fmt == "json":
+        sys.stdout.write(json.dumps(rows[0] if len(rows) == 1 else rows, indent=2) + "\n")
+        return
+    frame = pd.DataFrame(rows, columns=["selector", "heads", "n", "pointing", "iou", "acc50"])
+    frame["heads"] = frame["heads"].map(" ".join)
+    if fmt == "csv":
+        emit(frame, "csv")
+        return
+    frame["selector"] = [f"{r['selector']}: {' '.join(r['heads'])}" for r in rows]
+    console.print(frame_table(frame.drop(columns="heads"), title=f"grounding the samples of {from_run}",
+                              headers=GROUND_HEADERS, legend="n: samples with a box; pointing: share whose combined "
+                              "map peaks on a target; IoU: mean IoU of the predicted box with the best-matching "
+                              "target; acc50: share with IoU >= 0.5"))
+    say(f"boxes kept in the groundings table of {store}")
+
+
 def curve_table(points: list[dict[str, Any]]) -> pd.DataFrame:
     """The pruning curve for the terminal: one row per selector and K (random: mean over seeds, each seed beside)."""
     rows = []
@@ -154,9 +210,10 @@ def curve_table(points: list[dict[str, Any]]) -> pd.DataFrame:
 
 
 def register(app: typer.Typer) -> None:
-    """Add `ablate` and `compare` to the vheads app."""
+    """Add `ablate`, `compare` and `ground` to the vheads app."""
     app.command()(ablate)
     app.command()(compare)
+    app.command()(ground)
 
 
 def _items(text: str, option: str, kind: type) -> list[Any]:

@@ -10,14 +10,14 @@ from typing import Any
 
 import pandas as pd
 
+from vheads.analysis.attention import Head, attention_maps, reload_samples, run_ablation, run_model
 from vheads.capture import CaptureError
 from vheads.data import DataError
-from vheads.models import GeometryError, Loaded, ModelError, load
+from vheads.models import GeometryError, Loaded, ModelError
 from vheads.report import figures
 from vheads.report import html as h
-from vheads.report.attention import Head, attention_maps
 from vheads.report.overlays import MAX_HEAD_PANELS, overlay_figure
-from vheads.report.samples import pick_samples, reload_samples
+from vheads.report.samples import pick_samples
 
 log = logging.getLogger("vheads.report")
 
@@ -36,15 +36,8 @@ def _model(info: dict[str, Any], device: str, cache: MutableMapping[tuple[str, s
     config = info.get("config") or {}
     key = (str(info["model"]), str(config.get("dtype", "auto")))
     if key not in cache:
-        cache[key] = load(info["model"], dtype=config.get("dtype", "auto"), device=device,
-                          attn=config.get("attn", "sdpa"), trust_remote_code=bool(config.get("trust_remote_code")))
+        cache[key] = run_model(info, device)
     return cache[key]
-
-
-def _ablated(info: dict[str, Any]) -> tuple[list[Head], str]:
-    config = info.get("config") or {}
-    heads = [(int(layer), int(head)) for layer, head in config.get("ablate") or []]
-    return heads, str(config.get("ablation") or "zero")
 
 
 def overlay_block(store: Any, view: Any, out: Path, n: int, device: str,
@@ -59,7 +52,7 @@ def overlay_block(store: Any, view: Any, out: Path, n: int, device: str,
     try:
         samples = reload_samples(info, list(chosen["sample_id"]))
         loaded = _model(info, device, models)
-        ablate_heads, ablation = _ablated(info)
+        ablate_heads, ablation = run_ablation(info)
         items = attention_maps(loaded, samples, heads, readout, ablate_heads, ablation)
     except (DataError, ModelError, GeometryError, CaptureError, OSError, ValueError) as exc:
         reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__

@@ -10,7 +10,6 @@ the image clear; a head that looks at one patch lights it up.
 
 from __future__ import annotations
 
-import math
 import textwrap
 from collections.abc import Collection, Sequence
 
@@ -26,36 +25,13 @@ from matplotlib.colors import LogNorm  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 from matplotlib.patches import Rectangle  # noqa: E402
 
-from vheads.models import TokenGrid  # noqa: E402
-from vheads.report.attention import Head, SampleAttention  # noqa: E402
+from vheads.analysis.attention import Head, SampleAttention  # noqa: E402
+from vheads.analysis.grounding import attention_density  # noqa: E402
 
 MAX_HEAD_PANELS = 3
 PANEL_INCHES = 2.8
 BOX_COLOR = "#00e5ff"
 FOCUS_TOP = 16.0
-
-
-def _coverage(lo: float, hi: float, size: int) -> tuple[int, np.ndarray]:
-    """The first pixel index and the covered fraction of each pixel from `lo` to `hi` along one axis, clipped."""
-    first, last = max(0, math.floor(lo)), min(size, math.ceil(hi))
-    edges = np.arange(first, max(first, last), dtype=np.float64)
-    return first, np.clip(np.minimum(edges + 1, hi) - np.maximum(edges, lo), 0.0, 1.0)
-
-
-def attention_density(grid: TokenGrid, weights: np.ndarray, width: int, height: int) -> np.ndarray:
-    """[height, width] attention mass per pixel: each token's weight spread evenly over its patch box (pixels a
-    box covers in part get their share, so boxes with fractional edges keep their mass)."""
-    canvas = np.zeros((height, width), dtype=np.float64)
-    boxes = grid.boxes[: len(weights)]
-    for (x1, y1, x2, y2), weight in zip(boxes, weights, strict=True):
-        if not (np.isfinite(weight) and np.isfinite(x1)) or weight <= 0:
-            continue
-        area = max((x2 - x1) * (y2 - y1), 1e-9)
-        c1, cx = _coverage(x1, x2, width)
-        r1, cy = _coverage(y1, y2, height)
-        if cx.size and cy.size:
-            canvas[r1:r1 + cy.size, c1:c1 + cx.size] += (weight / area) * np.outer(cy, cx)
-    return canvas
 
 
 def focus(density: np.ndarray) -> np.ndarray:

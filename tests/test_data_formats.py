@@ -191,6 +191,25 @@ def write_hf(folder: Path) -> Path:
     return target
 
 
+def write_refcoco(folder: Path) -> Path:
+    """RefCOCO in lmms-eval's layout (COCO [x, y, w, h] boxes, a list of expressions) beside hand-made corner-box
+    lines, then: a missing image, a box outside the image, a record with no expression, a line that is not JSON."""
+    write_image(folder / "coco" / "a.png", (80, 60))
+    write_image(folder / "coco" / "b.png", (40, 40))
+    records = [
+        {"question_id": "r1", "file_name": "coco/a.png", "bbox": [10, 5, 20, 30], "split": "testA",
+         "answer": ["the left cup", "cup on the left"], "question": "Describe the region."},
+        {"id": 7, "image": "coco/b.png", "box": [4, 4, 36, 20], "expression": "the top half", "split": "val"},
+        {"id": 8, "image": "coco/gone.png", "bbox": [1, 1, 5, 5], "sentence": "nothing", "split": "val"},
+        {"id": 9, "image": "coco/b.png", "bbox": [30, 30, 20, 20], "sentence": "too far", "split": "val"},
+        {"id": 10, "image": "coco/a.png", "bbox": [1, 1, 5, 5], "split": "val"},
+    ]
+    path = write_jsonl(folder / "refcoco.jsonl", records)
+    with path.open("a", encoding="utf-8") as handle:
+        handle.write("{not json\n")
+    return path
+
+
 def has_red_box(image: Image.Image, box: tuple[float, float, float, float]) -> bool:
     """True if the pixel on the box's top edge is the half-transparent red over white."""
     r, g, b = image.getpixel((int((box[0] + box[2]) / 2), int(box[1])))
@@ -360,6 +379,37 @@ def test_hf_image_paths_and_dataset_dict_splits(tmp_path: Path) -> None:
     assert dataset.split == "validation"
     assert [s.id for s in dataset] == ["0"]
     assert dataset.skip_summary() == {"missing image": 1}
+
+
+def test_refcoco_reads_lmms_eval_and_corner_boxes_one_sample_per_expression(tmp_path: Path) -> None:
+    dataset = load_dataset("refcoco", data=write_refcoco(tmp_path))
+    assert [s.id for s in dataset] == ["r1:0", "r1:1", "7"]
+    first, second, third = dataset
+    assert (first.question, first.text, second.text) == ("the left cup", "the left cup", "cup on the left")
+    assert first.box == (10.0, 5.0, 30.0, 35.0) and third.box == (4.0, 4.0, 36.0, 20.0)
+    assert first.answer is None and first.prompt_style == "none" and first.targets() == [first.box]
+    assert first.image().size == (80, 60) and not has_red_box(first.image(), first.box)
+    assert dataset.skip_summary() == {"missing image": 1, "box outside image": 1, "missing field": 1, "bad JSON": 1}
+
+
+def test_refcoco_split_and_prompt_style(tmp_path: Path) -> None:
+    path = write_refcoco(tmp_path)
+    assert [s.id for s in load_dataset("refcoco", data=path, split="testA")] == ["r1:0", "r1:1"]
+    with pytest.raises(DataError, match="--prompt-style none only"):
+        load_dataset("refcoco", data=path, prompt_style="visual")
+
+
+def test_refcoco_refer_api_sentences_and_bad_boxes(tmp_path: Path) -> None:
+    write_image(tmp_path / "c.png", (50, 50))
+    records = [{"ref_id": 1, "image": "c.png", "bbox": [0, 0, 10, 10], "sentences": [{"sent": "a"}, {"raw": "b"}]},
+               {"ref_id": 2, "image": "c.png", "bbox": [0, 0, -3, 10], "sent": "negative width"},
+               {"ref_id": 3, "image": "c.png", "bbox": [0, 0, "x", 10], "sent": "text in the box"},
+               {"ref_id": 4, "image": "c.png", "bbox": [0, 0, 10 ** 400, 10], "sent": "too large"},
+               {"ref_id": 5, "image": "c.png", "box": [5, 5], "sent": "two numbers"}]
+    dataset = load_dataset("refcoco", data=write_jsonl(tmp_path / "refs.jsonl", records))
+    assert [(s.id, s.text) for s in dataset] == [("1:0", "a"), ("1:1", "b")]
+    assert [(s.record, s.reason) for s in dataset.skipped] == [("2", "bad field"), ("3", "bad field"),
+                                                              ("4", "bad field"), ("5", "bad field")]
 
 
 def test_image_that_vanishes_after_loading_raises_bad_sample(tmp_path: Path) -> None:

@@ -19,6 +19,7 @@ from test_data_formats import (
     write_pointqa,
     write_pope,
     write_qbench,
+    write_refcoco,
     write_seed,
     write_shikra,
 )
@@ -34,6 +35,7 @@ WRITERS = {
     "seedbench": write_seed,
     "qbench": write_qbench,
     "jsonl": write_llava_jsonl,
+    "refcoco": write_refcoco,
     "shapes": lambda folder: write_shapes(folder, 3, seed=1),
 }
 LOADER_OF = {"shikra": "pointqa"}
@@ -88,7 +90,7 @@ def test_truncated_file(valid_files: dict[str, Path], fmt: str, cut: float, junk
 
 def records_of(fmt: str, path: Path) -> list[dict[str, Any]]:
     """The valid records of a format, as dicts."""
-    if fmt in ("pope", "shikra", "jsonl"):
+    if fmt in ("pope", "shikra", "jsonl", "refcoco"):
         records = []
         for line in path.read_text().splitlines():
             with suppress(json.JSONDecodeError):
@@ -100,7 +102,7 @@ def records_of(fmt: str, path: Path) -> list[dict[str, Any]]:
 
 def serialise(fmt: str, path: Path, records: list[Any]) -> bytes:
     """Records back into the format's file layout."""
-    if fmt in ("pope", "shikra", "jsonl"):
+    if fmt in ("pope", "shikra", "jsonl", "refcoco"):
         return "".join(json.dumps(r) + "\n" for r in records).encode()
     if fmt == "seedbench":
         return json.dumps({"questions": records}).encode()

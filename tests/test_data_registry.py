@@ -11,7 +11,7 @@ from test_data_formats import pointqa_record, write_image, write_jsonl, write_po
 
 from vheads.data import DataError, Dataset, describe_dataset, list_datasets, load_dataset
 
-LOADERS = ["hf", "jsonl", "mmbench", "pointqa", "pope", "qbench", "seedbench", "shapes"]
+LOADERS = ["hf", "jsonl", "mmbench", "pointqa", "pope", "qbench", "refcoco", "seedbench", "shapes"]
 
 
 def test_every_benchmark_is_registered_with_help() -> None:
@@ -32,7 +32,7 @@ def test_missing_file_is_fatal_and_names_the_path(tmp_path: Path, name: str) -> 
         load_dataset(name, data=missing)
 
 
-@pytest.mark.parametrize("name", ["jsonl", "mmbench", "pointqa", "pope", "qbench", "seedbench"])
+@pytest.mark.parametrize("name", ["jsonl", "mmbench", "pointqa", "pope", "qbench", "refcoco", "seedbench"])
 def test_empty_file_is_fatal(tmp_path: Path, name: str) -> None:
     empty = tmp_path / "empty.json"
     empty.write_bytes(b"")

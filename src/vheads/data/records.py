@@ -126,12 +126,20 @@ def box_field(value: Any, key: str) -> tuple[float, float, float, float]:
     """A box [x1, y1, x2, y2] in pixels with x1 < x2 and y1 < y2."""
     if not isinstance(value, list | tuple) or len(value) != 4:
         raise BadRecord(BAD_FIELD, f"{key} is not [x1, y1, x2, y2]")
-    if not all(isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v) for v in value):
+    if not all(isinstance(v, int | float) and not isinstance(v, bool) and _finite(v) for v in value):
         raise BadRecord(BAD_FIELD, f"{key} has a non-numeric coordinate")
     x1, y1, x2, y2 = (float(v) for v in value)
     if not (x1 < x2 and y1 < y2):
         raise BadRecord(BAD_FIELD, f"{key} {list(value)} is empty or inverted")
     return x1, y1, x2, y2
+
+
+def _finite(value: float) -> bool:
+    """Whether a number is finite as a float (an integer too large for a float is not)."""
+    try:
+        return math.isfinite(value)
+    except OverflowError:
+        return False
 
 
 def resolve_image(root: Path, name: str) -> Path:

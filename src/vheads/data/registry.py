@@ -7,7 +7,7 @@ from typing import Any
 
 from vheads.data.dataset import Dataset, Loader, Request, select
 from vheads.data.images import DEFAULT_MAX_PIXELS, pixel_cap
-from vheads.data.loaders import hf, jsonl, mmbench, pointqa, pope, qbench, seedbench, shapes
+from vheads.data.loaders import hf, jsonl, mmbench, pointqa, pope, qbench, refcoco, seedbench, shapes
 from vheads.data.sample import DataError
 from vheads.data.skips import report, summarize
 
@@ -19,7 +19,7 @@ def register(loader: Loader) -> None:
     _LOADERS[loader.name] = loader
 
 
-for _module in (pointqa, pope, mmbench, seedbench, qbench, jsonl, hf, shapes):
+for _module in (pointqa, pope, mmbench, seedbench, qbench, jsonl, hf, shapes, refcoco):
     register(_module.LOADER)
 
 

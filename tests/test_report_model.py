@@ -82,3 +82,33 @@ def test_demo_runs_the_whole_study_and_can_run_again_in_the_same_folder(model_di
     page = second.index.read_text()
     assert "pruning curve" in page.lower() and "Run demo" in page
     assert "Prompt styles" in page and (tmp_path / "demo" / "heatmap-styles.png").exists()
+
+
+def test_report_draws_pointing_and_the_boxes_vheads_ground_drew_on_refcoco(model_dirs, tmp_path):
+    import json
+    import re
+
+    from test_data_formats import write_image, write_jsonl
+
+    from vheads.analysis.ground import ground
+
+    for i in range(3):
+        write_image(tmp_path / "coco" / f"{i}.png", (64 + 16 * i, 48))
+    records = [{"question_id": f"q{i}", "file_name": f"coco/{i}.png", "bbox": [4 + i, 6, 20, 18],
+                "answer": [f"{HOSTILE} the thing on the left"]} for i in range(3)]
+    data = write_jsonl(tmp_path / "refcoco.jsonl", records)
+    store = tmp_path / "s.duckdb"
+    summary = run(RunConfig(model=str(model_dirs("llava")), dataset="refcoco", data=str(data), max_new_tokens=2,
+                            store=str(store), name="refs"))
+    assert summary.accuracy is None and summary.samples == 3
+    results = ground(store, "refs", ["pointing:2", "localization:2"])
+    assert [r.n for r in results] == [3, 3]
+    index = build_report(store, tmp_path / "report", overlays=2)
+    page = index.read_text()
+    assert HOSTILE not in page and "&lt;script&gt;alert(1)&lt;/script&gt; the thing on the left" in page
+    assert "<h3>Grounding</h3>" in page and "pointing:2" in page and "localization:2" in page
+    assert "Solid green: the box drawn from the combined attention of" in page
+    heatmap = json.loads(re.search(r'id="hm-[^"]*-data">(.*?)</script>', page).group(1))
+    assert [p["label"] for p in heatmap["panels"]] == ["mean visual weight W", "head score", "pointing"]
+    assert all(v is None or 0 <= v <= 1 for v in heatmap["pointing"])
+    assert len(sorted((tmp_path / "report").glob("overlay-*.png"))) == 3

@@ -463,3 +463,42 @@ def test_query_runs_sql_and_reports_errors_in_one_line(tmp_path):
         assert list(frame["sample_id"]) == ["s00000", "s00001"]
         with pytest.raises(StoreError, match="^query failed: .*no_such_table"):
             store.query("SELECT * FROM no_such_table")
+
+
+def old_store(path: Path) -> None:
+    """A store as vheads wrote it before pointing, spatial entropy and groundings: one finished run."""
+    with Store(path) as store:
+        run = start(store)
+        store.add_batch(run, *fake_batch([0, 1]))
+        store.finish_run(run)
+        store.query("DROP TABLE groundings")
+        store.query("ALTER TABLE head_stats DROP COLUMN pointing")
+        store.query("ALTER TABLE head_stats DROP COLUMN spatial_entropy")
+
+
+def test_a_store_from_before_pointing_reads_and_gains_the_new_columns(tmp_path):
+    from vheads.analysis.heads import head_table
+
+    path = tmp_path / "old.duckdb"
+    old_store(path)
+    with Store(path, read_only=True) as store:
+        table = head_table(store, "r")
+        assert table["pointing"].isna().all() and store.groundings("r").empty
+    merge([path], tmp_path / "merged.duckdb")
+    with Store(tmp_path / "merged.duckdb", read_only=True) as merged:
+        assert merged.head_stats("r")["pointing"].isna().all() and len(merged.samples("r")) == 2
+    with Store(path) as store:
+        run = store.start_run("new", **{k: v for k, v in SETTINGS.items()})
+        samples, *arrays = fake_batch([2])
+        store.add_batch(run, samples, *arrays, pointing=np.ones_like(arrays[0]),
+                        spatial_entropy=np.zeros_like(arrays[0]))
+        stats = store.head_stats("new")
+        assert (stats["pointing"] == 1.0).all() and (stats["spatial_entropy"] == 0.0).all()
+        store.add_groundings("new", "top:2", ["0.1", "1.2"], [{"sample_id": "s00002", "x1": 1, "y1": 2, "x2": 3,
+                                                              "y2": 4, "targets": [[1, 2, 3, 4]], "pointing": True,
+                                                              "iou": 1.0}])
+        store.add_groundings("new", "top:2", ["0.1", "1.2"], [{"sample_id": "s00002", "x1": None, "y1": None,
+                                                              "x2": None, "y2": None, "targets": [],
+                                                              "pointing": False, "iou": 0.0}])
+        kept = store.groundings("new")
+    assert len(kept) == 1 and kept["iou"].iloc[0] == 0.0 and kept["heads"].iloc[0] == ["0.1", "1.2"]

@@ -480,9 +480,14 @@ class Store:
                 self._con.executemany("INSERT INTO groundings VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", values)
 
     def groundings(self, run: RunRef) -> pd.DataFrame:
-        """The boxes `add_groundings` kept for a run, newest selector first; heads and targets decoded."""
+        """The boxes `add_groundings` kept for a run, newest selector first; heads and targets decoded (none in a
+        store written before grounding existed)."""
+        run_id = self._resolve(run)
+        if not self._con.execute("SELECT 1 FROM duckdb_tables() WHERE table_name = 'groundings' "
+                                 "AND database_name = current_database()").fetchall():
+            return pd.DataFrame(columns=["run_id", "selector", "heads", "sample_id", *GROUNDING_FIELDS, "created"])
         frame = self._con.execute("SELECT * FROM groundings WHERE run_id = ? ORDER BY created DESC, selector, "
-                                  "sample_id", [self._resolve(run)]).df()
+                                  "sample_id", [run_id]).df()
         for column in ("heads", "targets"):
             frame[column] = frame[column].map(_loads)
         return frame

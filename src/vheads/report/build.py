@@ -23,11 +23,12 @@ log = logging.getLogger("vheads.report")
 
 OWN_PNGS = ("heatmap-", "overlay-", "pruning-", "wc-scatter", "correlation")
 HEAD_COLUMNS = {"rank": "rank", "layer": "layer", "head": "head", "score": "score", "mean_w": "mean W",
-                "mean_c": "mean C", "mean_region_share": "region share", "stage": "stage"}
+                "mean_c": "mean C", "pointing": "pointing", "mean_region_share": "region share", "stage": "stage"}
 DEFINITIONS = (
     "W: share of the readout row's attention on image tokens. C = 1 - H / log N: how concentrated the image "
     "attention is (1 = one token, 0 = spread evenly). Head score: share of the samples with the readout row in "
     "which the head is among the top K heads by W (undefined when none has the row). Visual heads: score >= 0.5. "
+    "Pointing: share of the samples with a target box whose most-attended image token lies on a target. "
     "Stages: early, mid, late at the run's --stages boundaries, else layers in thirds."
 )
 
@@ -156,18 +157,21 @@ def _num(value: float) -> float | None:
 
 def _heatmap(view: RunView, out: Path) -> str:
     layers, heads = view.table.attrs["layers"], view.table.attrs["heads"]
-    w, c, score = view.grid("mean_w"), view.grid("mean_c"), view.grid("score")
+    w, c, score, pointing = view.grid("mean_w"), view.grid("mean_c"), view.grid("score"), view.grid("pointing")
     visual = view.grid("visual") > 0
-    fig, panels = figures.head_heatmaps(
-        layers, heads, [("mean visual weight W", w, "mean W", None), ("head score", score, "score", (0.0, 1.0))],
-        visual, f"{view.name}: {layers} layers x {heads} heads, K = {view.table.attrs['k']}")
+    panels = [("mean visual weight W", w, "mean W", None), ("head score", score, "score", (0.0, 1.0))]
+    if np.isfinite(pointing).any():
+        panels.append(("pointing", pointing, "pointing", (0.0, 1.0)))
+    fig, drawn = figures.head_heatmaps(layers, heads, panels, visual,
+                                       f"{view.name}: {layers} layers x {heads} heads, K = {view.table.attrs['k']}")
     path = figures.save(fig, out / f"heatmap-{view.stem}.png")
     data = {"layers": layers, "heads": heads,
-            "panels": [{"label": p.label, "extent": list(p.extent)} for p in panels],
+            "panels": [{"label": p.label, "extent": list(p.extent)} for p in drawn],
             "w": [_num(v) for v in w.ravel()], "c": [_num(v) for v in c.ravel()],
-            "score": [_num(v) for v in score.ravel()], "rank": _ranks(view, layers, heads),
-            "visual": [int(v) for v in visual.ravel()]}
-    caption = ("Mean W and head score of every (layer, head); white dots mark visual heads. Hover a cell for its "
+            "score": [_num(v) for v in score.ravel()], "pointing": [_num(v) for v in pointing.ravel()],
+            "rank": _ranks(view, layers, heads), "visual": [int(v) for v in visual.ravel()]}
+    shown = "Mean W, head score and pointing" if len(panels) == 3 else "Mean W and head score"
+    caption = (f"{shown} of every (layer, head); white dots mark visual heads. Hover a cell for its "
                "figures; click it (or a row of the table below) to mark that head in every heatmap.")
     return h.heatmap_figure(path, f"heatmaps of {view.name}", f"hm-{view.stem}", data, caption)
 
@@ -196,12 +200,33 @@ def _run_section(store: Store, view: RunView, out: Path, overlays: int, device: 
     section.body.append(_heatmap(view, out))
     section.body.append("<h3>Visual heads</h3>")
     section.body.extend(_heads_table(view))
+    grounding = _grounding_table(store, view)
+    if grounding is not None:
+        section.body.append("<h3>Grounding</h3>")
+        section.body.extend(grounding)
     if overlays > 0 and view.table.attrs["samples"] > 0:
         from vheads.report.gallery import overlay_block
 
         section.body.append("<h3>Where the top heads look</h3>")
         section.body.extend(overlay_block(store, view, out, overlays, device, models))
     return section
+
+
+def _grounding_table(store: Store, view: RunView) -> list[str] | None:
+    """The head sets `vheads ground` scored on this run: n, pointing, IoU and acc50 of each (None if never grounded)."""
+    kept = store.groundings(view.name)
+    if kept.empty:
+        return None
+    kept["hit"] = kept["pointing"].astype(float)
+    kept["acc50"] = (kept["iou"] >= 0.5).astype(float)
+    frame = kept.groupby("selector", sort=False).agg(heads=("heads", "first"), n=("sample_id", "size"),
+                                                     pointing=("hit", "mean"), iou=("iou", "mean"),
+                                                     acc50=("acc50", "mean")).reset_index()
+    frame["heads"] = frame["heads"].map(lambda v: " ".join(v) if isinstance(v, list) else "")
+    note = ("Boxes drawn from the combined attention of each head set (vheads ground): pointing is the share of "
+            "samples whose combined map peaks on a target, IoU the mean overlap of the box with the best-matching "
+            "target, acc50 the share with IoU >= 0.5.")
+    return [h.paragraph(note), h.table(frame)]
 
 
 def _scatter_section(views: Sequence[RunView], out: Path) -> h.Section:

@@ -16,7 +16,7 @@ from vheads.data import DataError
 from vheads.models import GeometryError, Loaded, ModelError
 from vheads.report import figures
 from vheads.report import html as h
-from vheads.report.overlays import MAX_HEAD_PANELS, overlay_figure
+from vheads.report.overlays import MAX_HEAD_PANELS, DrawnBoxes, overlay_figure
 from vheads.report.samples import pick_samples
 
 log = logging.getLogger("vheads.report")
@@ -59,13 +59,14 @@ def overlay_block(store: Any, view: Any, out: Path, n: int, device: str,
         log.warning("no overlays for run %s: %s", view.name, reason)
         return [h.paragraph(f"No overlays for this run: {reason}")]
     rows = chosen.set_index("sample_id")
+    boxes = grounded_boxes(store, view.name)
     cards = []
     for i, item in enumerate(items):
         row = rows.loc[item.sample.id]
         correct = None if pd.isna(row["correct"]) else bool(row["correct"])
         box = _meta(row["meta"]).get("box") or item.sample.box
         fig = overlay_figure(item, box, str(row["question"]), _text(row["answer"]), _text(row["prediction"]), correct,
-                             visual)
+                             visual, boxes.get(item.sample.id))
         path = figures.save(fig, out / f"overlay-{view.stem}-{i:02d}.png")
         verdict = {True: "correct", False: "wrong", None: "unscored"}[correct]
         cards.append(
@@ -81,7 +82,25 @@ def overlay_block(store: Any, view: Any, out: Path, n: int, device: str,
             "token, spread over the token's patch in the original image (anyres tiles and the base grid add up). "
             "Colour: attention per pixel against an even spread over the image (clear: no more than even; "
             "brightest: 16 times or more). W: the head's total attention on the image; dashed: the asked-about box.")
+    if boxes:
+        label = next(iter(boxes.values())).label
+        note += (f" Solid green: the box drawn from the combined attention of {label} (vheads ground); dotted white: "
+                 "the true target boxes.")
     return [h.paragraph(note), '<div class="samples">' + "".join(cards) + "</div>"]
+
+
+def grounded_boxes(store: Any, run: str) -> dict[str, DrawnBoxes]:
+    """Per sample, the true boxes and the box drawn by the head set grounded last on the run (none if never)."""
+    kept = store.groundings(run)
+    if kept.empty:
+        return {}
+    latest = kept[kept["selector"] == kept["selector"].iloc[0]]
+    out = {}
+    for row in latest.itertuples():
+        corners = (row.x1, row.y1, row.x2, row.y2)
+        predicted = None if any(v is None or pd.isna(v) for v in corners) else tuple(float(v) for v in corners)
+        out[str(row.sample_id)] = DrawnBoxes(str(row.selector), predicted, list(row.targets or []))
+    return out
 
 
 def _meta(value: Any) -> dict[str, Any]:

@@ -63,6 +63,7 @@ SCRIPT = r"""
     var lines = ['layer ' + layer + ', head ' + head,
                  'W ' + fmt(data.w[i]) + '   C ' + fmt(data.c[i]),
                  'score ' + fmt(data.score[i]) + '   rank ' + data.rank[i] + (data.visual[i] ? '   visual head' : '')];
+    if (data.pointing && data.pointing[i] !== null) { lines.push('pointing ' + fmt(data.pointing[i])); }
     return lines.join('\n');
   }
   function cellAt(map, ev) {

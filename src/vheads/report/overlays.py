@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import textwrap
 from collections.abc import Collection, Sequence
+from dataclasses import dataclass
 
 import matplotlib
 
@@ -31,6 +32,8 @@ from vheads.analysis.grounding import attention_density  # noqa: E402
 MAX_HEAD_PANELS = 3
 PANEL_INCHES = 2.8
 BOX_COLOR = "#00e5ff"
+TARGET_COLOR = "white"
+PREDICTED_COLOR = "#39ff14"
 FOCUS_TOP = 16.0
 
 
@@ -44,8 +47,25 @@ def focus(density: np.ndarray) -> np.ndarray:
     return np.clip(ratio, 0.0, 1.0)
 
 
-def _draw(ax: Axes, item: SampleAttention, weights: np.ndarray, title: str, box: Sequence[float] | None) -> None:
-    """The image, the attention focus on top (transparent where even or lower), the asked-about box outlined."""
+@dataclass
+class DrawnBoxes:
+    """Boxes to draw on a sample besides its asked-about box: the true target boxes and the box a head set drew
+    (`vheads ground`), labelled with that head set's selector."""
+
+    label: str
+    predicted: Sequence[float] | None
+    targets: Sequence[Sequence[float]]
+
+
+def _outline(ax: Axes, box: Sequence[float], color: str, style: str, width: float) -> None:
+    x1, y1, x2, y2 = box
+    ax.add_patch(Rectangle((x1, y1), x2 - x1, y2 - y1, fill=False, edgecolor=color, linewidth=width, linestyle=style))
+
+
+def _draw(ax: Axes, item: SampleAttention, weights: np.ndarray, title: str, box: Sequence[float] | None,
+          extra: DrawnBoxes | None = None) -> None:
+    """The image, the attention focus on top (transparent where even or lower), the asked-about box outlined, and
+    the true and predicted boxes when given."""
     image = np.asarray(item.image.convert("RGB"))
     height, width = image.shape[:2]
     strength = focus(attention_density(item.grid, weights, width, height))
@@ -53,10 +73,13 @@ def _draw(ax: Axes, item: SampleAttention, weights: np.ndarray, title: str, box:
     rgba = matplotlib.colormaps["inferno"](strength)
     rgba[..., 3] = 0.8 * strength
     ax.imshow(rgba, interpolation="nearest")
+    if extra is not None:
+        for target in extra.targets:
+            _outline(ax, target, TARGET_COLOR, ":", 1.2)
+        if extra.predicted is not None:
+            _outline(ax, extra.predicted, PREDICTED_COLOR, "-", 1.6)
     if box is not None:
-        x1, y1, x2, y2 = box
-        ax.add_patch(Rectangle((x1, y1), x2 - x1, y2 - y1, fill=False, edgecolor=BOX_COLOR, linewidth=1.6,
-                               linestyle="--"))
+        _outline(ax, box, BOX_COLOR, "--", 1.6)
     ax.set_xlim(0, width)
     ax.set_ylim(height, 0)
     ax.set_xticks([])
@@ -65,8 +88,10 @@ def _draw(ax: Axes, item: SampleAttention, weights: np.ndarray, title: str, box:
 
 
 def overlay_figure(item: SampleAttention, box: Sequence[float] | None, question: str, answer: str | None,
-                   prediction: str | None, correct: bool | None, visual: Collection[Head] = ()) -> Figure:
-    """One sample: the heads' attention summed, then each head on its own (visual heads marked), with the text."""
+                   prediction: str | None, correct: bool | None, visual: Collection[Head] = (),
+                   grounded: DrawnBoxes | None = None) -> Figure:
+    """One sample: the heads' attention summed, then each head on its own (visual heads marked), with the text;
+    `grounded` adds the true target boxes (dotted) and the box a head set drew (solid green) to every panel."""
     heads = item.heads[:MAX_HEAD_PANELS]
     weights = item.visual_weight()
     combined = len(heads) > 1
@@ -75,16 +100,20 @@ def overlay_figure(item: SampleAttention, box: Sequence[float] | None, question:
     fig, axes = plt.subplots(1, panels, figsize=(width, PANEL_INCHES + 1.0), layout="constrained", squeeze=False)
     if combined:
         label = ", ".join(f"{layer}.{head}" for layer, head in heads)
-        _draw(axes[0][0], item, np.nansum(item.maps[: len(heads)], axis=0), f"heads {label} together", box)
+        _draw(axes[0][0], item, np.nansum(item.maps[: len(heads)], axis=0), f"heads {label} together", box,
+              grounded)
     for i, (layer, head) in enumerate(heads):
         kind = " (visual)" if (layer, head) in visual else ""
-        _draw(axes[0][i + combined], item, item.maps[i], f"head {layer}.{head}{kind}  W = {weights[i]:.2f}", box)
+        _draw(axes[0][i + combined], item, item.maps[i], f"head {layer}.{head}{kind}  W = {weights[i]:.2f}", box,
+              grounded)
     bar = fig.colorbar(ScalarMappable(LogNorm(1, FOCUS_TOP), "inferno"), ax=axes[0][-1], shrink=0.8, pad=0.02,
                        label="× even share")
     bar.set_ticks([1, 2, 4, 8, 16], labels=["1", "2", "4", "8", "≥16"])
     verdict = {True: "correct", False: "wrong", None: "unscored"}[correct]
     text = (f"[{verdict}] {item.sample.id}  Q: {question}\nanswer: {answer if answer is not None else '-'}   "
             f"prediction: {prediction if prediction is not None else '-'}")
+    if grounded is not None:
+        text += f"\ngreen: the box drawn by {grounded.label}; dotted: the true target boxes"
     chars = int(width * 12)
     wrapped = "\n".join(textwrap.fill(line, chars, max_lines=3, placeholder=" …") for line in text.splitlines())
     fig.suptitle(wrapped, parse_math=False, fontsize=10, ha="left", x=0.01)

@@ -111,6 +111,7 @@ class _TokenMaps:
         self.target = None if target is None else target.gather(1, self.positions) & self.valid
         self.has_target = (torch.zeros_like(counts, dtype=torch.bool) if self.target is None
                            else self.target.any(dim=1))
+        self._index: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
         self.layouts: dict[bytes, tuple[list[int], TokenGrid]] = {}
         for row, grid in enumerate(grids if usable else []):
             if grid is not None and len(grid) == int(counts[row]):
@@ -118,11 +119,16 @@ class _TokenMaps:
                 self.layouts.setdefault(key, ([], grid))[0].append(row)
 
     def gather(self, probs: torch.Tensor, kv_offset: int) -> torch.Tensor:
-        """The attention [batch, heads, n] of each row's image tokens, in token order (0 for padding slots)."""
-        index = (self.positions - kv_offset).clamp(min=0).to(probs.device)
-        picked = torch.take_along_dim(probs, index[:, None, :].expand(-1, probs.shape[1], -1), dim=2)
-        ok = (self.valid & (self.positions >= kv_offset)).to(probs.device)
-        return picked * ok[:, None, :]
+        """The attention [batch, heads, n] of each row's image tokens, in token order (0 for padding slots).
+
+        The index is built once per key offset, head count and device, not once per layer."""
+        key = (kv_offset, probs.shape[1], probs.device)
+        if key not in self._index:
+            index = (self.positions - kv_offset).clamp(min=0)[:, None, :].expand(-1, probs.shape[1], -1)
+            ok = (self.valid & (self.positions >= kv_offset))[:, None, :]
+            self._index = {key: (index.contiguous().to(probs.device), ok.to(probs.device, probs.dtype))}
+        index, ok = self._index[key]
+        return torch.gather(probs, 2, index) * ok
 
     def figures(self, maps: torch.Tensor) -> torch.Tensor:
         """Pointing and spatial entropy [batch, layers, heads, 2] from image-token maps [batch, layers, heads, n]."""

@@ -24,3 +24,14 @@ def test_the_capture_benchmark_takes_threads_device_and_dtype_defaulting_to_its_
     for option in ("--threads", "--device", "--dtype"):
         assert option in usage, option
     assert "the README table used 1" in " ".join(usage.split())
+
+
+def test_the_grounding_benchmark_prints_its_table_and_the_issue_check():
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    out = subprocess.run([sys.executable, str(BENCHMARKS / "grounding.py"), "--limit", "4", "--choose-limit", "4",
+                          "--k", "2"], capture_output=True, text=True, env=env, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "1 torch thread(s)" in out.stdout and "| heads | chosen | pointing | IoU | acc50 |" in out.stdout
+    for row in ("`localization:2`", "`pointing:2`", "`top:2`", "`random:2:2`", "random:2, mean of 3 seeds"):
+        assert row in out.stdout, row
+    assert "(target >= 0.6 and >= 2x)" in out.stdout

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from vheads import metrics
+from vheads.capture.maps import MAP_FIGURES, TokenMaps
 from vheads.capture.observer import Observer, is_prefill, prompt_layout
 from vheads.capture.session import AttentionCall, CaptureError, CaptureSession
 from vheads.models.families import image_token_id
@@ -18,7 +19,6 @@ from vheads.models.geometry import TokenGrid
 READOUTS = ("prompt", "first-generated", "generated")
 FIGURES = metrics.FIGURES
 REGION = FIGURES.index("region_weight")
-MAP_FIGURES = ("pointing", "spatial_entropy")
 RECORDED = (*FIGURES, *MAP_FIGURES)
 
 
@@ -70,7 +70,7 @@ class _Group:
         self.key_matrix = torch.stack(columns, dim=-1).float()
         self.sums = torch.zeros(b, layers, heads, len(RECORDED), dtype=torch.float64, device=device)
         self.counts = torch.zeros(b, layers, heads, len(RECORDED), dtype=torch.float64, device=device)
-        self.maps = _TokenMaps(masks["image"], image_tokens, masks["target"], grids)
+        self.maps = TokenMaps(masks["image"], image_tokens, masks["target"], grids)
         self.pending_maps: dict[int, torch.Tensor] = {}
         self.steps = torch.zeros(b, dtype=torch.long, device=device)
         self.finished = torch.zeros(b, dtype=torch.bool, device=device)
@@ -93,57 +93,6 @@ class _Group:
             matrix = padded[:, total - kv_len: total].to(device)
             self._keys = {key: (matrix, matrix[..., 0].sum(-1))}
         return self._keys[key]
-
-
-class _TokenMaps:
-    """Where a group's image tokens sit in the prompt, for the figures read off each head's map over them: which
-    are targets (pointing) and how they lie on their patch grids (spatial entropy). Inactive without either."""
-
-    def __init__(self, image: torch.Tensor, counts: torch.Tensor, target: torch.Tensor | None,
-                 grids: list[TokenGrid | None] | None):
-        usable = grids is not None and any(g is not None for g in grids)
-        self.active = target is not None or usable
-        if not self.active:
-            return
-        n = max(1, int(counts.max())) if counts.numel() else 1
-        self.positions = torch.argsort((~image).to(torch.int8), dim=1, stable=True)[:, :n]
-        self.valid = torch.arange(n, device=image.device)[None, :] < counts[:, None]
-        self.target = None if target is None else target.gather(1, self.positions) & self.valid
-        self.has_target = (torch.zeros_like(counts, dtype=torch.bool) if self.target is None
-                           else self.target.any(dim=1))
-        self._index: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
-        self.layouts: dict[bytes, tuple[list[int], TokenGrid]] = {}
-        for row, grid in enumerate(grids if usable else []):
-            if grid is not None and len(grid) == int(counts[row]):
-                key = grid.tile.tobytes() + grid.row.tobytes() + grid.col.tobytes()
-                self.layouts.setdefault(key, ([], grid))[0].append(row)
-
-    def gather(self, probs: torch.Tensor, kv_offset: int) -> torch.Tensor:
-        """The attention [batch, heads, n] of each row's image tokens, in token order (0 for padding slots).
-
-        The index is built once per key offset, head count and device, not once per layer."""
-        key = (kv_offset, probs.shape[1], probs.device)
-        if key not in self._index:
-            index = (self.positions - kv_offset).clamp(min=0)[:, None, :].expand(-1, probs.shape[1], -1)
-            ok = (self.valid & (self.positions >= kv_offset))[:, None, :]
-            self._index = {key: (index.contiguous().to(probs.device), ok.to(probs.device, probs.dtype))}
-        index, ok = self._index[key]
-        return torch.gather(probs, 2, index) * ok
-
-    def figures(self, maps: torch.Tensor) -> torch.Tensor:
-        """Pointing and spatial entropy [batch, layers, heads, 2] from image-token maps [batch, layers, heads, n]."""
-        out = torch.full((*maps.shape[:-1], len(MAP_FIGURES)), float("nan"), dtype=maps.dtype, device=maps.device)
-        if self.target is not None:
-            valid = self.valid.to(maps.device)[:, None, None, :]
-            hit = metrics.pointing(maps, valid, self.target.to(maps.device)[:, None, None, :])
-            out[..., 0] = hit.masked_fill(~self.has_target.to(maps.device)[:, None, None], float("nan"))
-        if self.layouts:
-            values = maps.float().cpu().numpy()
-            entropy = np.full(values.shape[:-1], np.nan)
-            for rows, grid in self.layouts.values():
-                entropy[rows] = metrics.spatial_entropy(values[rows][..., : len(grid)], grid.tile, grid.row, grid.col)
-            out[..., 1] = torch.from_numpy(entropy).to(out)
-        return out
 
 
 class HeadRecorder(Observer):

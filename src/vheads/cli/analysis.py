@@ -1,4 +1,4 @@
-"""The analysis commands of the `vheads` command line: `ablate` (pruning sweeps) and `compare` (across runs)."""
+"""The analysis commands: `ablate` (pruning curves) and `compare` (figures across runs)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from typing import Any
 import pandas as pd
 import typer
 
-from vheads.cli import (
+from vheads.cli.common import (
     FORMAT_HELP,
     STORE_HELP,
     at_least,
@@ -22,7 +22,7 @@ from vheads.cli import (
     parse_stages_option,
     setup_logging,
 )
-from vheads.output import ProgressView, check_format, console, emit, emit_many, frame_table, records, say
+from vheads.cli.output import ProgressView, check_format, console, emit, emit_many, frame_table, records, say
 
 JSON_POINT_KEYS = ("selector", "k", "seed", "accuracy", "low", "high", "heads")
 CONSISTENCY_HEADERS = {"mean_w_pearson": "W r", "mean_w_spearman": "W rho", "score_pearson": "score r",

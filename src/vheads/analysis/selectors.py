@@ -12,7 +12,7 @@ import pandas as pd
 
 from vheads import metrics
 from vheads.analysis.heads import head_table, no_readout_hint
-from vheads.pipeline import parse_heads
+from vheads.run_config import parse_heads
 from vheads.store import Store
 
 Head = tuple[int, int]

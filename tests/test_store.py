@@ -140,7 +140,7 @@ def test_resume_skips_stored_samples_and_rejects_other_settings(tmp_path):
 
 
 def test_a_failed_batch_leaves_nothing_behind(tmp_path, monkeypatch):
-    import vheads.store
+    import vheads.store.write
 
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
@@ -148,7 +148,7 @@ def test_a_failed_batch_leaves_nothing_behind(tmp_path, monkeypatch):
     with Store(tmp_path / "vheads.duckdb") as store:
         run = start(store)
         store.add_batch(run, *fake_batch([0]))
-        monkeypatch.setattr(vheads.store, "_head_table", interrupted)
+        monkeypatch.setattr(vheads.store.write, "_head_table", interrupted)
         with pytest.raises(KeyboardInterrupt):
             store.add_batch(run, *fake_batch([1, 2]))
         monkeypatch.undo()
@@ -187,19 +187,19 @@ WRITER = """
     import sys
     import time
     from test_store import SETTINGS, fake_batch
-    from vheads.store import Store
+    from vheads.store import Store, write
 
     path, total, batch, stall_at = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
-    insert, inserted = Store._insert, []
+    insert, inserted = write._insert, []
 
-    def insert_then_maybe_stall(store, run, table, columns, data):
-        insert(store, run, table, columns, data)
+    def insert_then_maybe_stall(con, run, table, columns, data):
+        insert(con, run, table, columns, data)
         inserted.append(table)
         if table == "samples" and inserted.count("samples") == stall_at:
             print("inside a batch", flush=True)
             time.sleep(60)
 
-    Store._insert = insert_then_maybe_stall
+    write._insert = insert_then_maybe_stall
     with Store(path) as store:
         run = store.start_run("killed", **{**SETTINGS, "layers": 16, "heads": 16}, resume=True)
         todo = [i for i in range(total) if f"s{i:05d}" not in run.done_ids]

@@ -10,11 +10,11 @@ import pytest
 from typer.testing import CliRunner
 
 from vheads.cli import app
+from vheads.cli.sweep import option_spellings
 from vheads.pipeline import RunConfig, run
 from vheads.store import Store
 from vheads.study import expand, read_study
 from vheads.sweep import SweepError, absolute, plan, run_sweep
-from vheads.sweep_commands import option_spellings
 
 
 @pytest.fixture(scope="module")

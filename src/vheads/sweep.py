@@ -23,17 +23,9 @@ from typing import Any
 import pandas as pd
 
 from vheads import settings as run_settings
-from vheads.pipeline import (
-    Computed,
-    Interrupted,
-    RunConfig,
-    RunSummary,
-    ablation_label,
-    base_name,
-    skip_reason,
-    stored_run_settings,
-    summarize,
-)
+from vheads.pipeline import Interrupted, RunSummary, summarize
+from vheads.run_config import RunConfig, ablation_label, base_name, stored_run_settings
+from vheads.runner import Computed, skip_reason
 from vheads.store import RunHandle, Store, StoreError
 from vheads.study import parse_dataset
 from vheads.sweep_workers import Failure, LocalPool, Opened, RayPool, first_line

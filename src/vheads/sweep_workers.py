@@ -19,7 +19,9 @@ from typing import Any
 from vheads.capture import CaptureError
 from vheads.data import DataError
 from vheads.models import Loaded, ModelError
-from vheads.pipeline import Computed, RunConfig, Runner, compute, head_grid, is_yesno, shard_samples
+from vheads.pipeline import is_yesno
+from vheads.run_config import RunConfig, shard_samples
+from vheads.runner import Computed, Runner, compute, head_grid
 from vheads.store import StoreError
 
 BAD_INPUT = (DataError, ModelError, StoreError, CaptureError, ValueError, FileNotFoundError)

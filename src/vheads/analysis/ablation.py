@@ -25,7 +25,7 @@ from vheads.analysis.heads import head_table
 from vheads.analysis.selectors import SWEEP_SELECTORS, check_ranked, resolve_heads, select_heads
 from vheads.analysis.stats import bootstrap_mean_ci, t_interval
 from vheads.analysis.visual import head_label, stage_counts
-from vheads.pipeline import RunConfig, parse_heads
+from vheads.run_config import RunConfig, parse_heads
 from vheads.store import Store
 
 Head = tuple[int, int]

@@ -15,7 +15,7 @@ import pandas as pd
 from vheads import metrics
 from vheads.analysis.heads import attention_heads, head_table, no_readout_hint, weights_array
 from vheads.analysis.localization import localization_heads
-from vheads.pipeline import parse_heads
+from vheads.run_config import parse_heads
 from vheads.store import Store
 
 Head = tuple[int, int]

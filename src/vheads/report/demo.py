@@ -12,8 +12,9 @@ from typing import Any
 import pandas as pd
 
 from vheads.analysis.heads import head_table
-from vheads.pipeline import RunConfig, RunSummary
+from vheads.pipeline import RunSummary
 from vheads.report.build import build_report
+from vheads.run_config import RunConfig
 from vheads.store import Store
 
 STORE_NAME = "vheads-demo.duckdb"

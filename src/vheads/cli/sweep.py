@@ -14,9 +14,9 @@ from typing import Any, get_type_hints
 
 import typer
 
-from vheads.cli import check_choice, errors, fail, parse_stages_option, setup_logging
-from vheads.cli import run as run_command
-from vheads.output import check_format, console, emit, err, frame_table, say
+from vheads.cli.common import check_choice, errors, fail, parse_stages_option, setup_logging
+from vheads.cli.output import check_format, console, emit, err, frame_table, say
+from vheads.cli.run import run as run_command
 
 NOT_IN_SWEEP = ("ctx", "model", "dataset", "name", "shard", "resume", "verbose")
 RUN_OPTIONS = {name: param for name, param in inspect.signature(run_command).parameters.items()

@@ -1,4 +1,4 @@
-"""The report commands of the `vheads` command line: `report` (HTML page and PNGs) and `demo` (the whole study)."""
+"""The report commands: `report` (HTML page and PNGs) and `demo` (the whole study in one command)."""
 
 from __future__ import annotations
 
@@ -6,8 +6,17 @@ from pathlib import Path
 
 import typer
 
-from vheads.cli import STORE_HELP, errors, existing_store, out_folder, parse_stages_option, print_heads, setup_logging
-from vheads.output import ProgressView, console, err, frame_table, say
+from vheads.cli.analysis import curve_table
+from vheads.cli.common import (
+    STORE_HELP,
+    errors,
+    existing_store,
+    out_folder,
+    parse_stages_option,
+    print_heads,
+    setup_logging,
+)
+from vheads.cli.output import ProgressView, console, err, frame_table, say
 
 
 def report(
@@ -53,7 +62,6 @@ def demo(
     setup_logging(verbose)
     import torch
 
-    from vheads.analysis.commands import curve_table
     from vheads.report.demo import DemoSettings, run_demo
 
     if threads:

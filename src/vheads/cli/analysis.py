@@ -1,5 +1,5 @@
-"""The analysis commands of the `vheads` command line: `ablate` (pruning sweeps), `compare` (across runs) and
-`ground` (boxes from the attention of chosen heads)."""
+"""The analysis commands: `ablate` (pruning curves), `compare` (figures across runs) and `ground` (boxes from the
+attention of chosen heads)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from typing import Any
 import pandas as pd
 import typer
 
-from vheads.cli import (
+from vheads.cli.common import (
     FORMAT_HELP,
     STORE_HELP,
     at_least,
@@ -23,7 +23,7 @@ from vheads.cli import (
     parse_stages_option,
     setup_logging,
 )
-from vheads.output import ProgressView, check_format, console, emit, emit_many, frame_table, records, say
+from vheads.cli.output import ProgressView, check_format, console, emit, emit_many, frame_table, records, say
 
 JSON_POINT_KEYS = ("selector", "k", "seed", "accuracy", "low", "high", "heads")
 GROUND_HEADERS = {"selector": "heads", "n": "n", "pointing": "pointing", "iou": "IoU", "acc50": "acc50"}

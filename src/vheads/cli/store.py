@@ -1,0 +1,146 @@
+"""The store commands: `runs`, `heads`, `query`, `export` and `merge`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import typer
+
+from vheads.cli.common import (
+    FORMAT_HELP,
+    STORE_HELP,
+    at_least,
+    errors,
+    existing_store,
+    out_folder,
+    parse_stages_option,
+    print_heads,
+)
+from vheads.cli.output import check_format, emit, err, say
+
+
+def runs(store: str = typer.Option("vheads.duckdb", "--store", help=STORE_HELP),
+         fmt: str = typer.Option("table", "--format", help=FORMAT_HELP)) -> None:
+    """List the runs in the store."""
+    from vheads.store import Store
+
+    with errors(), Store(existing_store(store), read_only=True) as db:
+        check_format(fmt)
+        frame = db.runs()
+        cols = [c for c in ("run_id", "name", "model", "dataset", "split", "readout", "ablation", "status",
+                            "n_samples", "accuracy", "sweep") if c in frame.columns]
+        frame = frame[cols].copy()
+        if fmt == "table":
+            frame = runs_table(frame)
+        emit(frame, fmt, title=f"runs in {store}",
+             legend="data: dataset/split; n: samples; acc: accuracy; —: none" if fmt == "table" else None)
+
+
+def runs_table(frame: Any) -> Any:
+    """The runs listing for an 80-column terminal: model folders by their last part, dataset and split together,
+    the readout and sweep only when some run has one other than the default."""
+    import pandas as pd
+
+    table = pd.DataFrame({"id": frame["run_id"], "name": frame["name"],
+                          "model": frame["model"].map(lambda m: Path(str(m)).name),
+                          "data": [f"{d}/{s}" if s else str(d) for d, s in zip(frame["dataset"], frame["split"],
+                                                                                   strict=True)]})
+    if "readout" in frame and (frame["readout"] != "prompt").any():
+        table["readout"] = frame["readout"]
+    table["ablation"] = frame["ablation"].replace({"none": None})
+    if table["ablation"].isna().all():
+        table = table.drop(columns="ablation")
+    table["status"] = frame["status"]
+    table["n"] = frame["n_samples"]
+    table["acc"] = frame["accuracy"]
+    if "sweep" in frame and frame["sweep"].notna().any():
+        table["sweep"] = frame["sweep"]
+    return table
+
+
+def heads(
+    run_name: str = typer.Option(None, "--run", "-r", help="Run name or id (default: the latest run)."),
+    top: int = typer.Option(20, "--top", help="Show this many heads (0 = all)."),
+    k: int = typer.Option(None, "--k", help="Top-K per sample for the head score (default: round(0.1 x heads))."),
+    stages: str = typer.Option(None, "--stages", help="A,B: mid starts at layer A, late at layer B (default: the "
+                               "run's --stages, else thirds)."),
+    store: str = typer.Option("vheads.duckdb", "--store", help=STORE_HELP),
+    fmt: str = typer.Option("table", "--format", help=FORMAT_HELP),
+) -> None:
+    """Rank the heads of a run: score (share of the samples with the readout row that have the head in the top K
+    by W; undefined when none has it), mean W, mean C, pointing (share of samples whose most-attended image token
+    lies on a target), stage."""
+    from vheads.analysis.heads import head_table, no_readout_hint
+    from vheads.store import Store
+
+    with errors(), Store(existing_store(store), read_only=True) as db:
+        check_format(fmt)
+        at_least(top, "--top", 0)
+        name = run_name or latest_run(db)
+        table = head_table(db, name, k=k, stages=parse_stages_option(stages))
+        hint = no_readout_hint(table)
+        if hint:
+            say(f"note: {hint}", err)
+        if top:
+            table = table.head(top)
+        print_heads(table, f"heads of {name} (K = {table.attrs['k']}, scored over {table.attrs['scored']} of "
+                           f"{table.attrs['samples']} samples)", fmt)
+
+
+def latest_run(db: Any) -> str:
+    """The most recently started run of a store."""
+    frame = db.runs()
+    if not len(frame):
+        raise ValueError("the store has no runs yet; run `vheads run` first")
+    return str(frame.sort_values("run_id").iloc[-1]["name"])
+
+
+def query(sql: str = typer.Argument(..., help="SQL over the tables runs, samples, head_stats."),
+          store: str = typer.Option("vheads.duckdb", "--store", help=STORE_HELP),
+          fmt: str = typer.Option("table", "--format", help=FORMAT_HELP),
+          csv: bool = typer.Option(False, "--csv", help="Same as --format csv.")) -> None:
+    """Run SQL on the store, e.g. vheads query "SELECT layer, avg(visual_weight) FROM head_stats GROUP BY 1"."""
+    from vheads.store import Store
+
+    with errors():
+        fmt = check_format("csv" if csv else fmt)
+        if not _has_sql(sql):
+            raise ValueError("no SQL given; e.g. vheads query \"SELECT name, accuracy FROM runs\"")
+        with Store(existing_store(store), read_only=True) as db:
+            emit(db.query(sql), fmt)
+
+
+def _has_sql(sql: str) -> bool:
+    """Whether `sql` holds anything but blanks, semicolons and comments."""
+    import re
+
+    text = re.sub(r"--[^\n]*|/\*.*?\*/", " ", sql, flags=re.S)
+    return bool(text.replace(";", " ").strip())
+
+
+def export(run_name: str = typer.Option(None, "--run", "-r", help="Run name or id (default: all runs)."),
+           out: Path = typer.Option(..., "--out", "-o", help="Folder for the Parquet files."),
+           store: str = typer.Option("vheads.duckdb", "--store", help=STORE_HELP),
+           force: bool = typer.Option(False, "--force", help="Overwrite Parquet files already in --out.")) -> None:
+    """Export runs, samples and head figures to Parquet (existing files are kept unless --force)."""
+    from vheads.store import Store
+
+    with errors(), Store(existing_store(store), read_only=True) as db:
+        for path in db.export(run_name, out_folder(out), overwrite=force):
+            say(str(path))
+
+
+def merge(files: list[Path] = typer.Argument(..., help="Shard stores written by `vheads run --shard K/N`."),
+          into: Path = typer.Option(Path("vheads.duckdb"), "--into", help="The store to fold them into.")) -> None:
+    """Fold shard stores into one store (idempotent: merging twice adds nothing)."""
+    from vheads.store import merge as merge_stores
+
+    with errors():
+        say(str(merge_stores(files, into)))
+
+
+def register(app: typer.Typer) -> None:
+    """Add the store commands to the vheads app."""
+    for command in (runs, heads, query, export, merge):
+        app.command()(command)

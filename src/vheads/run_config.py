@@ -1,0 +1,191 @@
+"""`RunConfig`, the options of one run, and how they are prepared for it: checked, made absolute, the preset
+applied, the stored run's settings taken over on --resume, and the run named."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from vheads import metrics
+from vheads import settings as run_settings
+from vheads.data import Dataset, Sample, load_dataset
+from vheads.data.images import DEFAULT_MAX_PIXELS
+from vheads.models import Loaded, load
+from vheads.store import Store, StoreError, shard_path
+
+
+@dataclass
+class RunConfig:
+    """Everything that defines a run (the command-line options of `vheads run`).
+
+    `stages`: the first mid and the first late layer (None: thirds). `preset`: `paper` sets the reference code's
+    choices (`settings.PRESETS`). `explicit`: the options the user gave explicitly, which --resume checks against
+    the stored run and `ablate --from` keeps; None means every field that differs from its default.
+    """
+
+    model: str | None = None
+    dataset: str = "shapes"
+    data: str | None = None
+    images: str | None = None
+    split: str | None = None
+    question_type: str | None = None
+    prompt_style: str | None = None
+    limit: int | None = None
+    batch_size: int = 8
+    max_new_tokens: int = 8
+    readout: str = "prompt"
+    ablate: list[tuple[int, int]] = field(default_factory=list)
+    ablation: str = "zero"
+    store: str = "vheads.duckdb"
+    name: str | None = None
+    shard: tuple[int, int] | None = None
+    dtype: str = "auto"
+    device: str = "auto"
+    attn: str = "sdpa"
+    resume: bool = False
+    seed: int = 0
+    trust_remote_code: bool = False
+    sweep: str | None = None
+    tags: dict[str, Any] = field(default_factory=dict)
+    max_pixels: int | None = DEFAULT_MAX_PIXELS
+    stages: tuple[int, int] | None = None
+    preset: str | None = None
+    explicit: tuple[str, ...] | None = None
+
+    def load_dataset(self) -> Dataset:
+        """The dataset these options name."""
+        return load_dataset(self.dataset, data=self.data, images=self.images, split=self.split,
+                            question_type=self.question_type, prompt_style=self.prompt_style, limit=self.limit,
+                            seed=self.seed, max_pixels=self.max_pixels)
+
+    def load_model(self) -> Loaded:
+        """The model these options name, loaded for vheads."""
+        return load(self.model, dtype=self.dtype, device=self.device, attn=self.attn,
+                    trust_remote_code=self.trust_remote_code)
+
+    def store_path(self) -> Path:
+        """The store file this run writes (a shard writes its own file beside the store)."""
+        path = Path(self.store)
+        return shard_path(path, *self.shard) if self.shard else path
+
+
+def check_config(config: RunConfig) -> None:
+    """ValueError naming the first option whose value is out of range."""
+    for name, value, low in (("limit", config.limit, 1), ("batch-size", config.batch_size, 1),
+                             ("max-new-tokens", config.max_new_tokens, 1), ("seed", config.seed, 0)):
+        if value is not None and value < low:
+            raise ValueError(f"--{name} {value}: must be at least {low}")
+    if config.readout == "first-generated" and config.max_new_tokens < 2:
+        raise ValueError("--readout first-generated reads the row of the second answer token: --max-new-tokens "
+                         f"must be at least 2, got {config.max_new_tokens}")
+
+
+def prepared(config: RunConfig, store: Store) -> RunConfig:
+    """The config a run really uses: absolute paths, the preset applied, and with --resume the stored run's
+    settings for every option not given explicitly (a conflicting one is a StoreError)."""
+    config = replace(config, data=run_settings.absolute(config.data), images=run_settings.absolute(config.images),
+                     model=run_settings.absolute(config.model))
+    if config.resume:
+        row = resume_target(store, config)
+        if row is not None:
+            stored = row["config"] or {}
+            clash = run_settings.conflicts(config, stored)
+            if clash:
+                raise StoreError(f"cannot resume run {row['name']}: {'; '.join(clash)}; drop the option to continue "
+                                 "it, or start a new --name")
+            skip = run_settings.EXECUTION + run_settings.NOT_STORED + run_settings.DERIVED
+            keep = [n for n in stored if n not in skip]
+            config = replace(run_settings.inherit(config, stored, keep), name=row["name"])
+    config = run_settings.with_preset(config)
+    check_config(config)
+    return config
+
+
+def resume_target(store: Store, config: RunConfig) -> dict[str, Any] | None:
+    """The run --resume continues: the one named, else the latest of this model and dataset (None: a new run)."""
+    runs = store.runs()
+    if config.name:
+        return store.run(config.name) if config.name in set(runs["name"]) else None
+    prefix = f"{Path(config.model).name if config.model else 'demo'}-{config.dataset}"
+    matches = runs[runs["name"].map(lambda n: n == prefix or str(n).startswith(prefix + "-"))]
+    return None if matches.empty else store.run(str(matches.sort_values("run_id").iloc[-1]["name"]))
+
+
+def parse_heads(text: str | None) -> list[tuple[int, int]]:
+    """'3.1,4.7' -> [(3, 1), (4, 7)]; raises ValueError naming the bad item."""
+    heads = []
+    for item in (text or "").replace(" ", "").split(","):
+        if not item:
+            continue
+        parts = item.split(".")
+        if len(parts) != 2 or not all(p.isdigit() for p in parts):
+            raise ValueError(f"--ablate: {item!r} is not LAYER.HEAD (e.g. 3.1)")
+        heads.append((int(parts[0]), int(parts[1])))
+    return heads
+
+
+def parse_shard(text: str | None) -> tuple[int, int] | None:
+    """'2/4' -> (2, 4), the second of four contiguous shards."""
+    if not text:
+        return None
+    try:
+        k, n = (int(v) for v in text.split("/"))
+    except ValueError:
+        raise ValueError(f"--shard {text!r} is not K/N (e.g. 2/4)") from None
+    if not 1 <= k <= n:
+        raise ValueError(f"--shard {text!r}: K must be between 1 and N")
+    return k, n
+
+
+def with_stages(config: RunConfig, layers: int) -> RunConfig:
+    """The stage boundaries checked against the model's depth; `--preset paper` fills in the reference's."""
+    if config.stages is not None:
+        return replace(config, stages=metrics.check_stages(config.stages, layers))
+    if config.preset == "paper":
+        return replace(config, stages=metrics.paper_stages(layers))
+    return config
+
+
+def stored_run_settings(config: RunConfig, layers: int, attention_layers: list[int]) -> dict[str, Any]:
+    """What `runs.config` keeps for a run: its settings with the stages fixed for the model's depth, and the
+    attention layers read off the model (see `settings.DERIVED`)."""
+    return {**run_settings.stored_settings(with_stages(config, layers)), "attention_layers": attention_layers}
+
+
+def shard_samples(samples: Sequence[Sample], shard: tuple[int, int] | None) -> list[Sample]:
+    """The k-th of n contiguous chunks of ceil(len/n) samples (LLaVA's --num-chunks / --chunk-idx)."""
+    if shard is None:
+        return list(samples)
+    k, n = shard
+    size = -(-len(samples) // n)
+    return list(samples[(k - 1) * size: k * size])
+
+
+def base_name(model_label: str, config: RunConfig, split: str | None) -> str:
+    """`<model>-<dataset>[-<split>][-<readout>][-<ablation>K]`: the name a run of these options gets by default."""
+    parts = [model_label, config.dataset] + ([split] if split else [])
+    if config.readout != "prompt":
+        parts.append(config.readout)
+    if config.ablate:
+        parts.append(f"{config.ablation}{len(config.ablate)}")
+    return "-".join(parts)
+
+
+def default_name(store: Store, config: RunConfig, model_name: str, split: str | None) -> str:
+    """`base_name` of the run and the digest of its defining settings (`settings.digest`), so runs with other
+    data, limit, seed or options never share a name; numbered while that name is taken."""
+    base = f"{base_name(Path(model_name).name or 'model', config, split)}-{run_settings.digest(config)}"
+    taken = set(store.runs()["name"])
+    name, i = base, 2
+    while name in taken:
+        name, i = f"{base}-{i}", i + 1
+    return name
+
+
+def ablation_label(config: RunConfig) -> str:
+    """The run's `ablation` column: 'none', or 'MODE:L.H,L.H'."""
+    if not config.ablate:
+        return "none"
+    return f"{config.ablation}:" + ",".join(f"{layer}.{head}" for layer, head in config.ablate)

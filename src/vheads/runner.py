@@ -1,0 +1,202 @@
+"""Batches through the model: each sample's image read, answers generated with capture (and ablation) on,
+halved on out-of-memory, and turned into `samples` rows with their head figures."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator, Sequence
+from contextlib import ExitStack
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from vheads.capture import HeadFigures, HeadRecorder, ablate, attention_layer_indices
+from vheads.data import BadSample, Sample, score
+from vheads.models import GeometryError, Loaded, TokenGrid
+from vheads.run_config import RunConfig
+
+log = logging.getLogger("vheads.run")
+
+
+def check_heads(heads: Sequence[tuple[int, int]], layers: int, per_layer: int,
+                attention_layers: Sequence[int] | None = None) -> None:
+    """Raise ValueError naming the `--ablate` heads that the model does not have (or that sit in a layer
+    without softmax attention)."""
+    bad = [f"{layer}.{head}" for layer, head in heads if not (0 <= layer < layers and 0 <= head < per_layer)]
+    if bad:
+        raise ValueError(f"--ablate: heads {', '.join(bad)} do not exist ({layers} layers x {per_layer} heads)")
+    linear = [f"{layer}.{head}" for layer, head in heads
+              if attention_layers is not None and layer not in attention_layers]
+    if linear:
+        raise ValueError(f"--ablate: heads {', '.join(linear)} are in layers without softmax attention "
+                         f"(attention layers: {', '.join(map(str, attention_layers))})")
+
+
+def head_grid(loaded: Loaded, ablated: Sequence[tuple[int, int]]) -> tuple[int, int, list[int]]:
+    """The model's layers, heads per layer and softmax-attention layers, after checking that `ablated` names
+    heads it has (ValueError otherwise)."""
+    text = loaded.model.config.get_text_config()
+    layers, heads = int(text.num_hidden_layers), int(text.num_attention_heads)
+    attention_layers = attention_layer_indices(loaded.model)
+    check_heads(ablated, layers, heads, attention_layers)
+    return layers, heads, attention_layers
+
+
+def is_oom(exc: BaseException) -> bool:
+    """Out of memory on the GPU or the CPU."""
+    if isinstance(exc, MemoryError) or exc.__class__.__name__ == "OutOfMemoryError":
+        return True
+    return isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower()
+
+
+@dataclass
+class BatchLayout:
+    """A batch's image tokens on the picture: the asked-about box's tokens, the tokens on any target instance
+    ([batch, seq] bool or None without boxes) and each row's `TokenGrid` (None when the geometry is unknown)."""
+
+    region: torch.Tensor | None
+    target: torch.Tensor | None
+    grids: list[TokenGrid] | None
+
+
+class Runner:
+    """Runs batches of samples through a loaded model with capture (and ablation) on."""
+
+    def __init__(self, loaded: Loaded, config: RunConfig):
+        self.loaded = loaded
+        self.config = config
+        self.no_regions: str | None = None
+        text = loaded.model.config.get_text_config()
+        self.max_positions = getattr(text, "max_position_embeddings", None)
+        self.long_warned = False
+
+    def too_long(self, lengths: np.ndarray) -> np.ndarray:
+        """Which prompts of a batch are longer than the model's maximum positions (warned once per run)."""
+        over = lengths > self.max_positions if self.max_positions else np.zeros(len(lengths), dtype=bool)
+        if over.any() and not self.long_warned:
+            log.warning("a prompt of %d tokens is longer than the model's %d positions; such samples are processed "
+                        "and counted in the summary", int(lengths.max()), self.max_positions)
+            self.long_warned = True
+        return over
+
+    def prepare(self, samples: Sequence[Sample]) -> tuple[list[Sample], list[Any], list[tuple[Sample, str]]]:
+        """Load each sample's image; the ones that fail are returned with the reason."""
+        good, images, bad = [], [], []
+        for sample in samples:
+            try:
+                images.append(sample.image())
+                good.append(sample)
+            except BadSample as exc:
+                bad.append((sample, str(exc) or "unreadable image"))
+            except (OSError, ValueError) as exc:
+                bad.append((sample, f"unreadable image ({type(exc).__name__})"))
+        return good, images, bad
+
+    def layout(self, images: list[list[Any]], inputs: Any, samples: Sequence[Sample]) -> BatchLayout:
+        """Where the batch's image tokens lie: the region and target masks and each row's token grid, or none of
+        them when the family's geometry is unknown (said once per run)."""
+        adapter = self.loaded.adapter
+        try:
+            row_grids = adapter.row_grids(images, inputs)
+        except GeometryError as exc:
+            if self.no_regions is None:
+                self.no_regions = f"no region, pointing or spatial-entropy figures: {exc}"
+                log.warning("%s", self.no_regions)
+            return BatchLayout(None, None, None)
+        boxes = [[] if s.box is None else [s.box] for s in samples]
+        targets = [s.targets() for s in samples]
+        region = adapter.boxes_mask(row_grids, inputs, boxes) if any(boxes) else None
+        target = adapter.boxes_mask(row_grids, inputs, targets) if any(targets) else None
+        return BatchLayout(region, target, [TokenGrid.concat(list(per_image)) for per_image in row_grids])
+
+    def run_batch(self, samples: Sequence[Sample], images: Sequence[Any]
+                  ) -> tuple[list[str], Any, np.ndarray, np.ndarray]:
+        """Generate answers for one batch and record its head figures; returns answers, figures, region sizes and
+        which prompts are longer than the model's maximum positions."""
+        adapter = self.loaded.adapter
+        nested = [[img] for img in images]
+        prompts = [adapter.prompt(s.text) for s in samples]
+        inputs = adapter.encode(prompts, nested)
+        layout = self.layout(nested, inputs, samples)
+        region = layout.region
+        region_tokens = np.zeros(len(samples), dtype=np.int64) if region is None else region.sum(1).numpy()
+        lengths = (inputs["attention_mask"].sum(1) if "attention_mask" in inputs else
+                   torch.full((len(samples),), inputs["input_ids"].shape[1]))
+        too_long = self.too_long(lengths.numpy())
+        model = self.loaded.model
+        inputs = inputs.to(self.loaded.device)
+        if "pixel_values" in inputs and inputs["pixel_values"].is_floating_point():
+            inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)
+        with ExitStack() as stack:
+            stack.enter_context(torch.inference_mode())
+            if self.config.ablate:
+                stack.enter_context(ablate(model, self.config.ablate, self.config.ablation))
+            recorder = stack.enter_context(HeadRecorder(model, self.config.readout, region_mask=region,
+                                                        target_mask=layout.target, grids=layout.grids))
+            output = model.generate(**inputs, max_new_tokens=self.config.max_new_tokens, do_sample=False,
+                                    pad_token_id=adapter.tokenizer.pad_token_id)
+        answers = adapter.decode(output, inputs["input_ids"].shape[1])
+        return answers, recorder.result(), region_tokens, too_long
+
+    def run_adaptive(self, samples: Sequence[Sample], images: Sequence[Any]) -> Iterator[tuple[int, int, Any]]:
+        """Run a batch, halving it on out-of-memory until it fits (a batch is never dropped)."""
+        size = len(samples)
+        start = 0
+        while start < len(samples):
+            chunk = slice(start, start + size)
+            try:
+                result = self.run_batch(samples[chunk], images[chunk])
+            except Exception as exc:  # noqa: BLE001 - only out-of-memory is retried
+                if not is_oom(exc) or size == 1:
+                    raise
+                if torch.cuda.is_available():
+                    torch.cuda.empty_cache()
+                size = max(1, size // 2)
+                log.warning("out of memory: retrying with batch size %d", size)
+                continue
+            yield start, start + len(samples[chunk]), result
+            start += size
+
+
+@dataclass
+class Computed:
+    """One computed batch: its `samples` rows and their head figures, or (figures None) samples that were skipped."""
+
+    rows: list[dict[str, Any]]
+    figures: HeadFigures | None
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+
+
+def compute(runner: Runner, samples: Sequence[Sample], batch_size: int) -> Iterator[Computed]:
+    """Answer and measure `samples`, `batch_size` at a time; unreadable ones come first in their batch, skipped."""
+    for i in range(0, len(samples), batch_size):
+        good, images, bad = runner.prepare(samples[i:i + batch_size])
+        if bad:
+            yield Computed([], None, [(sample.id, reason) for sample, reason in bad])
+        for lo, hi, (answers, figures, region_tokens, too_long) in runner.run_adaptive(good, images):
+            rows = [sample_row(s, a, n, r, bool(t)) for s, a, n, r, t in
+                    zip(good[lo:hi], answers, figures.image_token_count, region_tokens, too_long, strict=True)]
+            yield Computed(rows, figures)
+
+
+def skip_reason(reason: str) -> str:
+    """The reason a skipped sample is counted under: 'unreadable image (OSError)' -> 'unreadable image'."""
+    return reason.split(" (")[0]
+
+
+def sample_row(sample: Sample, prediction: str, image_tokens: int, region_tokens: int,
+               too_long: bool = False) -> dict[str, Any]:
+    """The `samples` table row of one answered sample (meta `over_max_positions` marks a too-long prompt)."""
+    meta = {k: v for k, v in sample.meta.items() if isinstance(v, (str, int, float, bool)) or v is None}
+    if too_long:
+        meta["over_max_positions"] = True
+    if sample.options:
+        meta["options"] = list(sample.options)
+    if sample.box is not None:
+        meta["box"] = [float(v) for v in sample.box]
+    return {"sample_id": sample.id, "question_type": sample.question_type, "prompt_style": sample.prompt_style,
+            "question": sample.question, "prediction": prediction, "answer": sample.answer,
+            "correct": bool(score(sample, prediction)) if sample.answer is not None else None,
+            "image_tokens": int(image_tokens), "region_tokens": int(region_tokens), "meta": meta}

@@ -1,0 +1,255 @@
+"""The store's tables and how a store file is opened: schema version, DuckDB's lock errors as one-line
+StoreErrors, and runs left `running` by a dead writer marked `interrupted`."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import duckdb
+import pyarrow as pa
+
+SCHEMA_VERSION = 1
+STATUSES = ("running", "done", "interrupted", "failed")
+COMPAT_FIELDS = ("model", "dataset", "split", "readout", "ablation", "layers", "heads")
+SAMPLE_FIELDS = (
+    "question_type",
+    "prompt_style",
+    "question",
+    "prediction",
+    "answer",
+    "correct",
+    "image_tokens",
+    "region_tokens",
+    "meta",
+)
+HEAD_FIELDS = ("visual_weight", "concentration", "region_weight", "text_weight", "sink_weight", "pointing",
+               "spatial_entropy")
+GROUNDING_FIELDS = ("x1", "y1", "x2", "y2", "targets", "pointing", "iou")
+
+SAMPLE_TYPES = {
+    "question_type": pa.string(),
+    "prompt_style": pa.string(),
+    "question": pa.string(),
+    "prediction": pa.string(),
+    "answer": pa.string(),
+    "correct": pa.bool_(),
+    "image_tokens": pa.int32(),
+    "region_tokens": pa.int32(),
+    "meta": pa.string(),
+}
+JSON_RUN_COLUMNS = ("config", "skipped", "tags")
+
+_DDL = (
+    "CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT)",
+    f"""CREATE TABLE IF NOT EXISTS runs (
+        run_id INTEGER PRIMARY KEY,
+        name TEXT NOT NULL UNIQUE,
+        model TEXT NOT NULL,
+        family TEXT,
+        dataset TEXT NOT NULL,
+        split TEXT,
+        layers INTEGER NOT NULL,
+        heads INTEGER NOT NULL,
+        readout TEXT,
+        ablation TEXT,
+        config JSON,
+        status TEXT NOT NULL CHECK (status IN {STATUSES!r}),
+        started TIMESTAMP,
+        finished TIMESTAMP,
+        n_samples INTEGER NOT NULL DEFAULT 0,
+        accuracy DOUBLE,
+        skipped JSON,
+        sweep TEXT,
+        tags JSON,
+        writer_pid INTEGER
+    )""",
+    """CREATE TABLE IF NOT EXISTS samples (
+        run_id INTEGER NOT NULL,
+        sample_id TEXT NOT NULL,
+        question_type TEXT,
+        prompt_style TEXT,
+        question TEXT,
+        prediction TEXT,
+        answer TEXT,
+        correct BOOLEAN,
+        image_tokens INTEGER,
+        region_tokens INTEGER,
+        meta JSON,
+        PRIMARY KEY (run_id, sample_id)
+    )""",
+    """CREATE TABLE IF NOT EXISTS head_stats (
+        run_id INTEGER NOT NULL,
+        sample_id TEXT NOT NULL,
+        layer SMALLINT NOT NULL,
+        head SMALLINT NOT NULL,
+        visual_weight REAL,
+        concentration REAL,
+        region_weight REAL,
+        text_weight REAL,
+        sink_weight REAL,
+        pointing REAL,
+        spatial_entropy REAL
+    )""",
+    """CREATE TABLE IF NOT EXISTS comparisons (
+        created TIMESTAMP NOT NULL,
+        runs JSON NOT NULL,
+        kind TEXT NOT NULL,
+        basis TEXT,
+        figure TEXT,
+        method TEXT NOT NULL,
+        value DOUBLE,
+        n INTEGER,
+        detail JSON
+    )""",
+    """CREATE TABLE IF NOT EXISTS groundings (
+        run_id INTEGER NOT NULL,
+        selector TEXT NOT NULL,
+        heads JSON,
+        sample_id TEXT NOT NULL,
+        x1 DOUBLE,
+        y1 DOUBLE,
+        x2 DOUBLE,
+        y2 DOUBLE,
+        targets JSON,
+        pointing BOOLEAN,
+        iou DOUBLE,
+        created TIMESTAMP,
+        PRIMARY KEY (run_id, selector, sample_id)
+    )""",
+)
+# Columns added after a table first shipped: stores written before them gain them when opened for writing.
+_ADDED_COLUMNS = (("head_stats", "pointing", "REAL"), ("head_stats", "spatial_entropy", "REAL"))
+
+
+_TABLES = {re.search(r"EXISTS (\w+)", statement).group(1) for statement in _DDL}
+
+
+class StoreError(Exception):
+    """A store problem the user can act on (file in use, unwritable path, unknown or clashing run)."""
+
+
+def create_schema(con: duckdb.DuckDBPyConnection) -> None:
+    """Create every table the store needs; idempotent, so later features extend `_DDL` and old files catch up."""
+    for statement in _DDL:
+        con.execute(statement)
+    for table, column, kind in _ADDED_COLUMNS:
+        con.execute(f"ALTER TABLE {table} ADD COLUMN IF NOT EXISTS {column} {kind}")
+    con.execute("INSERT INTO meta VALUES ('schema_version', ?) ON CONFLICT DO NOTHING", [str(SCHEMA_VERSION)])
+
+
+def open_store(path: Path, read_only: bool) -> duckdb.DuckDBPyConnection:
+    """A connection to the vheads store at `path`, checked and ready (`prepare`); StoreError when it cannot be."""
+    con = connect(path, read_only)
+    try:
+        prepare(con, path, read_only)
+    except BaseException:
+        con.close()
+        raise
+    return con
+
+
+def check_writable(path: str | Path) -> None:
+    """Fail now, before a model is loaded, if the store cannot be opened for writing; creates it if absent."""
+    open_store(Path(path), read_only=False).close()
+
+
+def connect(path: Path, read_only: bool) -> duckdb.DuckDBPyConnection:
+    """Connect, turning DuckDB's errors (lock held, missing folder) into one-line StoreErrors naming the path."""
+    if path.is_dir():
+        raise StoreError(f"store {path} is a folder, expected a .duckdb file")
+    if read_only and not path.exists():
+        raise StoreError(f"no store at {path}")
+    if not read_only:
+        folder = path.parent
+        if not folder.is_dir():
+            raise StoreError(f"cannot create store {path}: folder {folder} does not exist")
+        if not os.access(folder, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
+            raise StoreError(f"cannot write store {path}: permission denied")
+    try:
+        return duckdb.connect(str(path), read_only=read_only)
+    except duckdb.Error as error:
+        raise translate(error, path) from error
+
+
+def prepare(con: duckdb.DuckDBPyConnection, path: Path, read_only: bool) -> None:
+    """Check this is a vheads store of a version we read; create the schema; unstick runs of dead writers."""
+    tables = {r[0] for r in con.execute("SELECT table_name FROM duckdb_tables()").fetchall()}
+    if tables and "meta" not in tables:
+        raise StoreError(f"{path} is a DuckDB file but not a vheads store")
+    if not tables and read_only:
+        raise StoreError(f"{path} is an empty DuckDB file, not a vheads store")
+    if not read_only and not (tables >= _TABLES and _has_added_columns(con)):
+        create_schema(con)
+    version = con.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
+    if version is None or int(version[0]) > SCHEMA_VERSION:
+        raise StoreError(
+            f"{path} has store schema {version and version[0]}; this vheads reads up to "
+            f"{SCHEMA_VERSION}, upgrade vheads"
+        )
+    if not read_only:
+        con.execute(
+            "UPDATE runs SET status = 'interrupted' "
+            "WHERE status = 'running' AND writer_pid IS NOT NULL AND writer_pid <> ?",
+            [os.getpid()],
+        )
+
+
+def _has_added_columns(con: duckdb.DuckDBPyConnection) -> bool:
+    """Whether the tables already have every column added since they first shipped."""
+    have = {(r[0], r[1]) for r in con.execute(
+        "SELECT table_name, column_name FROM duckdb_columns() WHERE database_name = current_database()").fetchall()}
+    return all((table, column) in have for table, column, _ in _ADDED_COLUMNS)
+
+
+def present_columns(con: duckdb.DuckDBPyConnection, database: str, table: str) -> set[str]:
+    """The columns `table` has in the attached `database` (an older store may lack later ones)."""
+    return {r[0] for r in con.execute(
+        "SELECT column_name FROM duckdb_columns() WHERE database_name = ? AND table_name = ?",
+        [database, table]).fetchall()}
+
+
+def translate(error: duckdb.Error, path: Path) -> StoreError:
+    """DuckDB's error on opening or attaching `path` as one line the user can act on."""
+    message = str(error)
+    if "Could not set lock" in message:
+        pid = re.search(r"PID (\d+)", message)
+        holder = f"pid {pid.group(1)}" if pid else "pid unknown"
+        return StoreError(
+            f"store {path} is in use by another process ({holder}); DuckDB allows one writer and no reader "
+            "beside it: wait for it to finish, or use another store"
+        )
+    if "different configuration" in message:
+        return StoreError(f"store {path} is already open in this process in another mode")
+    return StoreError(f"cannot open store {path}: {first_line(error)}")
+
+
+def now() -> datetime:
+    """The time now in UTC, as the store's TIMESTAMP columns keep it."""
+    return datetime.now(timezone.utc).replace(tzinfo=None)
+
+
+def iso(value: datetime | None) -> str | None:
+    return None if value is None else value.isoformat()
+
+
+def dumps(value: Any) -> str | None:
+    """A value for a JSON column (keys sorted, so equal settings read back equal)."""
+    return None if value is None else json.dumps(value, sort_keys=True, default=str)
+
+
+def loads(value: Any) -> Any:
+    return json.loads(value) if isinstance(value, str) else value
+
+
+def first_line(error: BaseException) -> str:
+    return str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+
+
+def sql_str(path: Path) -> str:
+    """A path as a SQL string literal (COPY and ATTACH take no bound parameters)."""
+    return "'" + str(path).replace("'", "''") + "'"

@@ -1,0 +1,151 @@
+"""The project's modules import one another without a cycle, and the command line keeps every command.
+
+The import graph is read from the source (every `import` and `from ... import`, inside functions too, since a
+lazy import is still a dependency). `from a.b import c` counts as importing the module `a.b.c` when there is one,
+else `a.b`; the implicit import of a module's parent package (Python runs `a/__init__.py` before `a.b`) is not an
+edge, or every package that imports its own modules would be a cycle.
+"""
+
+from __future__ import annotations
+
+import ast
+import importlib
+import importlib.util
+import pkgutil
+import re
+from pathlib import Path
+
+import pytest
+import typer
+from typer.testing import CliRunner
+
+import vheads
+from vheads.cli import app
+
+COMMANDS = ("run", "runs", "heads", "query", "export", "merge", "train-demo", "version", "ablate", "compare", "report",
+            "demo", "sweep", "data")
+DATA_COMMANDS = ("shapes", "list")
+TERMINAL_PACKAGES = {"typer", "rich", "click"}
+
+
+def project_modules() -> dict[str, Path]:
+    """Every module of `vheads`, by dotted name, with its source file."""
+    names = ["vheads"] + [info.name for info in pkgutil.walk_packages(vheads.__path__, "vheads.")]
+    return {name: Path(importlib.util.find_spec(name).origin) for name in names}
+
+
+def imported_modules(module: str, source: Path, modules: set[str]) -> set[str]:
+    """The project modules that `module`'s source imports, at any depth (relative imports resolved)."""
+    def known(name: str) -> str:
+        while name and name not in modules:
+            name = name.rpartition(".")[0]
+        return name
+
+    found = set()
+    for node in ast.walk(ast.parse(source.read_text(), str(source))):
+        if isinstance(node, ast.Import):
+            found.update(known(alias.name) for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                package = module if source.name == "__init__.py" else module.rpartition(".")[0]
+                package = package.rsplit(".", node.level - 1)[0] if node.level > 1 else package
+                base = f"{package}.{base}" if base else package
+            found.update(f"{base}.{alias.name}" if f"{base}.{alias.name}" in modules else known(base)
+                         for alias in node.names)
+    return found - {"", module}
+
+
+def import_graph() -> dict[str, set[str]]:
+    """Module -> the project modules it imports."""
+    modules = project_modules()
+    return {name: imported_modules(name, source, set(modules)) for name, source in modules.items()}
+
+
+def top_level_imports(source: Path) -> set[str]:
+    """The top-level names of the packages a source file imports (absolute imports only)."""
+    found = set()
+    for node in ast.walk(ast.parse(source.read_text(), str(source))):
+        if isinstance(node, ast.Import):
+            found.update(alias.name.split(".")[0] for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and not node.level and node.module:
+            found.add(node.module.split(".")[0])
+    return found
+
+
+def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    """One import cycle as [a, b, ..., a], or None."""
+    state: dict[str, str] = {}
+    path: list[str] = []
+
+    def visit(node: str) -> list[str] | None:
+        state[node] = "open"
+        path.append(node)
+        for target in sorted(graph.get(node, ())):
+            if state.get(target) == "open":
+                return path[path.index(target):] + [target]
+            if target not in state:
+                cycle = visit(target)
+                if cycle:
+                    return cycle
+        state[node] = "done"
+        path.pop()
+        return None
+
+    for node in sorted(graph):
+        if node not in state:
+            cycle = visit(node)
+            if cycle:
+                return cycle
+    return None
+
+
+def test_the_modules_of_vheads_import_one_another_without_a_cycle():
+    graph = import_graph()
+    assert {"vheads.cli", "vheads.cli.common", "vheads.store.write", "vheads.pipeline"} <= set(graph)
+    cycle = find_cycle(graph)
+    assert cycle is None, "import cycle: " + " -> ".join(cycle)
+
+
+def test_the_cycle_check_sees_a_cycle_through_a_lazy_import():
+    graph = {"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}
+    assert find_cycle(graph) == ["a", "b", "c", "a"]
+    assert find_cycle({"a": {"b"}, "b": set()}) is None
+
+
+def test_no_module_of_the_command_line_imports_the_package_that_builds_the_app():
+    graph = import_graph()
+    command_line = [name for name in graph if name.startswith("vheads.cli.")]
+    assert len(command_line) >= 8
+    assert [name for name in command_line if "vheads.cli" in graph[name]] == []
+
+
+def test_only_the_command_line_uses_the_terminal_libraries():
+    modules = project_modules()
+    users = sorted(name for name, source in modules.items() if not name.startswith("vheads.cli")
+                   and TERMINAL_PACKAGES & set(top_level_imports(source)))
+    assert users == []
+
+
+def test_the_vheads_script_is_the_command_line_app():
+    pyproject = (Path(__file__).resolve().parents[1] / "pyproject.toml").read_text()
+    module, _, attribute = re.search(r'^vheads = "(.+)"$', pyproject, re.M).group(1).partition(":")
+    assert getattr(importlib.import_module(module), attribute) is app
+
+
+def test_every_command_is_still_listed():
+    group = typer.main.get_command(app)
+    with group.make_context("vheads", ["--help"], resilient_parsing=True) as ctx:
+        listed = group.list_commands(ctx)
+        data = group.get_command(ctx, "data")
+        with data.make_context("data", [], resilient_parsing=True) as data_ctx:
+            data_listed = data.list_commands(data_ctx)
+    assert [name for name in listed if name in COMMANDS] == list(COMMANDS)
+    assert set(DATA_COMMANDS) <= set(data_listed)
+
+
+@pytest.mark.parametrize("command", [[name] for name in COMMANDS] + [["data", name] for name in DATA_COMMANDS])
+def test_every_command_has_help(command):
+    result = CliRunner().invoke(app, [*command, "--help"])
+    assert result.exit_code == 0, result.output
+    assert "Usage:" in result.output

@@ -19,7 +19,7 @@ from vheads.pipeline import RunConfig, run
 from vheads.store import Store
 
 runner = CliRunner()
-README_SQL = (Path(__file__).parents[1] / "README.md").read_text().split("```sql\n")[1].split("```")[0]
+README_SQL = (Path(__file__).parents[1] / "docs" / "measures.md").read_text().split("```sql\n")[1].split("```")[0]
 
 
 @pytest.fixture(scope="module")

@@ -77,6 +77,17 @@ def iter_jsonl(path: Path) -> Iterator[tuple[str, Any | Skip]]:
                 yield label, Skip(str(path), label, BAD_JSON, str(error)[:80])
 
 
+def json_records(path: Path) -> Iterator[tuple[str, Any | Skip]]:
+    """(label, record) pairs from a JSON list (labels `#i`) or JSON lines (bad lines as `Skip`s), told apart
+    by the file's first character."""
+    with path.open("rb") as handle:
+        head = handle.read(4096).lstrip(b"\xef\xbb\xbf \t\r\n")
+    if head.startswith(b"["):
+        yield from ((f"#{i}", record) for i, record in enumerate(read_json_list(path)))
+    else:
+        yield from iter_jsonl(path)
+
+
 def is_missing(value: Any) -> bool:
     """True for None, NaN and the strings pandas or LLaVA treat as absent ('', 'nan', 'none')."""
     if value is None:

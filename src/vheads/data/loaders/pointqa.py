@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -13,9 +13,8 @@ from vheads.data.images import open_file, probe_file
 from vheads.data.records import (
     box_field,
     data_file,
-    iter_jsonl,
+    json_records,
     label_of,
-    read_json_list,
     record_object,
     resolve_image,
     text_field,
@@ -28,15 +27,6 @@ QUESTION_TYPES = ("general", "obj", "super")
 QUESTION_ALIASES = {"object": "obj", "gq": "general", "oq": "obj", "sq": "super"}
 QUESTION_FIELDS = {"general": "general_question", "obj": "obj_question", "super": "super_question"}
 
-
-def _records(path: Path) -> Iterator[tuple[str, Any]]:
-    """(label, record) pairs from either layout: a JSON list (ViP-LLaVA) or JSON lines (Shikra)."""
-    with path.open("rb") as handle:
-        head = handle.read(4096).lstrip(b"\xef\xbb\xbf \t\r\n")
-    if head.startswith(b"["):
-        yield from ((f"#{i}", record) for i, record in enumerate(read_json_list(path)))
-    else:
-        yield from iter_jsonl(path)
 
 
 def _question_type(record: Mapping[str, Any], asked: str | None) -> str:
@@ -97,7 +87,7 @@ def parse_as(request: Request, dataset: str) -> Parsed:
     style = choice(request.prompt_style, PROMPT_STYLES, "prompt style", None) or "visual"
     root = request.image_root()
     items: list[Entry | Skip] = []
-    for label, record in _records(path):
+    for label, record in json_records(path):
         if isinstance(record, Skip):
             items.append(record)
             continue

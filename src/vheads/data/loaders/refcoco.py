@@ -22,7 +22,7 @@ line that is not JSON is skipped and counted. Only `--prompt-style none` applies
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -33,10 +33,9 @@ from vheads.data.records import (
     box_field,
     data_file,
     is_missing,
-    iter_jsonl,
+    json_records,
     label_of,
     optional_text,
-    read_json_list,
     record_object,
     resolve_image,
     text_field,
@@ -49,15 +48,6 @@ IMAGE_FIELDS = ("image", "file_name", "image_path", "img_path")
 EXPRESSION_FIELDS = ("expression", "sentence", "sent", "refexp", "answer", "sentences", "text")
 ID_FIELDS = ("question_id", "id", "ref_id", "ann_id")
 
-
-def _records(path: Path) -> Iterator[tuple[str, Any]]:
-    """(label, record) pairs from a JSON list or JSON lines."""
-    with path.open("rb") as handle:
-        head = handle.read(4096).lstrip(b"\xef\xbb\xbf \t\r\n")
-    if head.startswith(b"["):
-        yield from ((f"#{i}", record) for i, record in enumerate(read_json_list(path)))
-    else:
-        yield from iter_jsonl(path)
 
 
 def expressions(record: Mapping[str, Any]) -> list[str]:
@@ -144,7 +134,7 @@ def _parse(request: Request) -> Parsed:
     if request.prompt_style not in (None, "none"):
         raise DataError(f"refcoco shows no box: --prompt-style none only (got {request.prompt_style!r})")
     items: list[Entry | Skip] = []
-    for label, record in _records(path):
+    for label, record in json_records(path):
         if isinstance(record, Skip):
             items.append(record)
             continue

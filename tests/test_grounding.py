@@ -7,6 +7,7 @@ import json
 
 import numpy as np
 import pytest
+from tiny_models import BUILDERS
 from typer.testing import CliRunner
 
 from vheads import metrics
@@ -18,6 +19,8 @@ from vheads.models import TokenGrid
 from vheads.models.geometry import Affine, frame_grid
 from vheads.pipeline import RunConfig, run
 from vheads.store import Store
+
+FAMILIES = sorted(BUILDERS)
 
 
 def grid_4x4(size: int = 96) -> TokenGrid:
@@ -150,8 +153,8 @@ def invoke(*args: str):
     return CliRunner().invoke(app, list(args))
 
 
-@pytest.mark.parametrize("family", ["llava", "llava_next", "internvl", "qwen2_vl"])
-def test_vheads_ground_on_every_kind_of_layout(model_dirs, tmp_path, family):
+@pytest.mark.parametrize("family", FAMILIES)
+def test_vheads_ground_on_every_family(model_dirs, tmp_path, family):
     store = str(tmp_path / "s.duckdb")
     run(RunConfig(model=str(model_dirs(family)), limit=4, max_new_tokens=1, store=store, name="r",
                   question_type="obj", prompt_style="none"))

@@ -247,6 +247,7 @@ def loads(value: Any) -> Any:
 
 
 def first_line(error: BaseException) -> str:
+    """The first line of an error's message (its type name when the message is empty), for one-line errors."""
     return str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
 
 

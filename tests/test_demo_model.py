@@ -14,6 +14,7 @@ from transformers import AutoModelForImageTextToText, AutoProcessor
 from vheads.data.shapes import COLORS, SHAPES, scene_for
 from vheads.models.demo_build import IMAGE, IMAGE_SIZE, PATCH_SIZE, build_demo
 from vheads.models.train_demo import (
+    HeadDropout,
     curriculum,
     encode_train,
     evaluate,
@@ -119,6 +120,30 @@ def test_probe_targets_follow_the_scene() -> None:
         expected = boxed if sample.prompt_style == "visual" else [0] * len(patches)
         assert targets["cell_boxed"][row].tolist() == expected
     assert targets["known"].tolist() == [s.question_type == "obj" or s.prompt_style == "visual" for s in samples]
+
+
+def test_head_dropout_zeroes_whole_heads_in_training_only() -> None:
+    model, processor = build_demo(0, tiny=True)
+    sample = held_out(1)[0]
+    inputs = processor(images=[sample.image()] * 4, text=[prompt_for(processor, sample)] * 4, return_tensors="pt")
+    o_proj = model.model.language_model.layers[0].self_attn.o_proj
+    seen: list[torch.Tensor] = []
+    o_proj.register_forward_hook(lambda _m, args, _out: seen.append(args[0].detach()))
+    with torch.no_grad():
+        model.eval()
+        plain = model(**inputs).logits
+        dropout = HeadDropout(model, 0.5)
+        assert torch.equal(model(**inputs).logits, plain)
+        model.train()
+        torch.manual_seed(0)
+        model(**inputs)
+        dropout.remove()
+        assert torch.equal(model(**inputs).logits, model(**inputs).logits)
+    clean, dropped = seen[0].unflatten(-1, (2, -1)), seen[2].unflatten(-1, (2, -1))
+    zeroed = (dropped == 0).all(dim=(1, 3))
+    assert zeroed.any() and not zeroed.all()
+    kept = ~zeroed
+    assert torch.allclose(dropped.transpose(1, 2)[kept], 2 * clean.transpose(1, 2)[kept], atol=1e-5)
 
 
 def test_same_seed_same_model(tmp_path: Path) -> None:

@@ -16,6 +16,8 @@ def train_demo(out: Path = typer.Option(..., "--out", "-o", help="Folder for the
                                              "--minutes or --steps)."),
                steps: int = typer.Option(None, "--steps", help="Train for this many steps (default: none)."),
                seed: int = typer.Option(0, "--seed", help="Seed (same seed, same machine: same model)."),
+               head_dropout: float = typer.Option(0.0, "--head-dropout", help="Chance that an attention head "
+                                                  "is zeroed for a training sample (0: off)."),
                threads: int = typer.Option(None, "--threads", help="CPU threads for torch (default: torch's "
                                            "own choice).")) -> None:
     """Train the small demo LLaVA on ShapesQA (what ships as the embedded default)."""
@@ -30,8 +32,11 @@ def train_demo(out: Path = typer.Option(..., "--out", "-o", help="Folder for the
         torch.set_num_threads(threads)
     if minutes is None and steps is None:
         fail("pass --minutes or --steps")
+    if not 0 <= head_dropout < 1:
+        fail(f"--head-dropout {head_dropout}: must be at least 0 and less than 1")
     with errors():
-        metrics = train(out_folder(out), steps=steps, minutes=minutes, seed=seed, log=lambda line: say(line, err))
+        metrics = train(out_folder(out), steps=steps, minutes=minutes, seed=seed,
+                        head_dropout=head_dropout, log=lambda line: say(line, err))
         say(json.dumps(metrics, indent=2))
 
 

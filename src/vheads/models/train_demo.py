@@ -260,13 +260,43 @@ def _optimizer(model: torch.nn.Module, lr: float) -> torch.optim.AdamW:
     return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.98))
 
 
+class HeadDropout:
+    """Training-only head dropout: each text attention head's output is zeroed for a whole sample with
+    probability `p` (the rest scaled by 1 / (1 - p)), through a pre-hook on `o_proj`.
+
+    A model trained this way cannot lean on one head a random pick could take out, as a large model cannot.
+    """
+
+    def __init__(self, model: LlavaForConditionalGeneration, p: float) -> None:
+        text = model.config.text_config
+        self.p, self.heads = p, text.num_attention_heads
+        layers = model.model.language_model.layers
+        self._hooks = [layer.self_attn.o_proj.register_forward_pre_hook(self._drop) for layer in layers]
+
+    def _drop(self, module: torch.nn.Module, args: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...] | None:
+        if not module.training or self.p <= 0:
+            return None
+        hidden = args[0]
+        keep = torch.rand(hidden.shape[0], 1, self.heads, 1, device=hidden.device) >= self.p
+        per_head = hidden.unflatten(-1, (self.heads, -1)) * keep / (1 - self.p)
+        return (per_head.flatten(-2), *args[1:])
+
+    def remove(self) -> None:
+        """Detach the hooks (the saved model is a plain LLaVA)."""
+        for hook in self._hooks:
+            hook.remove()
+
+
 class DemoTrainer:
     """The model, its processor, the probes and the optimiser, and one optimisation step on a batch."""
 
-    def __init__(self, seed: int, lr: float, probe_weight: float, tiny: bool = False) -> None:
+    def __init__(
+        self, seed: int, lr: float, probe_weight: float, tiny: bool = False, head_dropout: float = 0.0
+    ) -> None:
         torch.manual_seed(seed)
         self.model, self.processor = build_demo(seed, tiny=tiny)
         self.model.train()
+        self.head_dropout = HeadDropout(self.model, head_dropout)
         self.probes = Probes(self.model.config.text_config.hidden_size)
         self.probe_weight = probe_weight
         self.middle = self.model.config.text_config.num_hidden_layers // 2
@@ -299,8 +329,9 @@ class DemoTrainer:
         return out.loss.item(), probe_loss.item(), answer_accuracy(out.logits, batch["labels"], determined)
 
     def finish(self) -> None:
-        """Detach the probes from the model (the saved model is a plain LLaVA)."""
+        """Detach the probes and head dropout from the model (the saved model is a plain LLaVA)."""
         self._hook.remove()
+        self.head_dropout.remove()
         self.model.eval()
 
 
@@ -315,6 +346,7 @@ def train_demo(
     eval_samples: int = 300,
     final_eval_samples: int = 1000,
     probe_weight: float = 1.0,
+    head_dropout: float = 0.0,
     tiny: bool = False,
     log: Callable[[str], None] = print,
 ) -> dict:
@@ -325,12 +357,15 @@ def train_demo(
     Every `eval_every` steps greedy accuracy is measured on `eval_samples` validation questions (val split)
     to pick the checkpoint; the final figures use `final_eval_samples` test questions, on real and on blank
     images. Training only ever sees the train split.
-    `probe_weight` scales the auxiliary losses of `Probes`; `tiny` builds a toy-sized model (for tests).
+    `probe_weight` scales the auxiliary losses of `Probes`; `head_dropout` is the chance that a head is zeroed
+    for a training sample (`HeadDropout`); `tiny` builds a toy-sized model (for tests).
     Returns the metrics also written to `out_dir/training.json`.
     """
     if steps is None and minutes is None:
         raise ValueError("give steps or minutes")
-    trainer = DemoTrainer(seed, lr, probe_weight, tiny)
+    if not 0 <= head_dropout < 1:
+        raise ValueError(f"head dropout {head_dropout}: must be in [0, 1)")
+    trainer = DemoTrainer(seed, lr, probe_weight, tiny, head_dropout)
     model, processor = trainer.model, trainer.processor
     eval_set = held_out(eval_samples, split="val")
     start = time.monotonic()
@@ -383,6 +418,7 @@ def train_demo(
         "minutes": round(wall / 60, 2),
         "batch_size": batch_size,
         "lr": lr,
+        "head_dropout": head_dropout,
         "threads": torch.get_num_threads(),
         "held_out_samples": final_eval_samples,
         "held_out_accuracy": final,

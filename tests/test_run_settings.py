@@ -148,6 +148,7 @@ def test_a_failed_data_or_model_load_leaves_no_store_file(tmp_path, llava):
     (["compare", "src", "src2", "--k", "1000"], ("--k 1000",)),
     (["data", "shapes", "--seed", "-2", "--out", "x"], ("--seed -2",)),
     (["train-demo", "--out", "x", "--steps", "0"], ("--steps 0",)),
+    (["train-demo", "--out", "x", "--steps", "1", "--head-dropout", "1"], ("--head-dropout 1.0", "less than 1")),
 ])
 def test_out_of_range_values_are_refused_with_one_line(source, llava, tmp_path, args, words):
     store, _ = source

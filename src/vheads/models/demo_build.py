@@ -29,7 +29,7 @@ IMAGE_SIZE = SHAPES_IMAGE_SIZE
 PATCH_SIZE = 16
 VISION = dict(hidden_size=128, intermediate_size=512, num_hidden_layers=3, num_attention_heads=4)
 TEXT = dict(
-    hidden_size=128, intermediate_size=344, num_hidden_layers=6, num_attention_heads=8, num_key_value_heads=8
+    hidden_size=128, intermediate_size=344, num_hidden_layers=6, num_attention_heads=16, num_key_value_heads=16
 )
 
 TINY_VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2)

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import numpy as np
+import pandas as pd
 import pytest
 
 from vheads.pipeline import RunConfig, run
-from vheads.report.styles import region_of, style_section, style_view, summary_table
+from vheads.report.styles import StyleView, region_of, style_heatmaps, style_section, style_view, summary_table
 from vheads.store import Store
 
 
@@ -49,3 +50,20 @@ def test_section_draws_both_maps_for_every_style(style_store, tmp_path):
     assert (tmp_path / "heatmap-styles.png").stat().st_size > 10_000
     body = "".join(section.body)
     assert section.title == "Prompt styles" and body.count("<tr") == 4
+
+
+def test_style_maps_tick_whole_layers_and_heads():
+    """A 6 x 16 grid (the demo model's) gets tick labels only at whole layer and head numbers."""
+    layers, heads = 6, 16
+    table = pd.DataFrame({"layer": np.repeat(np.arange(layers), heads), "head": np.tile(np.arange(heads), layers)})
+    table["mean_w"] = np.linspace(0, 1, layers * heads)
+    table["mean_region_share"] = 1 - table["mean_w"]
+    table["visual"] = table["mean_w"] > 0.9
+    table.attrs.update(layers=layers, heads=heads)
+    views = [StyleView(style, style, table, {"all": 1.0}) for style in ("visual", "plain", "none")]
+    fig = style_heatmaps(views, "ticks")
+    fig.canvas.draw()
+    for ax in fig.axes[:6]:
+        for ticks, size in ((ax.get_xticks(), heads), (ax.get_yticks(), layers)):
+            shown = [t for t in ticks if -0.5 <= t <= size - 0.5]
+            assert shown and all(float(t).is_integer() for t in shown)

@@ -59,7 +59,7 @@ def _text(ax: Axes, title: str, xlabel: str | None = None, ylabel: str | None = 
         ax.set_ylabel(ylabel)
 
 
-def _grid_axis(ax: Axes, layers: int, heads: int) -> None:
+def grid_axis(ax: Axes, layers: int, heads: int) -> None:
     """Integer ticks (at most about ten per axis) and labels for a layer x head grid, layer 0 on top."""
     for axis in (ax.xaxis, ax.yaxis):
         axis.set_major_locator(MaxNLocator(nbins=10, integer=True, steps=[1, 2, 4, 5, 10]))
@@ -95,7 +95,7 @@ def head_heatmaps(layers: int, heads: int, panels: Sequence[tuple[str, np.ndarra
                           interpolation="nearest")
         ax.scatter(cols, rows, s=min(8.0, max(2.0, 0.45 * cell_pt)) ** 2, facecolor="white", edgecolor=VISUAL_EDGE,
                    linewidth=max(0.4, min(1.0, cell_pt / 12)), zorder=3)
-        _grid_axis(ax, layers, heads)
+        grid_axis(ax, layers, heads)
         _text(ax, label)
         fig.colorbar(image, ax=ax, shrink=0.85, label=bar_label)
     if len(rows):

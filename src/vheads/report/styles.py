@@ -101,10 +101,7 @@ def style_heatmaps(views: Sequence[StyleView], title: str) -> Figure:
                               interpolation="nearest")
             rows, cols = np.nonzero(view.grid("visual") > 0)
             ax.scatter(cols, rows, s=16, facecolor="white", edgecolor=figures.VISUAL_EDGE, linewidth=0.6, zorder=3)
-            ax.set_xlim(-0.5, heads - 0.5)
-            ax.set_ylim(layers - 0.5, -0.5)
-            ax.set_xlabel("head")
-            ax.set_ylabel("layer")
+            figures.grid_axis(ax, layers, heads)
             ax.set_title(f"{view.style}: {label}", parse_math=False, fontsize=11)
         fig.colorbar(image, ax=list(axes[row]), shrink=0.85, label=label)
     return fig

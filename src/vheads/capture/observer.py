@@ -42,7 +42,9 @@ class Observer:
 
 def is_prefill(kwargs: dict[str, Any]) -> bool:
     """Whether a forward call starts a sequence (no cache yet) rather than decoding from one."""
-    past = kwargs.get("past_key_values")
+    past = kwargs.get("cache")
+    if past is None:
+        past = kwargs.get("past_key_values")
     return past is None or past.get_seq_length() == 0
 
 

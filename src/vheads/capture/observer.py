@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from vheads.capture.session import AttentionCall, CaptureSession
+from vheads.compat import forward_cache
 
 
 class Observer:
@@ -42,9 +43,7 @@ class Observer:
 
 def is_prefill(kwargs: dict[str, Any]) -> bool:
     """Whether a forward call starts a sequence (no cache yet) rather than decoding from one."""
-    past = kwargs.get("cache")
-    if past is None:
-        past = kwargs.get("past_key_values")
+    past = forward_cache(kwargs)
     return past is None or past.get_seq_length() == 0
 
 

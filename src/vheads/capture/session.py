@@ -11,15 +11,21 @@ is registered under the same name, so padded batches keep their masks.
 from __future__ import annotations
 
 import itertools
-import sys
 from collections.abc import Callable
 from typing import Any, Protocol
 
 import torch
 from torch import nn
-from transformers import AttentionInterface
-from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
-from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+from vheads.compat import (
+    attention_function,
+    attention_implementation,
+    eager_kernel,
+    register_attention,
+    registered_attention,
+    set_attention_implementation,
+    unregister_attention,
+)
 
 PREFIX = "vheads_"
 NO_SOFTMAX = ("linear", "mamba", "conv", "recurrent", "ssm")
@@ -202,7 +208,7 @@ class CaptureSession:
         self.attention, self.configs = layers if layers is not None else language_layers(model)
         self.layer_of = {id(m): i for i, m in enumerate(self.attention) if m is not None}
         self.attention_layers = sorted(self.layer_of.values())  # all layers, except in hybrid decoders
-        self.base = self.configs[0]._attn_implementation or "eager"
+        self.base = attention_implementation(self.configs[0])
         if self.base.startswith(PREFIX):
             raise CaptureError("the model is already routed through another vheads session")
         self.name = f"{PREFIX}{self.base}_{next(_ids)}"
@@ -225,7 +231,7 @@ class CaptureSession:
     def attach(cls, model: nn.Module) -> CaptureSession:
         """The session active on `model`, or a new one routed in now."""
         layers = language_layers(model)
-        current = ALL_ATTENTION_FUNCTIONS._global_mapping.get(layers[1][0]._attn_implementation or "")
+        current = registered_attention(attention_implementation(layers[1][0]))
         if isinstance(current, CaptureSession) and current.model is model:
             session = current
         else:
@@ -241,21 +247,15 @@ class CaptureSession:
             self._route_out()
 
     def _route_in(self) -> None:
-        AttentionInterface.register(self.name, self)
-        mask_fn = ALL_MASK_ATTENTION_FUNCTIONS._global_mapping.get(self.base)
-        if mask_fn is None and self.base == "eager":
-            mask_fn = ALL_MASK_ATTENTION_FUNCTIONS._global_mapping["eager"]
-        if mask_fn is not None:
-            AttentionMaskInterface.register(self.name, mask_fn)
+        register_attention(self.name, self, self.base)
         for config in self.configs:
-            config._attn_implementation = self.name
+            set_attention_implementation(config, self.name)
         self._hook = self.model.register_forward_pre_hook(self._pre_forward, with_kwargs=True)
 
     def _route_out(self) -> None:
         for config in self.configs:
-            config._attn_implementation = self.base
-        ALL_ATTENTION_FUNCTIONS._global_mapping.pop(self.name, None)
-        ALL_MASK_ATTENTION_FUNCTIONS._global_mapping.pop(self.name, None)
+            set_attention_implementation(config, self.base)
+        unregister_attention(self.name)
         if self._hook is not None:
             self._hook.remove()
             self._hook = None
@@ -268,12 +268,11 @@ class CaptureSession:
 
     def _kernel(self, module: nn.Module) -> Callable:
         if self.base == "eager":
-            modeling = sys.modules[type(module).__module__]
-            fn = getattr(modeling, "eager_attention_forward", None)
+            fn = eager_kernel(module)
             if fn is None:
                 raise CaptureError(f"{type(module).__module__} has no eager_attention_forward")
             return fn
-        return ALL_ATTENTION_FUNCTIONS[self.base]
+        return attention_function(self.base)
 
     def ablated(self, layer: int) -> tuple[list[int], list[int]]:
         """Heads of `layer` to zero and to make uniform, over all active ablations."""

@@ -13,8 +13,8 @@ from functools import cache
 
 import numpy as np
 from transformers import AutoConfig, ProcessorMixin
-from transformers.models.auto.processing_auto import PROCESSOR_MAPPING_NAMES, processor_class_from_name
-from transformers.utils import cached_file, is_torchvision_available
+
+from vheads.compat import PROCESSOR_MAPPING_NAMES, is_torchvision_available, optional_file, processor_class_from_name
 
 CONFIG_FILES = ("processor_config.json", "preprocessor_config.json", "tokenizer_config.json")
 
@@ -32,8 +32,7 @@ def processor_class_name(ref: str, **hub: object) -> str | None:
     """The processor class a model folder or hub id names (processor / preprocessor / tokenizer config), else the
     class transformers maps its `model_type` to."""
     for name in CONFIG_FILES:
-        path = cached_file(ref, name, _raise_exceptions_for_missing_entries=False,
-                           _raise_exceptions_for_connection_errors=False, **hub)
+        path = optional_file(ref, name, **hub)
         if path is None:
             continue
         with open(path, encoding="utf-8") as handle:

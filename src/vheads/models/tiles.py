@@ -11,8 +11,8 @@ from __future__ import annotations
 import math
 
 import numpy as np
-from transformers.image_processing_utils import select_best_resolution
 
+from vheads.compat import select_best_resolution
 from vheads.models.geometry import (
     Affine,
     GeometryError,

@@ -56,6 +56,14 @@ def test_an_empty_query_is_one_line(empty_store, sql):
     one_error_line(runner.invoke(app, ["query", sql, "--store", empty_store]), "SQL")
 
 
+def test_a_failed_merge_is_one_line_and_leaves_no_store_behind(tmp_path):
+    bad = tmp_path / "bad.duckdb"
+    bad.write_text("not a store")
+    result = runner.invoke(app, ["merge", str(bad), "--into", str(tmp_path / "new.duckdb")])
+    one_error_line(result, str(bad))
+    assert not (tmp_path / "new.duckdb").exists()
+
+
 def test_export_refuses_to_overwrite_parquet_unless_forced(tmp_path, empty_store):
     out = tmp_path / "pq"
     assert runner.invoke(app, ["export", "--store", empty_store, "--out", str(out)]).exit_code == 0

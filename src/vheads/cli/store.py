@@ -123,7 +123,8 @@ def export(run_name: str = typer.Option(None, "--run", "-r", help="Run name or i
            out: Path = typer.Option(..., "--out", "-o", help="Folder for the Parquet files."),
            store: str = typer.Option("vheads.duckdb", "--store", help=STORE_HELP),
            force: bool = typer.Option(False, "--force", help="Overwrite Parquet files already in --out.")) -> None:
-    """Export runs, samples and head figures to Parquet (existing files are kept unless --force)."""
+    """Export every table of the store (runs, samples, head figures, groundings, comparisons) to Parquet, one file
+    per table (existing files are kept unless --force)."""
     from vheads.store import Store
 
     with errors(), Store(existing_store(store), read_only=True) as db:
@@ -133,7 +134,8 @@ def export(run_name: str = typer.Option(None, "--run", "-r", help="Run name or i
 
 def merge(files: list[Path] = typer.Argument(..., help="Shard stores written by `vheads run --shard K/N`."),
           into: Path = typer.Option(Path("vheads.duckdb"), "--into", help="The store to fold them into.")) -> None:
-    """Fold shard stores into one store (idempotent: merging twice adds nothing)."""
+    """Fold shard stores into one store, every table of them (idempotent: merging twice adds nothing; a failed merge
+    changes nothing)."""
     from vheads.store import merge as merge_stores
 
     with errors():

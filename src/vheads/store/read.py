@@ -10,7 +10,19 @@ from typing import Any
 import duckdb
 import pandas as pd
 
-from vheads.store.schema import GROUNDING_FIELDS, JSON_RUN_COLUMNS, StoreError, first_line, loads, sql_str
+from vheads.store.schema import (
+    GROUNDING_FIELDS,
+    JSON_RUN_COLUMNS,
+    ROW_KEYS,
+    RUN_LISTS,
+    StoreError,
+    column_names,
+    first_line,
+    loads,
+    quote,
+    sql_str,
+    table_names,
+)
 
 
 def run_id(con: duckdb.DuckDBPyConnection, ref: str | int, path: Path) -> int:
@@ -102,30 +114,40 @@ def query(con: duckdb.DuckDBPyConnection, sql: str, params: Sequence[Any] | None
 
 
 def export(con: duckdb.DuckDBPyConnection, run_id: int | None, out_dir: Path, overwrite: bool) -> list[Path]:
-    """Write the runs row(s), samples and head_stats of one run (None: all runs) as Parquet files.
+    """Write every table of the store (runs, samples, head_stats, groundings, comparisons, and any added later) as
+    Parquet files, `<table>.parquet`; for one run, `<run>.<table>.parquet` with that run's rows only.
 
     Raises StoreError naming the files already there unless `overwrite`.
     """
+    database = con.execute("SELECT current_database()").fetchone()[0]
     if run_id is None:
-        where, prefix = "", ""
+        prefix, name = "", None
     else:
         name = run_row_by_id(con, run_id)["name"]
-        where, prefix = f" WHERE run_id = {run_id}", re.sub(r"[^A-Za-z0-9._-]+", "_", name) + "."
-    queries = {
-        "runs": f"SELECT * EXCLUDE (writer_pid) FROM runs{where} ORDER BY run_id",
-        "samples": f"SELECT * FROM samples{where} ORDER BY run_id, sample_id",
-        "head_stats": f"SELECT * FROM head_stats{where} ORDER BY run_id, sample_id, layer, head",
-    }
+        prefix = re.sub(r"[^A-Za-z0-9._-]+", "_", name) + "."
+    queries: dict[str, tuple[str, list[Any]]] = {}
+    for table in table_names(con, database):
+        columns = column_names(con, database, table)
+        where, params, order = "", [], ROW_KEYS.get(table, ())
+        if "run_id" in columns:
+            order = ("run_id", *order)
+            if name:
+                where, params = " WHERE run_id = ?", [run_id]
+        elif table in RUN_LISTS and name:
+            where, params = f" WHERE list_contains(from_json({quote(RUN_LISTS[table])}, '[\"VARCHAR\"]'), ?)", [name]
+        picked = "* EXCLUDE (writer_pid)" if table == "runs" else "*"
+        order_by = f" ORDER BY {', '.join(quote(c) for c in order)}" if order else ""
+        queries[table] = (f"SELECT {picked} FROM {quote(table)}{where}{order_by}", params)
     targets = {table: out_dir / f"{prefix}{table}.parquet" for table in queries}
     taken = [str(path) for path in targets.values() if path.exists()]
     if taken and not overwrite:
         raise StoreError(f"{', '.join(taken)} already exist(s); pass --force to overwrite")
     out_dir.mkdir(parents=True, exist_ok=True)
     written = []
-    for table, sql in queries.items():
+    for table, (sql, params) in queries.items():
         target = targets[table]
         try:
-            con.execute(f"COPY ({sql}) TO {sql_str(target)} (FORMAT parquet, COMPRESSION zstd)")
+            con.execute(f"COPY ({sql}) TO {sql_str(target)} (FORMAT parquet, COMPRESSION zstd)", params)
         except duckdb.Error as error:
             raise StoreError(f"cannot write {target}: {first_line(error)}") from error
         written.append(target)

@@ -140,7 +140,7 @@ class Store:
         return read.query(self._con, sql, params)
 
     def export(self, run: RunRef | None, out_dir: str | Path, overwrite: bool = False) -> list[Path]:
-        """Write the runs row(s), samples and head_stats of one run (None: all runs) as Parquet files.
+        """Write every table of the store as Parquet files, restricted to one run's rows unless `run` is None.
 
         Raises StoreError naming the files already there unless `overwrite`.
         """

@@ -183,6 +183,21 @@ def test_unknown_run_lists_the_known_ones(tmp_path):
             store.run("nope")
 
 
+def test_a_run_reference_is_read_one_way_or_refused(tmp_path):
+    with Store(tmp_path / "vheads.duckdb") as store:
+        with pytest.raises(StoreError, match="run name '3' is all digits .* run-3"):
+            start(store, "3")
+        for name in ("a", "b", "c", "d"):
+            start(store, name)
+        store.query("UPDATE runs SET name = '3' WHERE name = 'd'")  # as a vheads before this rule could write
+        assert store.run(2)["name"] == "b" and store.run("2")["name"] == "b" and store.run("b")["run_id"] == 2
+        assert store.run("id:3")["name"] == "c" and store.run("name:3")["run_id"] == 4
+        with pytest.raises(StoreError, match="run '3' is ambiguous .*run id 4.*named 'c'; write name:3 or id:3"):
+            store.run("3")
+        with pytest.raises(StoreError, match="unknown run 'id:9'"):
+            store.run("id:9")
+
+
 WRITER = """
     import sys
     import time

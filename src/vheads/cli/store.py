@@ -9,6 +9,7 @@ import typer
 
 from vheads.cli.common import (
     FORMAT_HELP,
+    RUN_HELP,
     STORE_HELP,
     at_least,
     errors,
@@ -60,7 +61,7 @@ def runs_table(frame: Any) -> Any:
 
 
 def heads(
-    run_name: str = typer.Option(None, "--run", "-r", help="Run name or id (default: the latest run)."),
+    run_name: str = typer.Option(None, "--run", "-r", help=RUN_HELP + " Default: the latest run."),
     top: int = typer.Option(20, "--top", help="Show this many heads (0 = all)."),
     k: int = typer.Option(None, "--k", help="Top-K per sample for the head score (default: round(0.1 x heads))."),
     stages: str = typer.Option(None, "--stages", help="A,B: mid starts at layer A, late at layer B (default: the "
@@ -77,8 +78,9 @@ def heads(
     with errors(), Store(existing_store(store), read_only=True) as db:
         check_format(fmt)
         at_least(top, "--top", 0)
-        name = run_name or latest_run(db)
-        table = head_table(db, name, k=k, stages=parse_stages_option(stages))
+        run = run_name or latest_run(db)
+        name = db.run(run)["name"]
+        table = head_table(db, run, k=k, stages=parse_stages_option(stages))
         hint = no_readout_hint(table)
         if hint:
             say(f"note: {hint}", err)
@@ -88,12 +90,12 @@ def heads(
                            f"{table.attrs['samples']} samples)", fmt)
 
 
-def latest_run(db: Any) -> str:
-    """The most recently started run of a store."""
+def latest_run(db: Any) -> int:
+    """The id of the most recently started run of a store (an id, so a name of digits cannot mislead)."""
     frame = db.runs()
     if not len(frame):
         raise ValueError("the store has no runs yet; run `vheads run` first")
-    return str(frame.sort_values("run_id").iloc[-1]["name"])
+    return int(frame["run_id"].max())
 
 
 def query(sql: str = typer.Argument(..., help="SQL over the tables runs, samples, head_stats."),
@@ -119,7 +121,7 @@ def _has_sql(sql: str) -> bool:
     return bool(text.replace(";", " ").strip())
 
 
-def export(run_name: str = typer.Option(None, "--run", "-r", help="Run name or id (default: all runs)."),
+def export(run_name: str = typer.Option(None, "--run", "-r", help=RUN_HELP + " Default: all runs."),
            out: Path = typer.Option(..., "--out", "-o", help="Folder for the Parquet files."),
            store: str = typer.Option("vheads.duckdb", "--store", help=STORE_HELP),
            force: bool = typer.Option(False, "--force", help="Overwrite Parquet files already in --out.")) -> None:

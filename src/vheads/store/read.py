@@ -26,20 +26,30 @@ from vheads.store.schema import (
 
 
 def run_id(con: duckdb.DuckDBPyConnection, ref: str | int, path: Path) -> int:
-    """The run_id of a run name or id; unknown -> StoreError listing the known names."""
+    """The run_id of a run reference: a run's name, its id (an int or digits), or `name:TEXT` / `id:N`, each read
+    one way only. Digits that name one run and number another -> StoreError naming both; unknown -> StoreError
+    listing the known names."""
+    text = str(ref)
+    name: str | None = None if isinstance(ref, int) else text
+    number = ref if isinstance(ref, int) else None
     if isinstance(ref, str):
-        row = con.execute("SELECT run_id FROM runs WHERE name = ?", [ref]).fetchone()
-        if row is None and ref.isdigit():
-            ref = int(ref)
-    else:
-        row = None
-    if row is None and isinstance(ref, int):
-        row = con.execute("SELECT run_id FROM runs WHERE run_id = ?", [ref]).fetchone()
-    if row is None:
-        names = [r[0] for r in con.execute("SELECT name FROM runs ORDER BY run_id").fetchall()]
-        known = ", ".join(names[:20]) + (f" and {len(names) - 20} more" if len(names) > 20 else "")
-        raise StoreError(f"unknown run {ref!r} in {path}; known runs: {known or 'none yet'}")
-    return row[0]
+        if text.startswith("name:"):
+            name = text[len("name:"):]
+        elif re.fullmatch(r"id:[0-9]+", text):
+            name, number = None, int(text[len("id:"):])
+        elif re.fullmatch(r"[0-9]+", text):
+            number = int(text)
+    named = con.execute("SELECT run_id FROM runs WHERE name = ?", [name]).fetchone() if name is not None else None
+    numbered = (con.execute("SELECT run_id, name FROM runs WHERE run_id = ?", [number]).fetchone()
+                if number is not None else None)
+    if named and numbered and named[0] != numbered[0]:
+        raise StoreError(f"run {text!r} is ambiguous in {path}: it names run id {named[0]} and is the id of the run "
+                         f"named {numbered[1]!r}; write name:{text} or id:{text}")
+    if named or numbered:
+        return (named or numbered)[0]
+    names = [r[0] for r in con.execute("SELECT name FROM runs ORDER BY run_id").fetchall()]
+    known = ", ".join(names[:20]) + (f" and {len(names) - 20} more" if len(names) > 20 else "")
+    raise StoreError(f"unknown run {text!r} in {path}; known runs: {known or 'none yet'}")
 
 
 def run_row(con: duckdb.DuckDBPyConnection, name: str) -> dict[str, Any] | None:

@@ -108,7 +108,8 @@ class Store:
         return read.runs(self._con)
 
     def run(self, name_or_id: RunRef) -> dict[str, Any]:
-        """One run's row as a dict; an unknown name raises StoreError listing the known ones."""
+        """One run's row as a dict, by name, id, `name:TEXT` or `id:N`; an unknown or ambiguous reference raises
+        StoreError (see `read.run_id`)."""
         row = read.run_row_by_id(self._con, self._resolve(name_or_id))
         row.pop("writer_pid")
         return row
@@ -154,5 +155,5 @@ class Store:
             raise StoreError(f"store {self.path} was opened read-only")
 
     def _resolve(self, ref: RunRef) -> int:
-        """The run_id of a handle, name or id; unknown -> StoreError listing the known names."""
+        """The run_id of a handle, name, id, `name:TEXT` or `id:N`; unknown or ambiguous -> StoreError."""
         return ref.run_id if isinstance(ref, RunHandle) else read.run_id(self._con, ref, self.path)

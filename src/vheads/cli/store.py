@@ -98,11 +98,16 @@ def latest_run(db: Any) -> int:
     return int(frame["run_id"].max())
 
 
-def query(sql: str = typer.Argument(..., help="SQL over the tables runs, samples, head_stats."),
+def query(sql: str = typer.Argument(..., help="SQL over the tables runs, samples, head_stats, groundings, "
+                                     "comparisons."),
           store: str = typer.Option("vheads.duckdb", "--store", help=STORE_HELP),
           fmt: str = typer.Option("table", "--format", help=FORMAT_HELP),
           csv: bool = typer.Option(False, "--csv", help="Same as --format csv.")) -> None:
-    """Run SQL on the store, e.g. vheads query "SELECT layer, avg(visual_weight) FROM head_stats GROUP BY 1"."""
+    """Run SQL on the store, e.g. vheads query "SELECT layer, avg(visual_weight) FROM head_stats GROUP BY 1".
+
+    Values print as stored: NULL is — / empty / null; inf, -inf and NaN are inf, -inf and nan (JSON strings);
+    integers stay exact; JSON columns are nested JSON. A table too wide for the terminal goes on in further tables.
+    """
     from vheads.store import Store
 
     with errors():
@@ -110,7 +115,7 @@ def query(sql: str = typer.Argument(..., help="SQL over the tables runs, samples
         if not _has_sql(sql):
             raise ValueError("no SQL given; e.g. vheads query \"SELECT name, accuracy FROM runs\"")
         with Store(existing_store(store), read_only=True) as db:
-            emit(db.query(sql), fmt)
+            emit(db.query(sql, exact=True), fmt)
 
 
 def _has_sql(sql: str) -> bool:

@@ -123,6 +123,32 @@ def query(con: duckdb.DuckDBPyConnection, sql: str, params: Sequence[Any] | None
         raise StoreError(f"query failed: {first_line(error)}") from error
 
 
+def query_exact(con: duckdb.DuckDBPyConnection, sql: str, params: Sequence[Any] | None = None) -> pd.DataFrame:
+    """Run SQL keeping DuckDB's values as they are, for printing: each column of object dtype, NULL as None and NaN
+    as NaN, integers of any size exact, JSON columns parsed into lists and dicts; repeated names numbered `a_1`."""
+    try:
+        result = con.execute(sql, params)
+        if not result.description:
+            return pd.DataFrame()
+        rows = result.fetchall()
+    except duckdb.Error as error:
+        raise StoreError(f"query failed: {first_line(error)}") from error
+    names: list[str] = []
+    for name in (d[0] for d in result.description):
+        unique, n = name, 0
+        while unique in names:
+            n += 1
+            unique = f"{name}_{n}"
+        names.append(unique)
+    columns = {}
+    for i, (name, description) in enumerate(zip(names, result.description, strict=True)):
+        values = [row[i] for row in rows]
+        if str(description[1]) == "JSON":
+            values = [loads(v) for v in values]
+        columns[name] = pd.Series(values, dtype=object)
+    return pd.DataFrame(columns)
+
+
 def export(con: duckdb.DuckDBPyConnection, run_id: int | None, out_dir: Path, overwrite: bool) -> list[Path]:
     """Write every table of the store (runs, samples, head_stats, groundings, comparisons, and any added later) as
     Parquet files, `<table>.parquet`; for one run, `<run>.<table>.parquet` with that run's rows only.

@@ -136,9 +136,13 @@ class Store:
         """The boxes kept for a run by `add_groundings`, newest selector first."""
         return read.groundings(self._con, self._resolve(run))
 
-    def query(self, sql: str, params: Sequence[Any] | None = None) -> pd.DataFrame:
-        """Run any SQL on the store (what `vheads query` does); a DuckDB error becomes a one-line StoreError."""
-        return read.query(self._con, sql, params)
+    def query(self, sql: str, params: Sequence[Any] | None = None, exact: bool = False) -> pd.DataFrame:
+        """Run any SQL on the store; a DuckDB error becomes a one-line StoreError.
+
+        `exact` keeps DuckDB's values as they are (what `vheads query` prints): object columns, NULL as None apart
+        from NaN, integers beyond 2^53 exact, JSON columns parsed (`read.query_exact`).
+        """
+        return (read.query_exact if exact else read.query)(self._con, sql, params)
 
     def export(self, run: RunRef | None, out_dir: str | Path, overwrite: bool = False) -> list[Path]:
         """Write every table of the store as Parquet files, restricted to one run's rows unless `run` is None.

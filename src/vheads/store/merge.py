@@ -51,10 +51,12 @@ class MergeSummary:
 
     @property
     def samples_added(self) -> int:
+        """Samples added, over all runs."""
         return self.rows_added.get("samples", 0)
 
     @property
     def head_rows_added(self) -> int:
+        """head_stats rows added, over all runs."""
         return self.rows_added.get("head_stats", 0)
 
     def __str__(self) -> str:
@@ -176,6 +178,7 @@ def _copy_rows(con: duckdb.DuckDBPyConnection, alias: str, table: str, columns: 
 
 
 def _count(summary: MergeSummary, table: str, added: int) -> None:
+    """Add `added` rows of `table` to the summary."""
     summary.rows_added[table] = summary.rows_added.get(table, 0) + added
 
 

@@ -56,6 +56,31 @@ def test_an_empty_query_is_one_line(empty_store, sql):
     one_error_line(runner.invoke(app, ["query", sql, "--store", empty_store]), "SQL")
 
 
+def test_a_failed_merge_is_one_line_and_leaves_no_store_behind(tmp_path):
+    bad = tmp_path / "bad.duckdb"
+    bad.write_text("not a store")
+    result = runner.invoke(app, ["merge", str(bad), "--into", str(tmp_path / "new.duckdb")])
+    one_error_line(result, str(bad))
+    assert not (tmp_path / "new.duckdb").exists()
+
+
+def test_an_ambiguous_run_reference_is_one_line_naming_both(tmp_path):
+    from test_store import fake_batch, start
+
+    path = str(tmp_path / "s.duckdb")
+    with Store(path) as store:
+        for name in ("a", "b", "c", "d"):
+            run = start(store, name)
+            store.add_batch(run, *fake_batch([0, 1]))
+            store.finish_run(run)
+        store.query("UPDATE runs SET name = '3' WHERE name = 'd'")  # as a vheads before digit names were refused
+    one_error_line(runner.invoke(app, ["heads", "--run", "3", "--store", path]), "'3' is ambiguous", "'c'",
+                   "name:3", "id:3")
+    assert "heads of 3 " in runner.invoke(app, ["heads", "--run", "name:3", "--store", path]).stdout
+    assert "heads of c " in runner.invoke(app, ["heads", "--run", "id:3", "--store", path]).stdout
+    assert "id:N" in runner.invoke(app, ["heads", "--help"]).stdout
+
+
 def test_export_refuses_to_overwrite_parquet_unless_forced(tmp_path, empty_store):
     out = tmp_path / "pq"
     assert runner.invoke(app, ["export", "--store", empty_store, "--out", str(out)]).exit_code == 0

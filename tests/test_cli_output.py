@@ -110,6 +110,45 @@ def test_missing_values_read_the_same_in_every_format(store):
         {"a": 1, "b": None, "c": "x"}]
 
 
+@pytest.fixture()
+def small_store(tmp_path) -> str:
+    """A store with one run written directly (no model): config {"batch_size": 4}."""
+    from test_store import start
+
+    from vheads.store import Store
+
+    path = str(tmp_path / "small.duckdb")
+    with Store(path) as db:
+        db.finish_run(start(db, "r"))
+    return path
+
+
+def test_a_query_too_wide_for_80_columns_goes_on_below_instead_of_losing_columns(small_store):
+    names = [f"figure_{i:02d}" for i in range(14)]
+    sql = "SELECT " + ", ".join(f"{123456 * i} AS {name}" for i, name in enumerate(names))
+    result = invoke("query", sql, "--store", small_store)
+    assert result.exit_code == 0, result.output
+    assert fits(result.stdout)
+    assert all(str(123456 * i) in result.stdout for i in range(1, 14))
+    assert "columns 1–" in result.stdout and "of 14" in result.stdout
+
+
+def test_json_keeps_infinities_nan_big_integers_and_json_columns(small_store):
+    sql = ("SELECT 'inf'::DOUBLE AS up, '-inf'::DOUBLE AS down, 'nan'::DOUBLE AS nan, NULL::DOUBLE AS missing, "
+           "9007199254740993::HUGEINT AS big, 4611686018427387905::BIGINT AS bigint, config, "
+           "[1.5, 'inf'::DOUBLE] AS list FROM runs")
+    result = invoke("query", sql, "--store", small_store, "--format", "json")
+    assert result.exit_code == 0, result.output
+    assert "Infinity" not in result.stdout and "NaN" not in result.stdout
+    assert json.loads(result.stdout) == [{"up": "inf", "down": "-inf", "nan": "nan", "missing": None,
+                                          "big": 9007199254740993, "bigint": 4611686018427387905,
+                                          "config": {"batch_size": 4}, "list": [1.5, "inf"]}]
+    as_csv = invoke("query", sql, "--store", small_store, "--format", "csv").stdout.splitlines()
+    assert as_csv[1] == 'inf,-inf,nan,,9007199254740993,4611686018427387905,"{""batch_size"": 4}","[1.5, ""inf""]"'
+    table = invoke("query", sql, "--store", small_store).stdout
+    assert "9007199254740993" in table and "nan" in table and "-inf" in table
+
+
 def test_user_text_in_errors_is_printed_literally(store):
     result = invoke("heads", "--run", "[red]nope:smile:", "--store", store)
     assert result.exit_code == 2

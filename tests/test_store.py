@@ -183,6 +183,21 @@ def test_unknown_run_lists_the_known_ones(tmp_path):
             store.run("nope")
 
 
+def test_a_run_reference_is_read_one_way_or_refused(tmp_path):
+    with Store(tmp_path / "vheads.duckdb") as store:
+        with pytest.raises(StoreError, match="run name '3' is all digits .* run-3"):
+            start(store, "3")
+        for name in ("a", "b", "c", "d"):
+            start(store, name)
+        store.query("UPDATE runs SET name = '3' WHERE name = 'd'")  # as a vheads before this rule could write
+        assert store.run(2)["name"] == "b" and store.run("2")["name"] == "b" and store.run("b")["run_id"] == 2
+        assert store.run("id:3")["name"] == "c" and store.run("name:3")["run_id"] == 4
+        with pytest.raises(StoreError, match="run '3' is ambiguous .*run id 4.*named 'c'; write name:3 or id:3"):
+            store.run("3")
+        with pytest.raises(StoreError, match="unknown run 'id:9'"):
+            store.run("id:9")
+
+
 WRITER = """
     import sys
     import time
@@ -294,8 +309,7 @@ def test_a_store_held_by_another_process(tmp_path, held_for):
                 Store(path, read_only=True)
             with pytest.raises(StoreError, match="in use"):
                 merge([write_shard(path, 1, 2, [0]), path], tmp_path / "main.duckdb")
-            with Store(tmp_path / "main.duckdb", read_only=True) as main:
-                assert main.runs().empty
+            assert not (tmp_path / "main.duckdb").exists()
         else:
             with Store(path, read_only=True) as store:
                 assert store.runs().empty
@@ -448,11 +462,100 @@ def test_export_writes_parquet(tmp_path):
         "llava_pope.runs.parquet",
         "llava_pope.samples.parquet",
         "llava_pope.head_stats.parquet",
+        "llava_pope.comparisons.parquet",
+        "llava_pope.groundings.parquet",
     ]
     assert pq.read_table(one[0]).column("name").to_pylist() == ["llava/pope"]
     assert pq.read_table(one[2]).num_rows == 3 * LAYERS * HEADS
     assert set(pq.read_table(one[2]).column_names) >= {"sample_id", "layer", "head", *HEAD_FIELDS}
-    assert [pq.read_table(p).num_rows for p in everything] == [2, 6, 6 * LAYERS * HEADS]
+    assert [pq.read_table(p).num_rows for p in everything] == [2, 6, 6 * LAYERS * HEADS, 0, 0]
+
+
+def later_schema(monkeypatch) -> None:
+    """The store as a later vheads might shape it: a column added to groundings and a new table keyed by run."""
+    from vheads.store import schema
+
+    monkeypatch.setattr(schema, "_DDL", (*schema._DDL, "CREATE TABLE IF NOT EXISTS notes (run_id INTEGER NOT NULL, "
+                                                       "sample_id TEXT, note JSON)"))
+    monkeypatch.setattr(schema, "_ADDED_COLUMNS", (*schema._ADDED_COLUMNS, ("groundings", "added_later", "TEXT")))
+
+
+def ground_and_note(store: Store, run: RunHandle) -> None:
+    """A grounding, a note and a comparison of `run`, written as a command would (columns named, not positional)."""
+    store.query("INSERT INTO groundings (run_id, selector, heads, sample_id, x1, y1, x2, y2, targets, pointing, iou, "
+                "added_later) VALUES (?, 'top:2', '[\"0.1\"]', 's00000', 1, 2, 3, 4, '[[1, 2, 3, 4]]', true, 0.5, "
+                "'from r')", [run.run_id])
+    store.query("INSERT INTO notes VALUES (?, 's00001', '{\"seen\": true}')", [run.run_id])
+    store.query("INSERT INTO comparisons VALUES (now(), ?, 'pair', 'heads', 'W', 'pearson', 0.5, 12, NULL)",
+                [f'["{run.name}", "other"]'])
+
+
+def test_merge_and_export_keep_every_table_and_column(tmp_path, monkeypatch):
+    later_schema(monkeypatch)
+    shard, main = tmp_path / "shard.duckdb", tmp_path / "vheads.duckdb"
+    with Store(shard) as store:
+        run = start(store)
+        store.add_batch(run, *fake_batch([0, 1]))
+        store.finish_run(run)
+        ground_and_note(store, run)
+    with Store(main) as store:
+        start(store, "first")
+
+    summary = merge([shard], main)
+    assert summary.rows_added == {"samples": 2, "head_stats": 2 * LAYERS * HEADS, "groundings": 1, "notes": 1,
+                                  "comparisons": 1}
+    assert "1 grounding rows" in str(summary)
+    assert not any(merge([shard], main).rows_added.values())
+    with Store(main, read_only=True) as store:
+        grounded = store.query("SELECT run_id, sample_id, iou, added_later FROM groundings")
+        assert grounded.to_dict("records") == [{"run_id": 2, "sample_id": "s00000", "iou": 0.5,
+                                                "added_later": "from r"}]
+        assert store.query("SELECT run_id, note FROM notes").to_dict("records") == [
+            {"run_id": 2, "note": '{"seen": true}'}]
+        one = store.export("r", tmp_path / "one")
+        everything = store.export(None, tmp_path / "all")
+    assert {p.name: pq.read_table(p).num_rows for p in one} == {
+        "r.runs.parquet": 1, "r.samples.parquet": 2, "r.head_stats.parquet": 2 * LAYERS * HEADS,
+        "r.comparisons.parquet": 1, "r.groundings.parquet": 1, "r.notes.parquet": 1}
+    assert {p.name: pq.read_table(p).num_rows for p in everything}["runs.parquet"] == 2
+    assert pq.read_table(tmp_path / "one" / "r.groundings.parquet").column("added_later").to_pylist() == ["from r"]
+
+
+def test_a_store_from_before_groundings_merges_and_exports(tmp_path):
+    path = tmp_path / "old.duckdb"
+    old_store(path)
+    with Store(path, read_only=True) as store:
+        assert [p.name for p in store.export(None, tmp_path / "out")] == [
+            "runs.parquet", "samples.parquet", "head_stats.parquet", "comparisons.parquet"]
+    summary = merge([path], tmp_path / "merged.duckdb")
+    assert summary.samples_added == 2 and not summary.rows_added.get("groundings")
+
+
+def test_a_failed_merge_leaves_no_new_file(tmp_path):
+    import duckdb
+
+    not_duckdb, not_vheads = tmp_path / "notes.duckdb", tmp_path / "other.duckdb"
+    not_duckdb.write_text("hello")
+    duckdb.connect(str(not_vheads)).close()
+    for source in (not_duckdb, not_vheads):
+        with pytest.raises(StoreError, match=source.name) as failure:
+            merge([source], tmp_path / "new.duckdb")
+        assert "\n" not in str(failure.value)
+        assert not (tmp_path / "new.duckdb").exists() and not (tmp_path / "new.duckdb.wal").exists()
+
+
+def test_a_failed_merge_leaves_an_existing_store_as_it_was(tmp_path):
+    main = tmp_path / "old.duckdb"
+    old_store(main)
+    with Store(tmp_path / "other.duckdb") as other:
+        start(other, model="another-model")
+    with pytest.raises(StoreError, match="cannot merge run r .*model"):
+        merge([tmp_path / "other.duckdb", write_shard(tmp_path / "x.duckdb", 1, 2, [0])], main)
+    with Store(main, read_only=True) as store:
+        assert store.query("SELECT count(*) AS n FROM duckdb_tables() WHERE table_name = 'groundings' "
+                           "AND database_name = current_database()")["n"][0] == 0
+        assert "pointing" not in store.head_stats("r").columns
+        assert list(store.runs()["name"]) == ["r"]
 
 
 def test_query_runs_sql_and_reports_errors_in_one_line(tmp_path):

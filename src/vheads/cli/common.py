@@ -23,6 +23,8 @@ from vheads.cli.output import emit, err
 STORE_HELP = "DuckDB results store."
 MODEL_HELP = "Hub id or local folder of an image-text-to-text model (default: the embedded demo LLaVA)."
 FORMAT_HELP = "table, csv or json."
+RUN_HELP = ("Run name or id; name:TEXT or id:N reads it one way only (digits that name one run and number another "
+            "are refused as ambiguous).")
 LIMIT_HELP = ("At most this many questions, drawn with --seed (default: 1,000 for shapes, every question for the "
               "other datasets).")
 MAX_PIXELS_HELP = ("Skip images with more pixels than this, read from the file header before decoding (0: no cap); "

@@ -8,6 +8,7 @@ import typer
 
 from vheads.cli.analysis import curve_table
 from vheads.cli.common import (
+    RUN_HELP,
     STORE_HELP,
     errors,
     existing_store,
@@ -20,8 +21,8 @@ from vheads.cli.output import ProgressView, console, err, frame_table, say
 
 
 def report(
-    runs: list[str] = typer.Option(None, "--run", "-r", help="Run name or id; repeat for several (default: every "
-                                   "finished run that is not a sweep point, with its sweeps)."),
+    runs: list[str] = typer.Option(None, "--run", "-r", help=RUN_HELP + " Repeat for several (default: "
+                                   "every finished run that is not a sweep point, with its sweeps)."),
     store: str = typer.Option("vheads.duckdb", "--store", help=STORE_HELP),
     out: Path = typer.Option(Path("vheads-report"), "--out", "-o", help="Folder for index.html and the PNGs."),
     overlays: int = typer.Option(3, "--overlays", min=0, help="Correct and wrong samples drawn per run with the top "

@@ -9,6 +9,7 @@ import typer
 
 from vheads.cli.common import (
     FORMAT_HELP,
+    RUN_HELP,
     STORE_HELP,
     at_least,
     errors,
@@ -60,7 +61,7 @@ def runs_table(frame: Any) -> Any:
 
 
 def heads(
-    run_name: str = typer.Option(None, "--run", "-r", help="Run name or id (default: the latest run)."),
+    run_name: str = typer.Option(None, "--run", "-r", help=RUN_HELP + " Default: the latest run."),
     top: int = typer.Option(20, "--top", help="Show this many heads (0 = all)."),
     k: int = typer.Option(None, "--k", help="Top-K per sample for the head score (default: round(0.1 x heads))."),
     stages: str = typer.Option(None, "--stages", help="A,B: mid starts at layer A, late at layer B (default: the "
@@ -77,8 +78,9 @@ def heads(
     with errors(), Store(existing_store(store), read_only=True) as db:
         check_format(fmt)
         at_least(top, "--top", 0)
-        name = run_name or latest_run(db)
-        table = head_table(db, name, k=k, stages=parse_stages_option(stages))
+        run = run_name or latest_run(db)
+        name = db.run(run)["name"]
+        table = head_table(db, run, k=k, stages=parse_stages_option(stages))
         hint = no_readout_hint(table)
         if hint:
             say(f"note: {hint}", err)
@@ -88,19 +90,24 @@ def heads(
                            f"{table.attrs['samples']} samples)", fmt)
 
 
-def latest_run(db: Any) -> str:
-    """The most recently started run of a store."""
+def latest_run(db: Any) -> int:
+    """The id of the most recently started run of a store (an id, so a name of digits cannot mislead)."""
     frame = db.runs()
     if not len(frame):
         raise ValueError("the store has no runs yet; run `vheads run` first")
-    return str(frame.sort_values("run_id").iloc[-1]["name"])
+    return int(frame["run_id"].max())
 
 
-def query(sql: str = typer.Argument(..., help="SQL over the tables runs, samples, head_stats."),
+def query(sql: str = typer.Argument(..., help="SQL over the tables runs, samples, head_stats, groundings, "
+                                     "comparisons."),
           store: str = typer.Option("vheads.duckdb", "--store", help=STORE_HELP),
           fmt: str = typer.Option("table", "--format", help=FORMAT_HELP),
           csv: bool = typer.Option(False, "--csv", help="Same as --format csv.")) -> None:
-    """Run SQL on the store, e.g. vheads query "SELECT layer, avg(visual_weight) FROM head_stats GROUP BY 1"."""
+    """Run SQL on the store, e.g. vheads query "SELECT layer, avg(visual_weight) FROM head_stats GROUP BY 1".
+
+    Values print as stored: NULL is — / empty / null; inf, -inf and NaN are inf, -inf and nan (JSON strings);
+    integers stay exact; JSON columns are nested JSON. A table too wide for the terminal goes on in further tables.
+    """
     from vheads.store import Store
 
     with errors():
@@ -108,7 +115,7 @@ def query(sql: str = typer.Argument(..., help="SQL over the tables runs, samples
         if not _has_sql(sql):
             raise ValueError("no SQL given; e.g. vheads query \"SELECT name, accuracy FROM runs\"")
         with Store(existing_store(store), read_only=True) as db:
-            emit(db.query(sql), fmt)
+            emit(db.query(sql, exact=True), fmt)
 
 
 def _has_sql(sql: str) -> bool:
@@ -119,11 +126,12 @@ def _has_sql(sql: str) -> bool:
     return bool(text.replace(";", " ").strip())
 
 
-def export(run_name: str = typer.Option(None, "--run", "-r", help="Run name or id (default: all runs)."),
+def export(run_name: str = typer.Option(None, "--run", "-r", help=RUN_HELP + " Default: all runs."),
            out: Path = typer.Option(..., "--out", "-o", help="Folder for the Parquet files."),
            store: str = typer.Option("vheads.duckdb", "--store", help=STORE_HELP),
            force: bool = typer.Option(False, "--force", help="Overwrite Parquet files already in --out.")) -> None:
-    """Export runs, samples and head figures to Parquet (existing files are kept unless --force)."""
+    """Export every table of the store (runs, samples, head figures, groundings, comparisons) to Parquet, one file
+    per table (existing files are kept unless --force)."""
     from vheads.store import Store
 
     with errors(), Store(existing_store(store), read_only=True) as db:
@@ -133,7 +141,8 @@ def export(run_name: str = typer.Option(None, "--run", "-r", help="Run name or i
 
 def merge(files: list[Path] = typer.Argument(..., help="Shard stores written by `vheads run --shard K/N`."),
           into: Path = typer.Option(Path("vheads.duckdb"), "--into", help="The store to fold them into.")) -> None:
-    """Fold shard stores into one store (idempotent: merging twice adds nothing)."""
+    """Fold shard stores into one store, every table of them (idempotent: merging twice adds nothing; a failed merge
+    changes nothing)."""
     from vheads.store import merge as merge_stores
 
     with errors():

@@ -1,4 +1,5 @@
-"""Merging stores: shard files (or any vheads stores) folded into one, all or nothing; merging twice adds nothing."""
+"""Merging stores: shard files (or any vheads stores) folded into one, every table of them, all or nothing; merging
+twice adds nothing."""
 
 from __future__ import annotations
 
@@ -13,46 +14,67 @@ from vheads.settings import differences
 from vheads.store.read import decode_run, records, run_row, run_row_by_id
 from vheads.store.schema import (
     COMPAT_FIELDS,
-    HEAD_FIELDS,
-    SAMPLE_FIELDS,
+    ROW_KEYS,
     SCHEMA_VERSION,
     StoreError,
+    column_names,
+    connect,
     dumps,
+    first_line,
     iso,
-    open_store,
-    present_columns,
+    prepare,
+    quote,
     sql_str,
+    table_names,
     translate,
 )
 from vheads.store.write import transaction
 
+# How the summary names the rows of each table ("3 grounding rows"); other tables read "N <table> rows".
+_ROWS = {"samples": "samples", "head_stats": "head rows", "groundings": "grounding rows",
+         "comparisons": "comparison rows"}
+# Runs columns that merge recomputes from the shards rather than copies.
+_RECOMPUTED = {"run_id", "status", "started", "finished", "n_samples", "accuracy", "skipped", "tags", "writer_pid"}
+
 
 @dataclass
 class MergeSummary:
-    """What a merge added, per run, so the CLI can report it and a second merge can be seen to add nothing."""
+    """What a merge added, per table and per run, so the CLI can report it and a second merge can be seen to add
+    nothing."""
 
     into: Path
     files: list[Path]
     runs_created: list[str] = field(default_factory=list)
     runs_updated: list[str] = field(default_factory=list)
-    samples_added: int = 0
-    head_rows_added: int = 0
+    rows_added: dict[str, int] = field(default_factory=dict)
     status: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def samples_added(self) -> int:
+        """Samples added, over all runs."""
+        return self.rows_added.get("samples", 0)
+
+    @property
+    def head_rows_added(self) -> int:
+        """head_stats rows added, over all runs."""
+        return self.rows_added.get("head_stats", 0)
 
     def __str__(self) -> str:
         runs = ", ".join(f"{name} ({state})" for name, state in self.status.items()) or "no runs"
-        return (
-            f"merged {len(self.files)} file(s) into {self.into}: {self.samples_added} samples, "
-            f"{self.head_rows_added} head rows added; {runs}"
-        )
+        counts = {"samples": self.samples_added, "head_stats": self.head_rows_added,
+                  **{t: n for t, n in self.rows_added.items() if n}}
+        added = ", ".join(f"{n} {_ROWS.get(table, f'{table} rows')}" for table, n in counts.items())
+        return f"merged {len(self.files)} file(s) into {self.into}: {added} added; {runs}"
 
 
 def merge(files: Sequence[str | Path], into: str | Path) -> MergeSummary:
     """Fold shard (or other store) files into one store, all or nothing; re-merging adds nothing.
 
-    Same-named runs become one run with a new run_id; its accuracy is recomputed as the mean of `correct`. Runs of
-    one name are merged only when their whole configuration agrees (model, data, limit, seed, readout, every
-    defining option of `settings.DEFINING`; batch size, device and shard may differ): otherwise StoreError.
+    Every table of the store is merged, its columns read from the files (a column a source lacks is NULL), so a
+    table or column added later comes along. Same-named runs become one run with a new run_id; its accuracy is
+    recomputed as the mean of `correct`. Runs of one name are merged only when their whole configuration agrees
+    (model, data, limit, seed, readout, every defining option of `settings.DEFINING`; batch size, device and shard
+    may differ): otherwise StoreError. On any failure a new `into` is removed and an existing one is left as it was.
     """
     into = Path(into)
     sources = [Path(f) for f in files]
@@ -63,17 +85,24 @@ def merge(files: Sequence[str | Path], into: str | Path) -> MergeSummary:
             raise StoreError(f"cannot merge {src} into itself")
     sources = list({src.resolve(): src for src in sources}.values())
     summary = MergeSummary(into=into, files=sources)
-    con = open_store(into, read_only=False)
+    existed = into.exists()
+    con = connect(into, read_only=False)
     try:
-        _fold(con, sources, summary)
-    finally:
+        _fold(con, into, sources, summary)
+    except BaseException:
         con.close()
+        if not existed:
+            for path in (into, into.with_name(into.name + ".wal")):
+                path.unlink(missing_ok=True)
+        raise
+    con.close()
     return summary
 
 
-def _fold(con: duckdb.DuckDBPyConnection, sources: Sequence[Path], summary: MergeSummary) -> None:
-    """Fold files into the store of `con` in one transaction, all or nothing; each is attached read-only, so a shard
-    still being written is refused by its own lock before anything changes."""
+def _fold(con: duckdb.DuckDBPyConnection, into: Path, sources: Sequence[Path], summary: MergeSummary) -> None:
+    """Fold files into the store of `con` in one transaction (schema upgrade of `into` included), all or nothing;
+    each is attached read-only and checked first, so a shard still being written is refused by its own lock before
+    anything changes."""
     attached: list[str] = []
     try:
         for index, src in enumerate(sources):
@@ -91,29 +120,82 @@ def _fold(con: duckdb.DuckDBPyConnection, sources: Sequence[Path], summary: Merg
             if version is None or int(version[0]) > SCHEMA_VERSION:
                 raise StoreError(f"cannot merge {src}: written by a newer vheads (schema {version}), upgrade")
         with transaction(con):
+            prepare(con, into, read_only=False)
+            target = con.execute("SELECT current_database()").fetchone()[0]
             for alias, src in zip(attached, sources, strict=True):
-                for record in records(con.execute(f"SELECT * FROM {alias}.runs ORDER BY run_id")):
-                    _merge_run(con, alias, src, decode_run(record), summary)
+                try:
+                    tables = _shared_tables(con, alias, src, target)
+                    for record in records(con.execute(f"SELECT * FROM {alias}.runs ORDER BY run_id")):
+                        _merge_run(con, alias, src, decode_run(record), tables, summary)
+                    for table, columns in tables.items():
+                        if "run_id" not in columns and table != "runs":
+                            _count(summary, table, _copy_rows(con, alias, table, columns))
+                except duckdb.Error as error:
+                    raise StoreError(f"cannot merge {src}: {first_line(error)}") from error
     finally:
         for alias in attached:
             con.execute(f"DETACH {alias}")
 
 
+def _shared_tables(con: duckdb.DuckDBPyConnection, alias: str, src: Path, target: str) -> dict[str, dict[str, bool]]:
+    """The tables to copy from one source: for each table of the target the source has, its target columns, each
+    marked whether the source has it. A source table or column the target lacks is refused: it would be lost."""
+    ours = table_names(con, target)
+    tables = {}
+    for table in table_names(con, alias):
+        if table not in ours:
+            raise StoreError(f"cannot merge {src}: its table {table} is unknown to this vheads; upgrade vheads")
+        have = column_names(con, alias, table)
+        columns = column_names(con, target, table)
+        unknown = [c for c in have if c not in columns]
+        if unknown:
+            raise StoreError(f"cannot merge {src}: its column {table}.{unknown[0]} is unknown to this vheads; "
+                             "upgrade vheads")
+        tables[table] = {c: c in have for c in columns}
+    return tables
+
+
+def _copy_rows(con: duckdb.DuckDBPyConnection, alias: str, table: str, columns: Mapping[str, bool],
+               run_ids: tuple[int, int] | None = None) -> int:
+    """Copy the rows of `alias.table` whose key (`ROW_KEYS`, else the whole row) the target lacks; returns how many.
+
+    With `run_ids` (target, source) only the source run's rows, given the target's run_id. A column the source
+    lacks is NULL.
+    """
+    names = [c for c in columns if c != "run_id"]
+    value = {c: f"s.{quote(c)}" if columns[c] else "NULL" for c in names}
+    key = ROW_KEYS.get(table, tuple(names))
+    same = " AND ".join(f"t.{quote(c)} IS NOT DISTINCT FROM {value[c]}" for c in key) or "TRUE"
+    into, picked = ", ".join(quote(c) for c in names), ", ".join(value[c] for c in names)
+    params: list[Any] = []
+    if run_ids is not None:
+        into, picked = f"run_id, {into}", f"?::INTEGER, {picked}"
+        params = [run_ids[0], run_ids[1], run_ids[0]]
+    sql = (f"INSERT INTO {quote(table)} ({into}) SELECT {picked} FROM {alias}.{quote(table)} AS s "
+           f"WHERE {'s.run_id = ? AND ' if run_ids else ''}NOT EXISTS (SELECT 1 FROM {quote(table)} AS t "
+           f"WHERE {'t.run_id = ? AND ' if run_ids else ''}{same})")
+    return con.execute(sql, params).fetchone()[0]
+
+
+def _count(summary: MergeSummary, table: str, added: int) -> None:
+    """Add `added` rows of `table` to the summary."""
+    summary.rows_added[table] = summary.rows_added.get(table, 0) + added
+
+
 def _merge_run(con: duckdb.DuckDBPyConnection, alias: str, src: Path, source: dict[str, Any],
-               summary: MergeSummary) -> None:
-    """Copy one attached run's missing samples and head rows, then recompute the run's status from its shards."""
+               tables: Mapping[str, Mapping[str, bool]], summary: MergeSummary) -> None:
+    """Copy one attached run's missing rows of every table keyed by run_id, then recompute the run's status from its
+    shards."""
     name = source["name"]
     target = run_row(con, name)
     source_parts = _parts(source, stale_running=True)
     if target is None:
         run_id = con.execute("SELECT coalesce(max(run_id), 0) + 1 FROM runs").fetchone()[0]
+        copied = [c for c, present in tables["runs"].items() if present and c not in _RECOMPUTED]
         con.execute(
-            "INSERT INTO runs (run_id, name, family, config, status, started, sweep, tags, "
-            + ", ".join(COMPAT_FIELDS)
-            + ") VALUES (?, ?, ?, ?, 'running', ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            [run_id, name, source["family"], dumps(source["config"]), source["started"], source["sweep"]]
-            + [dumps(source["tags"])]
-            + [source[key] for key in COMPAT_FIELDS],
+            f"INSERT INTO runs (run_id, status, {', '.join(quote(c) for c in copied)}) "
+            f"SELECT ?, 'running', {', '.join(quote(c) for c in copied)} FROM {alias}.runs WHERE run_id = ?",
+            [run_id, source["run_id"]],
         )
         target = run_row_by_id(con, run_id)
         parts: dict[str, dict[str, Any]] = {}
@@ -138,29 +220,10 @@ def _merge_run(con: duckdb.DuckDBPyConnection, alias: str, src: Path, source: di
     for key, part in source_parts.items():
         if parts.get(key, {}).get("status") != "done" or part["status"] == "done":
             parts[key] = part
-    run_id, src_id = target["run_id"], source["run_id"]
-    con.execute(
-        f"CREATE OR REPLACE TEMP TABLE vheads_new_ids AS SELECT sample_id FROM {alias}.samples "
-        "WHERE run_id = ? EXCEPT SELECT sample_id FROM samples WHERE run_id = ?",
-        [src_id, run_id],
-    )
-    for table, columns in (
-        ("head_stats", ("sample_id", "layer", "head") + HEAD_FIELDS),
-        ("samples", ("sample_id",) + SAMPLE_FIELDS),
-    ):
-        names = ", ".join(columns)
-        present = present_columns(con, alias, table)
-        picked = ", ".join(c if c in present else f"NULL AS {c}" for c in columns)
-        added = con.execute(
-            f"INSERT INTO {table} (run_id, {names}) SELECT ?, {picked} FROM {alias}.{table} "
-            "WHERE run_id = ? AND sample_id IN (SELECT sample_id FROM vheads_new_ids)",
-            [run_id, src_id],
-        ).fetchone()[0]
-        if table == "samples":
-            summary.samples_added += added
-        else:
-            summary.head_rows_added += added
-    con.execute("DROP TABLE vheads_new_ids")
+    run_id = target["run_id"]
+    for table, columns in tables.items():
+        if "run_id" in columns and table != "runs":
+            _count(summary, table, _copy_rows(con, alias, table, columns, (run_id, source["run_id"])))
     status = _parts_status(parts)
     tags = {k: v for k, v in (target["tags"] or source["tags"] or {}).items() if k != "shard"}
     tags["parts"] = parts

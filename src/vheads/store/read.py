@@ -10,24 +10,46 @@ from typing import Any
 import duckdb
 import pandas as pd
 
-from vheads.store.schema import GROUNDING_FIELDS, JSON_RUN_COLUMNS, StoreError, first_line, loads, sql_str
+from vheads.store.schema import (
+    GROUNDING_FIELDS,
+    JSON_RUN_COLUMNS,
+    ROW_KEYS,
+    RUN_LISTS,
+    StoreError,
+    column_names,
+    first_line,
+    loads,
+    quote,
+    sql_str,
+    table_names,
+)
 
 
 def run_id(con: duckdb.DuckDBPyConnection, ref: str | int, path: Path) -> int:
-    """The run_id of a run name or id; unknown -> StoreError listing the known names."""
+    """The run_id of a run reference: a run's name, its id (an int or digits), or `name:TEXT` / `id:N`, each read
+    one way only. Digits that name one run and number another -> StoreError naming both; unknown -> StoreError
+    listing the known names."""
+    text = str(ref)
+    name: str | None = None if isinstance(ref, int) else text
+    number = ref if isinstance(ref, int) else None
     if isinstance(ref, str):
-        row = con.execute("SELECT run_id FROM runs WHERE name = ?", [ref]).fetchone()
-        if row is None and ref.isdigit():
-            ref = int(ref)
-    else:
-        row = None
-    if row is None and isinstance(ref, int):
-        row = con.execute("SELECT run_id FROM runs WHERE run_id = ?", [ref]).fetchone()
-    if row is None:
-        names = [r[0] for r in con.execute("SELECT name FROM runs ORDER BY run_id").fetchall()]
-        known = ", ".join(names[:20]) + (f" and {len(names) - 20} more" if len(names) > 20 else "")
-        raise StoreError(f"unknown run {ref!r} in {path}; known runs: {known or 'none yet'}")
-    return row[0]
+        if text.startswith("name:"):
+            name = text[len("name:"):]
+        elif re.fullmatch(r"id:[0-9]+", text):
+            name, number = None, int(text[len("id:"):])
+        elif re.fullmatch(r"[0-9]+", text):
+            number = int(text)
+    named = con.execute("SELECT run_id FROM runs WHERE name = ?", [name]).fetchone() if name is not None else None
+    numbered = (con.execute("SELECT run_id, name FROM runs WHERE run_id = ?", [number]).fetchone()
+                if number is not None else None)
+    if named and numbered and named[0] != numbered[0]:
+        raise StoreError(f"run {text!r} is ambiguous in {path}: it names run id {named[0]} and is the id of the run "
+                         f"named {numbered[1]!r}; write name:{text} or id:{text}")
+    if named or numbered:
+        return (named or numbered)[0]
+    names = [r[0] for r in con.execute("SELECT name FROM runs ORDER BY run_id").fetchall()]
+    known = ", ".join(names[:20]) + (f" and {len(names) - 20} more" if len(names) > 20 else "")
+    raise StoreError(f"unknown run {text!r} in {path}; known runs: {known or 'none yet'}")
 
 
 def run_row(con: duckdb.DuckDBPyConnection, name: str) -> dict[str, Any] | None:
@@ -101,31 +123,67 @@ def query(con: duckdb.DuckDBPyConnection, sql: str, params: Sequence[Any] | None
         raise StoreError(f"query failed: {first_line(error)}") from error
 
 
+def query_exact(con: duckdb.DuckDBPyConnection, sql: str, params: Sequence[Any] | None = None) -> pd.DataFrame:
+    """Run SQL keeping DuckDB's values as they are, for printing: each column of object dtype, NULL as None and NaN
+    as NaN, integers of any size exact, JSON columns parsed into lists and dicts; repeated names numbered `a_1`."""
+    try:
+        result = con.execute(sql, params)
+        if not result.description:
+            return pd.DataFrame()
+        rows = result.fetchall()
+    except duckdb.Error as error:
+        raise StoreError(f"query failed: {first_line(error)}") from error
+    names: list[str] = []
+    for name in (d[0] for d in result.description):
+        unique, n = name, 0
+        while unique in names:
+            n += 1
+            unique = f"{name}_{n}"
+        names.append(unique)
+    columns = {}
+    for i, (name, description) in enumerate(zip(names, result.description, strict=True)):
+        values = [row[i] for row in rows]
+        if str(description[1]) == "JSON":
+            values = [loads(v) for v in values]
+        columns[name] = pd.Series(values, dtype=object)
+    return pd.DataFrame(columns)
+
+
 def export(con: duckdb.DuckDBPyConnection, run_id: int | None, out_dir: Path, overwrite: bool) -> list[Path]:
-    """Write the runs row(s), samples and head_stats of one run (None: all runs) as Parquet files.
+    """Write every table of the store (runs, samples, head_stats, groundings, comparisons, and any added later) as
+    Parquet files, `<table>.parquet`; for one run, `<run>.<table>.parquet` with that run's rows only.
 
     Raises StoreError naming the files already there unless `overwrite`.
     """
+    database = con.execute("SELECT current_database()").fetchone()[0]
     if run_id is None:
-        where, prefix = "", ""
+        prefix, name = "", None
     else:
         name = run_row_by_id(con, run_id)["name"]
-        where, prefix = f" WHERE run_id = {run_id}", re.sub(r"[^A-Za-z0-9._-]+", "_", name) + "."
-    queries = {
-        "runs": f"SELECT * EXCLUDE (writer_pid) FROM runs{where} ORDER BY run_id",
-        "samples": f"SELECT * FROM samples{where} ORDER BY run_id, sample_id",
-        "head_stats": f"SELECT * FROM head_stats{where} ORDER BY run_id, sample_id, layer, head",
-    }
+        prefix = re.sub(r"[^A-Za-z0-9._-]+", "_", name) + "."
+    queries: dict[str, tuple[str, list[Any]]] = {}
+    for table in table_names(con, database):
+        columns = column_names(con, database, table)
+        where, params, order = "", [], ROW_KEYS.get(table, ())
+        if "run_id" in columns:
+            order = ("run_id", *order)
+            if name:
+                where, params = " WHERE run_id = ?", [run_id]
+        elif table in RUN_LISTS and name:
+            where, params = f" WHERE list_contains(from_json({quote(RUN_LISTS[table])}, '[\"VARCHAR\"]'), ?)", [name]
+        picked = "* EXCLUDE (writer_pid)" if table == "runs" else "*"
+        order_by = f" ORDER BY {', '.join(quote(c) for c in order)}" if order else ""
+        queries[table] = (f"SELECT {picked} FROM {quote(table)}{where}{order_by}", params)
     targets = {table: out_dir / f"{prefix}{table}.parquet" for table in queries}
     taken = [str(path) for path in targets.values() if path.exists()]
     if taken and not overwrite:
         raise StoreError(f"{', '.join(taken)} already exist(s); pass --force to overwrite")
     out_dir.mkdir(parents=True, exist_ok=True)
     written = []
-    for table, sql in queries.items():
+    for table, (sql, params) in queries.items():
         target = targets[table]
         try:
-            con.execute(f"COPY ({sql}) TO {sql_str(target)} (FORMAT parquet, COMPRESSION zstd)")
+            con.execute(f"COPY ({sql}) TO {sql_str(target)} (FORMAT parquet, COMPRESSION zstd)", params)
         except duckdb.Error as error:
             raise StoreError(f"cannot write {target}: {first_line(error)}") from error
         written.append(target)

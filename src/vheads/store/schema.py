@@ -127,6 +127,19 @@ _ADDED_COLUMNS = (("head_stats", "pointing", "REAL"), ("head_stats", "spatial_en
 
 
 _TABLES = {re.search(r"EXISTS (\w+)", statement).group(1) for statement in _DDL}
+_ORDER = [re.search(r"EXISTS (\w+)", statement).group(1) for statement in _DDL]
+
+# The columns that identify a row within its run (tables with run_id) or within the store; merge matches runs by
+# name. Merge copies a row only when the target lacks its key, so merging twice adds nothing; export writes rows in
+# key order. A table not named here, such as one added later, is keyed by its whole row; its columns are read from
+# the database either way.
+ROW_KEYS = {
+    "samples": ("sample_id",),
+    "head_stats": ("sample_id", "layer", "head"),
+    "groundings": ("selector", "sample_id"),
+}
+# Tables whose rows name their runs in a JSON list of run names instead of a run_id column.
+RUN_LISTS = {"comparisons": "runs"}
 
 
 class StoreError(Exception):
@@ -178,7 +191,8 @@ def connect(path: Path, read_only: bool) -> duckdb.DuckDBPyConnection:
 
 def prepare(con: duckdb.DuckDBPyConnection, path: Path, read_only: bool) -> None:
     """Check this is a vheads store of a version we read; create the schema; unstick runs of dead writers."""
-    tables = {r[0] for r in con.execute("SELECT table_name FROM duckdb_tables()").fetchall()}
+    tables = {r[0] for r in con.execute(
+        "SELECT table_name FROM duckdb_tables() WHERE database_name = current_database()").fetchall()}
     if tables and "meta" not in tables:
         raise StoreError(f"{path} is a DuckDB file but not a vheads store")
     if not tables and read_only:
@@ -206,11 +220,25 @@ def _has_added_columns(con: duckdb.DuckDBPyConnection) -> bool:
     return all((table, column) in have for table, column, _ in _ADDED_COLUMNS)
 
 
-def present_columns(con: duckdb.DuckDBPyConnection, database: str, table: str) -> set[str]:
-    """The columns `table` has in the attached `database` (an older store may lack later ones)."""
-    return {r[0] for r in con.execute(
-        "SELECT column_name FROM duckdb_columns() WHERE database_name = ? AND table_name = ?",
-        [database, table]).fetchall()}
+def table_names(con: duckdb.DuckDBPyConnection, database: str) -> list[str]:
+    """The results tables of the attached `database` (all but `meta`): the schema's in `_DDL` order, then any other
+    (written by a newer vheads) by name; an older store may lack later ones."""
+    found = {r[0] for r in con.execute(
+        "SELECT table_name FROM duckdb_tables() WHERE database_name = ? AND schema_name = 'main'",
+        [database]).fetchall()} - {"meta"}
+    return [t for t in _ORDER if t in found] + sorted(found - set(_ORDER))
+
+
+def column_names(con: duckdb.DuckDBPyConnection, database: str, table: str) -> list[str]:
+    """The columns of `table` in the attached `database`, in table order."""
+    return [r[0] for r in con.execute(
+        "SELECT column_name FROM duckdb_columns() WHERE database_name = ? AND schema_name = 'main' "
+        "AND table_name = ? ORDER BY column_index", [database, table]).fetchall()]
+
+
+def quote(name: str) -> str:
+    """An identifier as SQL text (column names are read from the database, not typed here)."""
+    return '"' + name.replace('"', '""') + '"'
 
 
 def translate(error: duckdb.Error, path: Path) -> StoreError:

@@ -108,7 +108,8 @@ class Store:
         return read.runs(self._con)
 
     def run(self, name_or_id: RunRef) -> dict[str, Any]:
-        """One run's row as a dict; an unknown name raises StoreError listing the known ones."""
+        """One run's row as a dict, by name, id, `name:TEXT` or `id:N`; an unknown or ambiguous reference raises
+        StoreError (see `read.run_id`)."""
         row = read.run_row_by_id(self._con, self._resolve(name_or_id))
         row.pop("writer_pid")
         return row
@@ -135,12 +136,16 @@ class Store:
         """The boxes kept for a run by `add_groundings`, newest selector first."""
         return read.groundings(self._con, self._resolve(run))
 
-    def query(self, sql: str, params: Sequence[Any] | None = None) -> pd.DataFrame:
-        """Run any SQL on the store (what `vheads query` does); a DuckDB error becomes a one-line StoreError."""
-        return read.query(self._con, sql, params)
+    def query(self, sql: str, params: Sequence[Any] | None = None, exact: bool = False) -> pd.DataFrame:
+        """Run any SQL on the store; a DuckDB error becomes a one-line StoreError.
+
+        `exact` keeps DuckDB's values as they are (what `vheads query` prints): object columns, NULL as None apart
+        from NaN, integers beyond 2^53 exact, JSON columns parsed (`read.query_exact`).
+        """
+        return (read.query_exact if exact else read.query)(self._con, sql, params)
 
     def export(self, run: RunRef | None, out_dir: str | Path, overwrite: bool = False) -> list[Path]:
-        """Write the runs row(s), samples and head_stats of one run (None: all runs) as Parquet files.
+        """Write every table of the store as Parquet files, restricted to one run's rows unless `run` is None.
 
         Raises StoreError naming the files already there unless `overwrite`.
         """
@@ -154,5 +159,5 @@ class Store:
             raise StoreError(f"store {self.path} was opened read-only")
 
     def _resolve(self, ref: RunRef) -> int:
-        """The run_id of a handle, name or id; unknown -> StoreError listing the known names."""
+        """The run_id of a handle, name, id, `name:TEXT` or `id:N`; unknown or ambiguous -> StoreError."""
         return ref.run_id if isinstance(ref, RunHandle) else read.run_id(self._con, ref, self.path)

@@ -90,6 +90,9 @@ def start_run(
         shard_path("store", *shard)
     wanted = dict(zip(COMPAT_FIELDS, (model, dataset, split, readout, ablation, int(layers), int(heads)), strict=True))
     row = run_row(con, name)
+    if row is None and name.isascii() and name.isdigit():
+        raise StoreError(f"run name {name!r} is all digits and would read as a run id; choose another --name "
+                         f"(e.g. run-{name})")
     if row is None:
         all_tags = dict(tags or {})
         if shard is not None:

@@ -269,6 +269,19 @@ def test_pope_filters_category_and_adds_suffix_once(tmp_path: Path) -> None:
     assert everything.skip_summary() == {"bad field": 1, "missing field": 1}
 
 
+def test_one_byte_that_is_not_utf8_skips_its_record_only_naming_the_line(tmp_path: Path) -> None:
+    path = write_pope(tmp_path)
+    latin1 = b'{"question_id": 9, "image": "COCO_val2014_000000000042.jpg", "text": "Is there a caf\xe9?"}\n'
+    with path.open("ab") as handle:
+        handle.write(latin1)
+    dataset = load_dataset("pope", data=path, images=tmp_path / "val2014", split="random")
+    assert [s.id for s in dataset] == ["random-1", "random-2"]
+    assert dataset.skip_summary() == {"bad field": 1, "bad JSON": 1}
+    [bad] = [skip for skip in dataset.skipped if skip.reason == "bad JSON"]
+    column = latin1.index(b"\xe9") + 1
+    assert bad.line() == f"skipped {path} record line 6: bad JSON (not UTF-8: byte 0xe9 at column {column})"
+
+
 def test_pope_per_split_file_is_its_split(tmp_path: Path) -> None:
     write_image(tmp_path / "a.jpg")
     path = write_jsonl(tmp_path / "coco_pope_adversarial.json",

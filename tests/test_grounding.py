@@ -4,16 +4,18 @@ localization selectors, and `vheads ground` on tiny models of every kind of layo
 from __future__ import annotations
 
 import json
+import time
 
 import numpy as np
 import pytest
+from PIL import Image
 from tiny_models import BUILDERS
 from typer.testing import CliRunner
 
 from vheads import metrics
 from vheads.analysis import localization
-from vheads.analysis.grounding import box_from_map, ground_map, iou, peak_on_target, raster, scores
-from vheads.analysis.selectors import resolve_heads
+from vheads.analysis.grounding import Grounded, box_from_map, ground_map, iou, peak_on_target, raster, scores
+from vheads.analysis.selectors import canonical, resolve_heads
 from vheads.cli import app
 from vheads.models import TokenGrid
 from vheads.models.geometry import Affine, frame_grid
@@ -73,12 +75,10 @@ def test_a_map_over_tokens_is_drawn_on_the_original_pixels_and_grounded():
 
 
 def test_scores_summarise_a_head_set():
-    from vheads.analysis.grounding import Grounded
-
     results = [Grounded((0, 0, 1, 1), True, 0.8), Grounded(None, False, 0.0), Grounded((0, 0, 1, 1), True, 0.4)]
-    assert scores(results) == {"n": 3, "pointing": pytest.approx(2 / 3), "iou": pytest.approx(0.4),
+    assert scores(results) == {"n": 3, "unseen": 0, "pointing": pytest.approx(2 / 3), "iou": pytest.approx(0.4),
                                "acc50": pytest.approx(1 / 3)}
-    assert scores([]) == {"n": 0, "pointing": None, "iou": None, "acc50": None}
+    assert scores([]) == {"n": 0, "unseen": 0, "pointing": None, "iou": None, "acc50": None}
 
 
 def test_elbow_is_the_point_farthest_from_the_chord():
@@ -160,8 +160,8 @@ def test_vheads_ground_on_every_family(model_dirs, tmp_path, family):
                   question_type="obj", prompt_style="none"))
     result = invoke("ground", "--from", "r", "--store", store, "--heads", "localization:2", "--format", "json")
     assert result.exit_code == 0, result.output
-    summary = json.loads(result.stdout)
-    assert set(summary) == {"selector", "heads", "n", "pointing", "iou", "acc50"}
+    [summary] = json.loads(result.stdout)
+    assert set(summary) == {"selector", "source", "heads", "n", "unseen", "pointing", "iou", "acc50"}
     assert summary["selector"] == "localization:2" and len(summary["heads"]) == 2 and summary["n"] == 4
     assert 0 <= summary["pointing"] <= 1 and 0 <= summary["iou"] <= 1 and 0 <= summary["acc50"] <= 1
     with Store(store, read_only=True) as db:
@@ -183,17 +183,44 @@ def test_ground_several_head_sets_in_one_pass_and_choose_heads_on_another_run(mo
     assert result.exit_code == 0, result.output
     rows = json.loads(result.stdout)
     assert [r["selector"] for r in rows] == ["pointing:3", "random:3:1", "0.1,2.3"]
+    assert {r["source"] for r in rows} == {"pick"}
     assert rows[2]["heads"] == ["0.1", "2.3"] and all(r["n"] == 5 for r in rows)
     with Store(store, read_only=True) as db:
         from vheads.analysis.selectors import resolve_heads as resolve
 
         assert rows[0]["heads"] == [f"{layer}.{head}" for layer, head in sorted(resolve("pointing:3", db, "pick"))]
-    table = invoke("ground", "--from", "test", "--store", store, "--heads", "top:2")
-    assert table.exit_code == 0 and "acc50" in table.stdout and "top:2" in table.stdout
+    table = invoke("ground", "--from", "test", "--store", store, "--heads", "top:2", "--heads-from", "pick")
+    assert table.exit_code == 0 and "acc50" in table.stdout and "top:2 of run pick" in table.stdout
     again = invoke("ground", "--from", "test", "--store", store, "--heads", "top:2", "--format", "csv")
-    assert again.stdout.splitlines()[0] == "selector,heads,n,pointing,iou,acc50"
+    assert again.stdout.splitlines()[0] == "selector,source,heads,n,unseen,pointing,iou,acc50"
     with Store(store, read_only=True) as db:
-        assert db.query("SELECT count(*) AS n FROM groundings WHERE selector = 'top:2'")["n"].iloc[0] == 5
+        kept = db.query("SELECT source, count(*) AS n FROM groundings WHERE selector = 'top:2' GROUP BY source")
+    assert dict(zip(kept["source"], kept["n"], strict=True)) == {"pick": 5, "test": 5}, "kept apart by source"
+
+
+def test_heads_from_another_model_are_refused_unless_asked(model_dirs, tmp_path):
+    store = str(tmp_path / "s.duckdb")
+    run(RunConfig(model=str(model_dirs("llava")), limit=2, max_new_tokens=1, store=store, name="r"))
+    run(RunConfig(model=str(model_dirs("vipllava")), limit=2, max_new_tokens=1, store=store, name="other"))
+    refused = invoke("ground", "--from", "r", "--heads-from", "other", "--store", store, "--heads", "top:2")
+    assert refused.exit_code == 2 and refused.output.count("error:") == 1
+    assert "--heads-from run other is of model" in refused.output and "--allow-other-model" in refused.output
+    asked = invoke("ground", "--from", "r", "--heads-from", "other", "--store", store, "--heads", "top:2",
+                   "--allow-other-model", "--format", "json")
+    assert asked.exit_code == 0, asked.output
+    assert [(r["selector"], r["source"]) for r in json.loads(asked.stdout)] == [("top:2", "other")]
+
+
+def test_one_selector_spelled_three_ways_is_one_head_set(model_dirs, tmp_path):
+    from vheads.analysis.ground import ground
+
+    store = str(tmp_path / "s.duckdb")
+    run(RunConfig(model=str(model_dirs("llava")), limit=2, max_new_tokens=1, store=store, name="r"))
+    results = ground(store, "r", ["random:4", "random:4:0", "random:04:00"])
+    assert [r.selector for r in results] == ["random:4"]
+    ground(store, "r", ["random:4:0"])
+    with Store(store, read_only=True) as db:
+        assert set(db.groundings("r")["selector"]) == {"random:4"}
 
 
 def test_ground_refuses_what_it_cannot_do_in_one_line(model_dirs, tmp_path):
@@ -206,6 +233,9 @@ def test_ground_refuses_what_it_cannot_do_in_one_line(model_dirs, tmp_path):
         (["--heads", "nope:3"], "unknown selector"),
         (["--heads", "top:99"], "K must be between"),
         (["--heads-from", "nope"], "unknown run 'nope'"),
+        (["--sigma", "1e9"], "--sigma 1000000000.0: expected token cells from 0 to 32"),
+        (["--sigma", "inf"], "--sigma inf: expected token cells from 0 to 32"),
+        (["--sigma", "-1"], "--sigma -1.0: expected token cells from 0 to 32"),
     ):
         result = invoke("ground", "--from", "r", "--store", store, *args)
         assert result.exit_code == 2 and message in result.output and result.output.count("error:") == 1
@@ -228,3 +258,80 @@ def test_spatial_entropy_of_regions_on_two_frames():
     maps[1, [1, 4]] = 1.0  # touching across frames: two regions
     maps[:, 8] = 100.0  # a token without a patch is left out
     np.testing.assert_allclose(metrics.spatial_entropy(maps, tile, row, col), [0.0, np.log(2)])
+
+
+def test_smoothing_costs_the_same_however_wide_sigma_is():
+    density = np.zeros((48, 48))
+    density[5:9, 30:40] = 1.0
+    started = time.perf_counter()
+    box = box_from_map(density, sigma=2e5)
+    assert time.perf_counter() - started < 1.0, "the kernel is cut at the picture's side"
+    assert box is not None and 0 <= box[0] < box[2] <= 48
+    assert box_from_map(density, sigma=2.0) == (26.0, 1.0, 44.0, 13.0), "ordinary widths are unchanged"
+
+
+def test_a_sample_whose_targets_the_model_never_saw_is_counted_apart():
+    grid = grid_4x4(96)
+    weights = np.zeros(16)
+    weights[5] = 1.0
+    seen = ground_map(grid, weights, 200, 96, [(24, 24, 48, 48)], sigma_cells=0)
+    unseen = ground_map(grid, weights, 200, 96, [(120, 10, 190, 90)], sigma_cells=0)
+    assert seen.pointing and seen.iou == 1.0
+    assert unseen.box == seen.box and unseen.pointing is None and unseen.iou is None
+    assert scores([seen, unseen, Grounded(None, False, 0.0)]) == {"n": 2, "unseen": 1, "pointing": 0.5, "iou": 0.5,
+                                                                 "acc50": 0.5}
+
+
+def test_a_selector_has_one_spelling():
+    assert {canonical(s) for s in ("random:4", "random:4:0", " random:04:00 ")} == {"random:4"}
+    assert [canonical(s) for s in ("random:4:1", "top:08", "stage:late", "2.3, 0.1,2.3")] == [
+        "random:4:1", "top:8", "stage:late", "0.1,2.3"]
+    with pytest.raises(ValueError, match="unknown selector"):
+        canonical("nope:3")
+
+
+def wide_refcoco(folder, boxes) -> str:
+    """A RefCOCO-layout file on one 96 x 32 picture (a centre-cropping processor keeps x 32..64 of it), one
+    expression per box."""
+    Image.new("RGB", (96, 32), "white").save(folder / "wide.png")
+    lines = [json.dumps({"id": i, "image": "wide.png", "box": list(box), "expression": f"thing {i}"})
+             for i, box in enumerate(boxes)]
+    path = folder / "refs.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    return str(path)
+
+
+def test_ground_leaves_out_targets_the_centre_crop_cut_away_as_the_run_does(model_dirs, tmp_path):
+    store = str(tmp_path / "s.duckdb")
+    boxes = [(36, 4, 48, 16), (40, 8, 60, 28), (0, 0, 20, 32), (70, 4, 90, 28), (33, 20, 63, 31)]
+    run(RunConfig(model=str(model_dirs("vipllava")), dataset="refcoco", data=wide_refcoco(tmp_path, boxes),
+                  max_new_tokens=1, store=store, name="r"))
+    result = invoke("ground", "--from", "r", "--store", store, "--heads", "0.0,1.1", "--format", "json")
+    assert result.exit_code == 0, result.output
+    [summary] = json.loads(result.stdout)
+    assert (summary["n"], summary["unseen"]) == (3, 2)
+    with Store(store, read_only=True) as db:
+        kept = db.groundings("r").set_index("sample_id")
+        measured = db.query("SELECT DISTINCT sample_id FROM head_stats WHERE pointing IS NOT NULL")["sample_id"]
+    assert set(kept.index[kept["iou"].notna()]) == set(measured) == {"0", "1", "4"}
+    assert kept.loc["2", ["pointing", "iou"]].isna().all() and kept.loc["2", "x2"] > kept.loc["2", "x1"]
+
+
+def test_ground_refuses_data_changed_since_the_run(model_dirs, tmp_path):
+    store = str(tmp_path / "s.duckdb")
+    boxes = [(36, 4, 48, 16), (40, 8, 60, 28), (33, 20, 63, 31), (34, 2, 62, 12)]
+    data = wide_refcoco(tmp_path, boxes)
+    run(RunConfig(model=str(model_dirs("llava")), dataset="refcoco", data=data, max_new_tokens=1, store=store,
+                  name="r"))
+    lines = open(data).read().splitlines()
+    with open(data, "w") as handle:
+        handle.write("\n".join(lines[:2] + [lines[2].replace("thing 2", "another thing")]) + "\n")
+    result = invoke("ground", "--from", "r", "--store", store, "--heads", "0.0")
+    assert result.exit_code == 2 and result.output.count("error:") == 1
+    assert f"2 of 4 samples of run r are gone from {data} or changed" in " ".join(result.output.split())
+    with Store(store) as db:
+        db.query("UPDATE samples SET digest = NULL")
+    with pytest.raises(ValueError, match="2 of 4 samples"):
+        from vheads.analysis.ground import ground
+
+        ground(store, "r", ["0.0"])

@@ -97,6 +97,24 @@ def test_report_cli_writes_index(big_store, tmp_path):
     assert "report: 0/2 steps (0%), run again" in result.stderr and "report: 2/2 steps (100%), done" in result.stderr
 
 
+def test_grounding_table_names_the_run_heads_were_chosen_on_and_leaves_unseen_targets_out(tmp_path):
+    path = tmp_path / "s.duckdb"
+    with Store(path) as store:
+        synthetic_run(store, "val", 4, 4, [(1, 2)])
+        synthetic_run(store, "test", 4, 4, [(1, 2)], n=3)
+        box = {"x1": 1, "y1": 1, "x2": 9, "y2": 9, "targets": [[0, 0, 10, 10]]}
+        hit, missed = {**box, "pointing": True, "iou": 0.64}, {**box, "pointing": False, "iou": 0.0}
+        unseen = {**box, "pointing": None, "iou": None}
+        store.add_groundings("test", "top:4", ["1.2"], [{"sample_id": f"s00{i}", **row} for i, row in
+                                                       enumerate((hit, missed, unseen))])
+        store.add_groundings("test", "top:4", ["1.2"], [{"sample_id": f"s00{i}", **hit} for i in range(3)],
+                             source="val")
+    page = build_report(path, tmp_path / "out", runs=["test"], overlays=0).read_text()
+    cells = [re.findall(r"<td[^>]*>([^<]*)</td>", row) for row in re.findall(r"<tr><td[^>]*>top:4.*?</tr>", page)]
+    assert cells == [["top:4 of run val", "1.2", "3", "0", "1.000", "0.640", "1.000"],
+                     ["top:4", "1.2", "2", "1", "0.500", "0.320", "0.500"]]
+
+
 def test_report_of_an_empty_store_is_a_clear_error(tmp_path):
     Store(tmp_path / "empty.duckdb").close()
     result = CliRunner().invoke(app, ["report", "--store", str(tmp_path / "empty.duckdb"), "--out", str(tmp_path)])

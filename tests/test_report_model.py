@@ -103,11 +103,14 @@ def test_report_draws_pointing_and_the_boxes_vheads_ground_drew_on_refcoco(model
     assert summary.accuracy is None and summary.samples == 3
     results = ground(store, "refs", ["pointing:2", "localization:2"])
     assert [r.n for r in results] == [3, 3]
-    index = build_report(store, tmp_path / "report", overlays=2)
-    page = index.read_text()
+    run(RunConfig(model=str(model_dirs("llava")), limit=2, max_new_tokens=1, store=str(store), name="pick"))
+    ground(store, "refs", ["top:2"], heads_from="pick")
+    index = build_report(store, tmp_path / "report", runs=["refs"], overlays=2)
+    page = " ".join(index.read_text().split())
     assert HOSTILE not in page and "&lt;script&gt;alert(1)&lt;/script&gt; the thing on the left" in page
     assert "<h3>Grounding</h3>" in page and "pointing:2" in page and "localization:2" in page
-    assert "Solid green: the box drawn from the combined attention of" in page
+    assert "Solid green: the box drawn from the combined attention of top:2 of run pick" in page
+    assert "dashed: the true box of the asked-about object, from the data; not shown to the model" in page
     heatmap = json.loads(re.search(r'id="hm-[^"]*-data">(.*?)</script>', page).group(1))
     assert [p["label"] for p in heatmap["panels"]] == ["mean visual weight W", "head score", "pointing"]
     assert all(v is None or 0 <= v <= 1 for v in heatmap["pointing"])

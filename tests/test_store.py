@@ -11,6 +11,7 @@ import textwrap
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 
@@ -577,6 +578,7 @@ def old_store(path: Path) -> None:
         store.query("DROP TABLE groundings")
         store.query("ALTER TABLE head_stats DROP COLUMN pointing")
         store.query("ALTER TABLE head_stats DROP COLUMN spatial_entropy")
+        store.query("ALTER TABLE samples DROP COLUMN digest")
 
 
 def test_a_store_from_before_pointing_reads_and_gains_the_new_columns(tmp_path):
@@ -605,3 +607,29 @@ def test_a_store_from_before_pointing_reads_and_gains_the_new_columns(tmp_path):
                                                               "pointing": False, "iou": 0.0}])
         kept = store.groundings("new")
     assert len(kept) == 1 and kept["iou"].iloc[0] == 0.0 and kept["heads"].iloc[0] == ["0.1", "1.2"]
+
+
+def test_a_store_from_before_grounding_sources_keeps_its_boxes_and_gains_the_key(tmp_path):
+    path = tmp_path / "old.duckdb"
+    with Store(path) as store:
+        store.finish_run(start(store, "picked"))
+        run = start(store)
+        store.add_batch(run, *fake_batch([0, 1]))
+        store.finish_run(run)
+        store.query("DROP TABLE groundings")
+        store.query("ALTER TABLE samples DROP COLUMN digest")
+        store.query("""CREATE TABLE groundings (run_id INTEGER NOT NULL, selector TEXT NOT NULL, heads JSON,
+                       sample_id TEXT NOT NULL, x1 DOUBLE, y1 DOUBLE, x2 DOUBLE, y2 DOUBLE, targets JSON,
+                       pointing BOOLEAN, iou DOUBLE, created TIMESTAMP, PRIMARY KEY (run_id, selector, sample_id))""")
+        store.query("INSERT INTO groundings VALUES (2, 'top:2', '[\"0.1\"]', 's00000', 1, 2, 3, 4, '[[1, 2, 3, 4]]', "
+                    "true, 1.0, now())")
+    with Store(path, read_only=True) as store:
+        assert list(store.groundings("r")["source"]) == [""]
+    box = {"sample_id": "s00000", "x1": 0, "y1": 0, "x2": 2, "y2": 2, "targets": [], "pointing": None, "iou": None}
+    with Store(path) as store:
+        store.add_groundings("r", "top:2", ["1.1"], [box])
+        store.add_groundings("r", "top:2", ["2.2"], [box], source="picked")
+        kept = store.groundings("r").set_index("source")
+        assert store.samples("r")["digest"].isna().all()
+    assert sorted(kept.index) == ["", "picked", "r"], "one selector chosen on three runs: three head sets"
+    assert kept.loc["", "iou"] == 1.0 and kept.loc["picked", "heads"] == ["2.2"] and pd.isna(kept.loc["r", "iou"])

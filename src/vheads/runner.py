@@ -199,4 +199,5 @@ def sample_row(sample: Sample, prediction: str, image_tokens: int, region_tokens
     return {"sample_id": sample.id, "question_type": sample.question_type, "prompt_style": sample.prompt_style,
             "question": sample.question, "prediction": prediction, "answer": sample.answer,
             "correct": bool(score(sample, prediction)) if sample.answer is not None else None,
-            "image_tokens": int(image_tokens), "region_tokens": int(region_tokens), "meta": meta}
+            "image_tokens": int(image_tokens), "region_tokens": int(region_tokens), "meta": meta,
+            "digest": sample.digest()}

@@ -4,7 +4,8 @@ the image (the report's overlays) and for grounding (`vheads ground`).
 `TokenAttention` is a capture observer (like `HeadRecorder`): registered on the model's `CaptureSession`,
 it keeps, for every sample, the readout row's attention to each image token for the chosen heads only.
 `attention_maps` re-runs a model on samples with it and pairs each map with the image's token grid;
-`reload_samples`, `run_model` and `run_ablation` get a run's samples, model and ablation back from its record.
+`reload_samples`, `run_model` and `run_ablation` get a run's samples, model and ablation back from its record, and
+`changed_samples` says how many of the samples reloaded differ from those the run stored.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import pandas as pd
 import torch
 from PIL import Image
 from torch import nn
@@ -144,6 +146,31 @@ def reload_samples(run: Mapping[str, Any], ids: Sequence[str]) -> list[Sample]:
     dataset = load_dataset(config.get("dataset") or run["dataset"], **options)
     by_id = {s.id: s for s in dataset.samples}
     return [by_id[i] for i in ids if i in by_id]
+
+
+def changed_samples(stored: pd.DataFrame, samples: Sequence[Sample]) -> int:
+    """How many of a run's stored samples (`Store.samples`) the reloaded `samples` no longer hold as they were run:
+    the id is gone, or the digest the run stored differs (runs stored before digests: question, answer or box)."""
+    by_id = {s.id: s for s in samples}
+    changed = 0
+    for row in stored.to_dict("records"):
+        sample = by_id.get(str(row["sample_id"]))
+        if sample is None:
+            changed += 1
+        elif isinstance(row.get("digest"), str):
+            changed += row["digest"] != sample.digest()
+        else:
+            meta = row.get("meta")
+            box = meta.get("box") if isinstance(meta, dict) else None
+            now = None if sample.box is None else [float(v) for v in sample.box]
+            changed += (_text(row.get("question")), _text(row.get("answer")), box) != \
+                (sample.question, _text(sample.answer), now)
+    return changed
+
+
+def _text(value: Any) -> str | None:
+    """A stored text cell as str, None for NULL (NaN in a frame)."""
+    return None if value is None or (isinstance(value, float) and np.isnan(value)) else str(value)
 
 
 def run_model(run: Mapping[str, Any], device: str = "auto") -> Loaded:

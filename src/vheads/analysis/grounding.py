@@ -6,7 +6,9 @@ patch box in original-image pixels (`attention_density`; anyres tiles, crops and
 picture). The box (after Kang et al., CVPR 2025): the density smoothed with a Gaussian (`sigma_cells` token
 cells, default half a cell: on coarse grids the mean threshold below widens the box by about 2σ on each side),
 the pixels above its mean, the largest 8-connected region of them (ties: the one holding more attention), and
-that region's bounding box. Pointing: a pixel of highest (unsmoothed) density lies in a target box.
+that region's bounding box. Pointing: a pixel of highest (unsmoothed) density lies in a target box. A sample whose
+target boxes all lie outside what the model saw (cut off by a centre crop) is not scored, as the run leaves its
+pointing NULL.
 """
 
 from __future__ import annotations
@@ -23,6 +25,15 @@ from vheads.models import TokenGrid
 Box = tuple[float, float, float, float]
 MAX_SIDE = 512
 SIGMA_CELLS = 0.5
+MAX_SIGMA_CELLS = 32.0  # wider than the grid of every first-class family (LLaVA-1.5: 24 cells): the map is flat
+
+
+def check_sigma(sigma_cells: float) -> float:
+    """The smoothing width in token cells, checked: a finite number from 0 (no smoothing) to `MAX_SIGMA_CELLS`."""
+    value = float(sigma_cells)
+    if not (math.isfinite(value) and 0.0 <= value <= MAX_SIGMA_CELLS):
+        raise ValueError(f"--sigma {sigma_cells}: expected token cells from 0 to {MAX_SIGMA_CELLS:g}")
+    return value
 
 
 def _coverage(lo: float, hi: float, size: int) -> tuple[int, np.ndarray]:
@@ -69,18 +80,30 @@ def raster(grid: TokenGrid, weights: np.ndarray, width: int, height: int, max_si
     return Raster(density, scale, float(np.median(sides)) if sides.size else 1.0)
 
 
+def smooth(density: np.ndarray, sigma: float) -> np.ndarray:
+    """The density convolved with a Gaussian of `sigma` pixels (zero outside the picture), up to a constant factor.
+
+    The kernel is cut at 4 sigma, and at the picture's side: taps farther out never meet a pixel, so the work is
+    bounded by the picture's size whatever `sigma` is (only the kernel's normalisation, a constant, changes)."""
+    density = np.asarray(density, dtype=np.float64)
+    if sigma <= 0 or not density.size:
+        return density
+    reach = int(min(4.0 * sigma + 0.5, max(density.shape)))
+    radius = [min(reach, side - 1) for side in density.shape]
+    return ndimage.gaussian_filter(density, sigma, mode="constant", radius=radius)
+
+
 def box_from_map(density: np.ndarray, sigma: float) -> Box | None:
     """The box of the largest 8-connected region above the mean of the density smoothed with `sigma` pixels, as
     (x1, y1, x2, y2) pixel edges; None for a map with no attention."""
-    smooth = ndimage.gaussian_filter(np.asarray(density, dtype=np.float64), sigma, mode="constant") if sigma > 0 \
-        else np.asarray(density, dtype=np.float64)
-    if not smooth.size or smooth.max() <= 0:
+    smoothed = smooth(density, sigma)
+    if not smoothed.size or smoothed.max() <= 0:
         return None
-    labels, count = ndimage.label(smooth > smooth.mean(), structure=np.ones((3, 3), dtype=bool))
+    labels, count = ndimage.label(smoothed > smoothed.mean(), structure=np.ones((3, 3), dtype=bool))
     if count == 0:
         return None
     sizes = np.bincount(labels.ravel())[1:]
-    masses = np.bincount(labels.ravel(), weights=smooth.ravel())[1:]
+    masses = np.bincount(labels.ravel(), weights=smoothed.ravel())[1:]
     best = int(np.lexsort((-masses, -sizes))[0]) + 1
     rows, cols = np.nonzero(labels == best)
     return float(cols.min()), float(rows.min()), float(cols.max() + 1), float(rows.max() + 1)
@@ -118,30 +141,36 @@ def best_iou(box: Box | None, targets: Sequence[Box]) -> float:
 
 @dataclass
 class Grounded:
-    """One sample grounded by one head set: the predicted box and its scores, in original-image pixels."""
+    """One sample grounded by one head set: the predicted box and its scores, in original-image pixels (scores
+    None when no target box lies on what the model saw)."""
 
     box: Box | None
-    pointing: bool
-    iou: float
+    pointing: bool | None
+    iou: float | None
 
 
 def ground_map(grid: TokenGrid, weights: np.ndarray, width: int, height: int, targets: Sequence[Box],
                sigma_cells: float = SIGMA_CELLS) -> Grounded:
-    """The box a token map points at on a width x height image, and its pointing and best IoU against `targets`."""
+    """The box a token map points at on a width x height image, and its pointing and best IoU against `targets`;
+    no scores when no target overlaps an image token's patch (the model never saw it, e.g. cut by a centre crop)."""
     drawn = raster(grid, weights, width, height)
     s = drawn.scale
     box = box_from_map(drawn.density, sigma_cells * drawn.cell)
     if box is not None:
         box = (box[0] / s, box[1] / s, min(box[2] / s, float(width)), min(box[3] / s, float(height)))
+    if not any(grid.overlaps(t).any() for t in targets):
+        return Grounded(box, None, None)
     scaled = [tuple(v * s for v in t) for t in targets]
     return Grounded(box, peak_on_target(drawn.density, scaled), best_iou(box, targets))
 
 
 def scores(results: Sequence[Grounded]) -> dict[str, float | int | None]:
-    """n, pointing (share whose peak is on a target), iou (mean best IoU) and acc50 (share with IoU >= 0.5)."""
-    n = len(results)
+    """n (samples scored), unseen (samples left out: no target on what the model saw), pointing (share whose peak
+    is on a target), iou (mean best IoU) and acc50 (share with IoU >= 0.5)."""
+    scored = [r for r in results if r.iou is not None]
+    n, unseen = len(scored), len(results) - len(scored)
     if not n:
-        return {"n": 0, "pointing": None, "iou": None, "acc50": None}
-    ious = np.array([r.iou for r in results])
-    return {"n": n, "pointing": float(np.mean([r.pointing for r in results])), "iou": float(ious.mean()),
-            "acc50": float((ious >= 0.5).mean())}
+        return {"n": 0, "unseen": unseen, "pointing": None, "iou": None, "acc50": None}
+    ious = np.array([r.iou for r in scored])
+    return {"n": n, "unseen": unseen, "pointing": float(np.mean([bool(r.pointing) for r in scored])),
+            "iou": float(ious.mean()), "acc50": float((ious >= 0.5).mean())}

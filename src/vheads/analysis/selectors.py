@@ -30,6 +30,29 @@ def is_selector(spec: str | None) -> bool:
     return bool(spec) and spec.strip().split(":")[0] in SELECTORS
 
 
+def canonical(spec: str) -> str:
+    """The one spelling of a selector or `L.H` list, the text stored and compared: `random:4`, `random:4:0` and
+    `random:04:00` are all `random:4` (seed 0 left out), `top:08` is `top:8`, `2.3, 0.1,2.3` is `0.1,2.3`.
+
+    Raises ValueError for text that is no selector; checks against a run (K too large) are `resolve_heads`'s."""
+    text = (spec or "").strip()
+    if not text:
+        raise ValueError(f"empty head selector; expected {EXPECTED}")
+    if not is_selector(text):
+        if ":" in text:
+            raise ValueError(f"unknown selector {text!r}; expected {EXPECTED}")
+        return ",".join(f"{layer}.{head}" for layer, head in sorted(set(parse_heads(text))))
+    kind, *args = (part.strip() for part in text.split(":"))
+    if kind == "stage":
+        return ":".join((kind, *args))
+    if kind == "random" and len(args) in (1, 2):
+        k, seed = _int(text, args[0], "K"), _int(text, args[1], "seed") if len(args) == 2 else 0
+        return f"random:{k}" if seed == 0 else f"random:{k}:{seed}"
+    if len(args) == 1:
+        return f"{kind}:{_int(text, args[0], 'K')}"
+    return text
+
+
 def resolve_heads(spec: str, store: Store | None = None, from_run: str | int | None = None,
                   layers: int | None = None, heads: int | None = None,
                   stages: tuple[int, int] | None = None, attention_layers: list[int] | None = None) -> list[Head]:

@@ -26,7 +26,8 @@ from vheads.cli.common import (
 from vheads.cli.output import ProgressView, check_format, console, emit, emit_many, frame_table, records, say
 
 JSON_POINT_KEYS = ("selector", "k", "seed", "accuracy", "low", "high", "heads")
-GROUND_HEADERS = {"selector": "heads", "n": "n", "pointing": "pointing", "iou": "IoU", "acc50": "acc50"}
+GROUND_HEADERS = {"selector": "heads", "n": "n", "unseen": "unseen", "pointing": "pointing", "iou": "IoU",
+                  "acc50": "acc50"}
 CONSISTENCY_HEADERS = {"mean_w_pearson": "W r", "mean_w_spearman": "W rho", "score_pearson": "score r",
                        "score_spearman": "score rho", "top_k_overlap": "overlap"}
 
@@ -148,49 +149,56 @@ def ground(
                                     "L.H,...; repeat for several sets (one pass over the samples)."),
     heads_from: str = typer.Option(None, "--heads-from", help="Run of the same model whose figures the selectors "
                                    "rank (default: --from), to choose heads on other samples than those grounded."),
-    sigma: float = typer.Option(0.5, "--sigma", min=0.0, help="Gaussian smoothing of the combined map before "
-                                "thresholding, in token cells (0: none)."),
+    allow_other_model: bool = typer.Option(False, "--allow-other-model", help="Accept a --heads-from run of "
+                                           "another model with the same layers x heads."),
+    sigma: float = typer.Option(0.5, "--sigma", help="Gaussian smoothing of the combined map before "
+                                "thresholding, in token cells, from 0 (none) to 32."),
     store: str = typer.Option("vheads.duckdb", "--store", help=STORE_HELP),
     device: str = typer.Option("auto", "--device", help="Where the model runs: auto, cpu, cuda, cuda:N."),
-    fmt: str = typer.Option("table", "--format", help="table, csv or json (json: one {selector, heads, n, pointing, "
-                            "iou, acc50} object, a list of them for several --heads)."),
+    fmt: str = typer.Option("table", "--format", help="table, csv or json (json: a list of {selector, source, "
+                            "heads, n, unseen, pointing, iou, acc50} objects, one per --heads)."),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="More log lines."),
 ) -> None:
     """Ground a run's samples: boxes from the combined attention of chosen heads, scored against the true boxes.
 
-    Per head set: n (samples with a box), pointing (share whose combined map peaks on a target), iou (mean IoU of
-    the predicted box with the best-matching target) and acc50 (share with IoU >= 0.5). The boxes are kept in the
-    store's groundings table; `vheads report` draws them on its overlays.
+    Per head set: n (samples scored: with a target box the model saw), unseen (samples whose target boxes all lie
+    outside what the model saw, e.g. cut by a centre crop: left out of the means), pointing (share whose combined
+    map peaks on a target), iou (mean IoU of the predicted box with the best-matching target) and acc50 (share
+    with IoU >= 0.5). The boxes are kept in the store's groundings table; `vheads report` draws them on its
+    overlays.
     """
     setup_logging(verbose)
     from vheads.analysis.ground import ground as ground_run
+    from vheads.analysis.grounding import check_sigma
     from vheads.models import GeometryError, check_device
 
     with errors():
         check_format(fmt)
         check_device(device)
+        check_sigma(sigma)
         try:
             with ProgressView() as view:
                 view.status(f"grounding the samples of {from_run} ...")
                 results = ground_run(existing_store(store), from_run, heads, heads_from=heads_from, device=device,
-                                     sigma_cells=sigma,
+                                     sigma_cells=sigma, allow_other_model=allow_other_model,
                                      progress=lambda done, total: view.update("ground", done, total, ""))
         except GeometryError as exc:
             raise ValueError(f"cannot ground run {from_run}: {exc}") from None
     rows = [result.summary() for result in results]
     if fmt == "json":
-        sys.stdout.write(json.dumps(rows[0] if len(rows) == 1 else rows, indent=2) + "\n")
+        sys.stdout.write(json.dumps(rows, indent=2) + "\n")
         return
-    frame = pd.DataFrame(rows, columns=["selector", "heads", "n", "pointing", "iou", "acc50"])
+    frame = pd.DataFrame(rows, columns=["selector", "source", "heads", "n", "unseen", "pointing", "iou", "acc50"])
     frame["heads"] = frame["heads"].map(" ".join)
     if fmt == "csv":
         emit(frame, "csv")
         return
-    frame["selector"] = [f"{r['selector']}: {' '.join(r['heads'])}" for r in rows]
-    console.print(frame_table(frame.drop(columns="heads"), title=f"grounding the samples of {from_run}",
-                              headers=GROUND_HEADERS, legend="n: samples with a box; pointing: share whose combined "
-                              "map peaks on a target; IoU: mean IoU of the predicted box with the best-matching "
-                              "target; acc50: share with IoU >= 0.5"))
+    frame["selector"] = [f"{result.label()}: {heads}" for result, heads in zip(results, frame["heads"], strict=True)]
+    console.print(frame_table(frame.drop(columns=["heads", "source"]), title=f"grounding the samples of {from_run}",
+                              headers=GROUND_HEADERS, legend="n: samples scored (a target box the model saw); "
+                              "unseen: samples whose targets lie outside what the model saw (left out); pointing: "
+                              "share whose combined map peaks on a target; IoU: mean IoU of the predicted box with "
+                              "the best-matching target; acc50: share with IoU >= 0.5"))
     say(f"boxes kept in the groundings table of {store}")
 
 

@@ -59,15 +59,22 @@ def read_json_list(path: Path, key: str | None = None) -> list[Any]:
 
 
 def iter_jsonl(path: Path) -> Iterator[tuple[str, Any | Skip]]:
-    """(record label, parsed object) per non-blank line; a line that is not JSON yields a `Skip` instead."""
-    read_text(path)
+    """(record label, parsed object) per non-blank line; a line that is not UTF-8 JSON yields a `Skip` instead, so
+    one bad byte costs one record, not the file."""
+    try:
+        blank = not path.read_bytes().lstrip(b"\xef\xbb\xbf").strip()
+    except OSError as error:
+        raise DataError(f"{path}: cannot read ({error.__class__.__name__})") from None
+    if blank:
+        raise DataError(f"{path}: empty file")
     with path.open("rb") as handle:
         for number, raw in enumerate(handle, start=1):
             label = f"line {number}"
             try:
                 line = raw.decode("utf-8-sig").strip()
-            except UnicodeDecodeError:
-                yield label, Skip(str(path), label, BAD_JSON, "not UTF-8")
+            except UnicodeDecodeError as error:
+                yield label, Skip(str(path), label, BAD_JSON, f"not UTF-8: byte {raw[error.start]:#04x} at column "
+                                  f"{error.start + 1}")
                 continue
             if not line:
                 continue

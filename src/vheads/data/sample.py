@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -57,3 +59,10 @@ class Sample:
             if boxes:
                 return boxes
         return [] if self.box is None else [tuple(float(v) for v in self.box)]
+
+    def digest(self) -> str:
+        """Sixteen hex digits of the question, answer, box and target boxes, stored with the run so that the data
+        reloaded later (`vheads ground`) can be checked to be what was run."""
+        fields = [self.question, self.answer, None if self.box is None else [float(v) for v in self.box],
+                  [list(t) for t in self.targets()]]
+        return hashlib.sha256(json.dumps(fields, default=str).encode()).hexdigest()[:16]

@@ -217,15 +217,22 @@ def _grounding_table(store: Store, view: RunView) -> list[str] | None:
     kept = store.groundings(view.name)
     if kept.empty:
         return None
+    from vheads.analysis.ground import head_set_label
+
     kept["hit"] = kept["pointing"].astype(float)
-    kept["acc50"] = (kept["iou"] >= 0.5).astype(float)
-    frame = kept.groupby("selector", sort=False).agg(heads=("heads", "first"), n=("sample_id", "size"),
-                                                     pointing=("hit", "mean"), iou=("iou", "mean"),
-                                                     acc50=("acc50", "mean")).reset_index()
+    kept["iou"] = kept["iou"].astype(float)
+    kept["acc50"] = (kept["iou"] >= 0.5).astype(float).where(kept["iou"].notna())
+    frame = kept.groupby(["source", "selector"], sort=False).agg(
+        heads=("heads", "first"), n=("iou", "count"), unseen=("iou", lambda v: int(v.isna().sum())),
+        pointing=("hit", "mean"), iou=("iou", "mean"), acc50=("acc50", "mean")).reset_index()
+    frame["selector"] = [head_set_label(str(r.selector), str(r.source), view.name) for r in frame.itertuples()]
+    frame = frame.drop(columns="source")
     frame["heads"] = frame["heads"].map(lambda v: " ".join(v) if isinstance(v, list) else "")
-    note = ("Boxes drawn from the combined attention of each head set (vheads ground): pointing is the share of "
-            "samples whose combined map peaks on a target, IoU the mean overlap of the box with the best-matching "
-            "target, acc50 the share with IoU >= 0.5.")
+    note = ("Boxes drawn from the combined attention of each head set (vheads ground; \"of run R\": heads chosen "
+            "on run R): n counts the samples scored, unseen those whose target boxes lie outside what the model "
+            "saw (cut by a centre crop; left out); pointing is the share of samples whose combined map peaks on a "
+            "target, IoU the mean overlap of the box with the best-matching target, acc50 the share with IoU >= "
+            "0.5.")
     return [h.paragraph(note), h.table(frame)]
 
 

@@ -11,6 +11,7 @@ from typing import Any
 import pandas as pd
 
 from vheads.analysis.attention import Head, attention_maps, reload_samples, run_ablation, run_model
+from vheads.analysis.ground import head_set_label
 from vheads.capture import CaptureError
 from vheads.data import DataError
 from vheads.models import GeometryError, Loaded, ModelError
@@ -66,7 +67,7 @@ def overlay_block(store: Any, view: Any, out: Path, n: int, device: str,
         correct = None if pd.isna(row["correct"]) else bool(row["correct"])
         box = _meta(row["meta"]).get("box") or item.sample.box
         fig = overlay_figure(item, box, str(row["question"]), _text(row["answer"]), _text(row["prediction"]), correct,
-                             visual, boxes.get(item.sample.id))
+                             visual, boxes.get(item.sample.id), box_shown=row.get("prompt_style") != "none")
         path = figures.save(fig, out / f"overlay-{view.stem}-{i:02d}.png")
         verdict = {True: "correct", False: "wrong", None: "unscored"}[correct]
         cards.append(
@@ -81,7 +82,7 @@ def overlay_block(store: Any, view: Any, out: Path, n: int, device: str,
     note = (f"Attention of the best-ranked heads {label} from {READOUT_ROWS.get(readout, readout)} to each image "
             "token, spread over the token's patch in the original image (anyres tiles and the base grid add up). "
             "Colour: attention per pixel against an even spread over the image (clear: no more than even; "
-            "brightest: 16 times or more). W: the head's total attention on the image; dashed: the asked-about box.")
+            f"brightest: 16 times or more). W: the head's total attention on the image; {_box_note(chosen)}")
     if boxes:
         label = next(iter(boxes.values())).label
         note += (f" Solid green: the box drawn from the combined attention of {label} (vheads ground); dotted white: "
@@ -94,13 +95,28 @@ def grounded_boxes(store: Any, run: str) -> dict[str, DrawnBoxes]:
     kept = store.groundings(run)
     if kept.empty:
         return {}
-    latest = kept[kept["selector"] == kept["selector"].iloc[0]]
+    first = kept.iloc[0]
+    latest = kept[(kept["selector"] == first["selector"]) & (kept["source"] == first["source"])]
+    label = head_set_label(str(first["selector"]), str(first["source"]), run)
     out = {}
     for row in latest.itertuples():
         corners = (row.x1, row.y1, row.x2, row.y2)
         predicted = None if any(v is None or pd.isna(v) for v in corners) else tuple(float(v) for v in corners)
-        out[str(row.sample_id)] = DrawnBoxes(str(row.selector), predicted, list(row.targets or []))
+        out[str(row.sample_id)] = DrawnBoxes(label, predicted, list(row.targets or []))
     return out
+
+
+def _box_note(chosen: pd.DataFrame) -> str:
+    """What the dashed box is: the box the question asks about, which samples asked without one (prompt style
+    `none`) never showed the model."""
+    styles = set(chosen["prompt_style"].dropna()) if "prompt_style" in chosen else set()
+    if styles == {"none"}:
+        return ("dashed: the true box of the asked-about object, from the data; not shown to the model (the run's "
+                "prompt style is none: the question came without a box).")
+    if "none" in styles:
+        return ("dashed: the asked-about box (from the data; not shown to the model in the samples asked without a "
+                "box, prompt style none).")
+    return "dashed: the asked-about box."
 
 
 def _meta(value: Any) -> dict[str, Any]:

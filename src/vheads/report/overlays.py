@@ -89,9 +89,10 @@ def _draw(ax: Axes, item: SampleAttention, weights: np.ndarray, title: str, box:
 
 def overlay_figure(item: SampleAttention, box: Sequence[float] | None, question: str, answer: str | None,
                    prediction: str | None, correct: bool | None, visual: Collection[Head] = (),
-                   grounded: DrawnBoxes | None = None) -> Figure:
+                   grounded: DrawnBoxes | None = None, box_shown: bool = True) -> Figure:
     """One sample: the heads' attention summed, then each head on its own (visual heads marked), with the text;
-    `grounded` adds the true target boxes (dotted) and the box a head set drew (solid green) to every panel."""
+    `grounded` adds the true target boxes (dotted) and the box a head set drew (solid green) to every panel.
+    `box_shown` False says under the figure that the dashed box was not shown to the model (prompt style none)."""
     heads = item.heads[:MAX_HEAD_PANELS]
     weights = item.visual_weight()
     combined = len(heads) > 1
@@ -112,6 +113,8 @@ def overlay_figure(item: SampleAttention, box: Sequence[float] | None, question:
     verdict = {True: "correct", False: "wrong", None: "unscored"}[correct]
     text = (f"[{verdict}] {item.sample.id}  Q: {question}\nanswer: {answer if answer is not None else '-'}   "
             f"prediction: {prediction if prediction is not None else '-'}")
+    if box is not None and not box_shown:
+        text += "\ndashed: the true box, from the data; not shown to the model"
     if grounded is not None:
         text += f"\ngreen: the box drawn by {grounded.label}; dotted: the true target boxes"
     chars = int(width * 12)

@@ -192,12 +192,15 @@ def export(con: duckdb.DuckDBPyConnection, run_id: int | None, out_dir: Path, ov
 
 def groundings(con: duckdb.DuckDBPyConnection, run_id: int) -> pd.DataFrame:
     """The boxes `write.add_groundings` kept for a run, newest selector first; heads and targets decoded (none
-    in a store written before grounding existed)."""
+    in a store written before grounding existed; source '' where a store written before it was kept)."""
     if not con.execute("SELECT 1 FROM duckdb_tables() WHERE table_name = 'groundings' "
                        "AND database_name = current_database()").fetchall():
-        return pd.DataFrame(columns=["run_id", "selector", "heads", "sample_id", *GROUNDING_FIELDS, "created"])
-    frame = con.execute("SELECT * FROM groundings WHERE run_id = ? ORDER BY created DESC, selector, sample_id",
-                        [run_id]).df()
+        return pd.DataFrame(columns=["run_id", "source", "selector", "heads", "sample_id", *GROUNDING_FIELDS,
+                                     "created"])
+    frame = con.execute("SELECT * FROM groundings WHERE run_id = ? "
+                        "ORDER BY created DESC, selector, sample_id", [run_id]).df()
+    if "source" not in frame:
+        frame.insert(1, "source", "")
     for column in ("heads", "targets"):
         frame[column] = frame[column].map(loads)
     return frame

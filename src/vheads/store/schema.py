@@ -26,6 +26,7 @@ SAMPLE_FIELDS = (
     "image_tokens",
     "region_tokens",
     "meta",
+    "digest",
 )
 HEAD_FIELDS = ("visual_weight", "concentration", "region_weight", "text_weight", "sink_weight", "pointing",
                "spatial_entropy")
@@ -41,6 +42,7 @@ SAMPLE_TYPES = {
     "image_tokens": pa.int32(),
     "region_tokens": pa.int32(),
     "meta": pa.string(),
+    "digest": pa.string(),
 }
 JSON_RUN_COLUMNS = ("config", "skipped", "tags")
 
@@ -80,6 +82,7 @@ _DDL = (
         image_tokens INTEGER,
         region_tokens INTEGER,
         meta JSON,
+        digest TEXT,
         PRIMARY KEY (run_id, sample_id)
     )""",
     """CREATE TABLE IF NOT EXISTS head_stats (
@@ -108,6 +111,7 @@ _DDL = (
     )""",
     """CREATE TABLE IF NOT EXISTS groundings (
         run_id INTEGER NOT NULL,
+        source TEXT NOT NULL DEFAULT '',
         selector TEXT NOT NULL,
         heads JSON,
         sample_id TEXT NOT NULL,
@@ -119,11 +123,14 @@ _DDL = (
         pointing BOOLEAN,
         iou DOUBLE,
         created TIMESTAMP,
-        PRIMARY KEY (run_id, selector, sample_id)
+        PRIMARY KEY (run_id, source, selector, sample_id)
     )""",
 )
 # Columns added after a table first shipped: stores written before them gain them when opened for writing.
-_ADDED_COLUMNS = (("head_stats", "pointing", "REAL"), ("head_stats", "spatial_entropy", "REAL"))
+_ADDED_COLUMNS = (("head_stats", "pointing", "REAL"), ("head_stats", "spatial_entropy", "REAL"),
+                  ("samples", "digest", "TEXT"))
+# Columns added to a table's key: DuckDB cannot change a key in place, so the table is built again (`_rekey`).
+_KEY_COLUMNS = (("groundings", "source"),)
 
 
 _TABLES = {re.search(r"EXISTS (\w+)", statement).group(1) for statement in _DDL}
@@ -152,6 +159,10 @@ def create_schema(con: duckdb.DuckDBPyConnection) -> None:
         con.execute(statement)
     for table, column, kind in _ADDED_COLUMNS:
         con.execute(f"ALTER TABLE {table} ADD COLUMN IF NOT EXISTS {column} {kind}")
+    have = _columns(con)
+    for table, column in _KEY_COLUMNS:
+        if (table, column) not in have:
+            _rekey(con, table)
     con.execute("INSERT INTO meta VALUES ('schema_version', ?) ON CONFLICT DO NOTHING", [str(SCHEMA_VERSION)])
 
 
@@ -213,11 +224,36 @@ def prepare(con: duckdb.DuckDBPyConnection, path: Path, read_only: bool) -> None
         )
 
 
+def _columns(con: duckdb.DuckDBPyConnection) -> set[tuple[str, str]]:
+    """(table, column) of every column of the store's tables."""
+    return {(r[0], r[1]) for r in con.execute(
+        "SELECT table_name, column_name FROM duckdb_columns() WHERE database_name = current_database()").fetchall()}
+
+
 def _has_added_columns(con: duckdb.DuckDBPyConnection) -> bool:
     """Whether the tables already have every column added since they first shipped."""
-    have = {(r[0], r[1]) for r in con.execute(
-        "SELECT table_name, column_name FROM duckdb_columns() WHERE database_name = current_database()").fetchall()}
-    return all((table, column) in have for table, column, _ in _ADDED_COLUMNS)
+    have = _columns(con)
+    return all((table, column) in have for table, column, _ in _ADDED_COLUMNS) and \
+        all(key in have for key in _KEY_COLUMNS)
+
+
+def _rekey(con: duckdb.DuckDBPyConnection, table: str) -> None:
+    """Build `table` again with its current key (`_DDL`), its rows copied over in one transaction; the columns the
+    old table lacks take their defaults (groundings: source '', not recorded)."""
+    ddl = next(statement for statement in _DDL if re.search(rf"EXISTS {table} \(", statement))
+    names = ", ".join(r[0] for r in con.execute(
+        "SELECT column_name FROM duckdb_columns() WHERE database_name = current_database() AND table_name = ? "
+        "ORDER BY column_index", [table]).fetchall())
+    con.begin()
+    try:
+        con.execute(f"ALTER TABLE {table} RENAME TO vheads_old_{table}")
+        con.execute(ddl)
+        con.execute(f"INSERT INTO {table} ({names}) SELECT {names} FROM vheads_old_{table}")
+        con.execute(f"DROP TABLE vheads_old_{table}")
+    except BaseException:
+        con.rollback()
+        raise
+    con.commit()
 
 
 def table_names(con: duckdb.DuckDBPyConnection, database: str) -> list[str]:

@@ -127,10 +127,13 @@ class Store:
         return read.head_means(self._con, self._resolve(run))
 
     def add_groundings(self, run: RunRef, selector: str, heads: Sequence[str],
-                       rows: Sequence[Mapping[str, Any]]) -> None:
-        """Keep the boxes one head set drew on a run's samples (see `write.add_groundings`)."""
+                       rows: Sequence[Mapping[str, Any]], source: RunRef | None = None) -> None:
+        """Keep the boxes one head set drew on a run's samples, its heads chosen on run `source` (default: the run
+        itself); see `write.add_groundings`."""
         self._require_writable()
-        write.add_groundings(self._con, self._resolve(run), selector, heads, rows)
+        run_id = self._resolve(run)
+        name = read.run_row_by_id(self._con, self._resolve(run if source is None else source))["name"]
+        write.add_groundings(self._con, run_id, selector, heads, rows, name)
 
     def groundings(self, run: RunRef) -> pd.DataFrame:
         """The boxes kept for a run by `add_groundings`, newest selector first."""

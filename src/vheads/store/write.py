@@ -275,15 +275,19 @@ def _sample_id(sample: Mapping[str, Any]) -> str:
 
 
 def add_groundings(con: duckdb.DuckDBPyConnection, run_id: int, selector: str, heads: Sequence[str],
-                   rows: Sequence[Mapping[str, Any]]) -> None:
-    """Keep the boxes one head set drew on a run's samples, replacing that selector's earlier ones (one
-    transaction). Each row: sample_id, the box x1 y1 x2 y2 (None: no box), targets, pointing, iou."""
+                   rows: Sequence[Mapping[str, Any]], source: str) -> None:
+    """Keep the boxes one head set drew on a run's samples, replacing the earlier ones of that selector chosen on
+    that `source` run (one transaction). Each row: sample_id, the box x1 y1 x2 y2 (None: no box), targets,
+    pointing, iou (None: not scored)."""
     created = now()
-    values = [[run_id, selector, dumps(list(heads)), str(r["sample_id"]),
+    values = [[run_id, source, selector, dumps(list(heads)), str(r["sample_id"]),
                *(None if r.get(k) is None else float(r[k]) for k in ("x1", "y1", "x2", "y2")),
                dumps(r.get("targets")), None if r.get("pointing") is None else bool(r["pointing"]),
                None if r.get("iou") is None else float(r["iou"]), created] for r in rows]
     with transaction(con):
-        con.execute("DELETE FROM groundings WHERE run_id = ? AND selector = ?", [run_id, selector])
+        con.execute("DELETE FROM groundings WHERE run_id = ? AND source = ? AND selector = ?",
+                    [run_id, source, selector])
         if values:
-            con.executemany("INSERT INTO groundings VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", values)
+            con.executemany("INSERT INTO groundings (run_id, source, selector, heads, sample_id, x1, y1, x2, y2, "
+                            "targets, pointing, iou, created) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                            values)

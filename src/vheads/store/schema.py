@@ -143,7 +143,7 @@ _ORDER = [re.search(r"EXISTS (\w+)", statement).group(1) for statement in _DDL]
 ROW_KEYS = {
     "samples": ("sample_id",),
     "head_stats": ("sample_id", "layer", "head"),
-    "groundings": ("selector", "sample_id"),
+    "groundings": ("source", "selector", "sample_id"),
 }
 # Tables whose rows name their runs in a JSON list of run names instead of a run_id column.
 RUN_LISTS = {"comparisons": "runs"}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 import sys
 
@@ -11,6 +12,7 @@ from typer.testing import CliRunner
 
 from vheads.cli import app
 from vheads.cli.sweep import option_spellings
+from vheads.data import write_shapes
 from vheads.pipeline import RunConfig, run
 from vheads.store import Store
 from vheads.study import expand, read_study
@@ -108,6 +110,23 @@ def test_a_sweep_resumes_a_run_and_a_run_that_cannot_resume_fails_alone(tmp_path
     assert "cannot resume run tiny-b-shapes" in tasks["error"][2] and "readout" in tasks["error"][2]
     with Store(store, read_only=True) as db:
         assert db.run("tiny-a-shapes")["status"] == "done" and len(db.samples("tiny-a-shapes")) == 5
+
+
+def test_each_piece_reports_its_own_accuracy_and_progress_counts_the_whole_run(tmp_path):
+    data = write_shapes(tmp_path / "data", n=4, seed=1)
+    records = json.loads(data.read_text())
+    for record in records[2:]:
+        record["answer"] = "9"  # the demo model never counts nine: the second piece scores 0
+    data.write_text(json.dumps(records))
+    events = []
+    result = run_sweep(plan([RunConfig(dataset="pointqa", data=str(data), batch_size=1)]), tmp_path / "s.duckdb",
+                       shards=2, local=True, on_event=events.append)
+    assert result.ok
+    with Store(tmp_path / "s.duckdb", read_only=True) as db:
+        samples = db.samples("demo-pointqa").set_index("sample_id")["correct"]
+    ids = [record["id"] for record in records]
+    assert list(result.tasks["accuracy"]) == [samples[ids[:2]].mean(), samples[ids[2:]].mean()] == [1.0, 0.0]
+    assert {event.total for event in events if event.kind in ("open", "progress")} == {4}
 
 
 def test_the_sweep_command_with_a_study_file_and_run_options(tmp_path, two_models, monkeypatch):

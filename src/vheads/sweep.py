@@ -136,6 +136,7 @@ class _Run:
     skipped: Counter[str] = field(default_factory=Counter)
     dataset_skips: dict[str, int] = field(default_factory=dict)
     ids: set[str] = field(default_factory=set)
+    total: int | None = None
     yesno: bool = False
     began: float = field(default_factory=time.time)
     new: int = 0
@@ -162,6 +163,8 @@ class _Job:
     began: float = 0.0
     error: str = ""
     opened: bool = False
+    ids: list[str] = field(default_factory=list)
+    accuracy: float | None = None
 
     @property
     def key(self) -> tuple[str, str]:
@@ -278,8 +281,9 @@ class _Driver:
                 self._release(job)
                 return
             state.stored, state.dataset_skips, state.yesno = stored, opened.skipped, opened.yesno
+            state.total = opened.total
         if not job.opened:
-            job.opened = True
+            job.opened, job.ids = True, list(opened.ids)
             state.ids.update(opened.ids)
         todo = [i for i in opened.ids if i not in state.stored and i not in state.skipped_ids]
         size = state.config.batch_size
@@ -371,8 +375,9 @@ class _Driver:
                         text=status + ("" if accuracy is None else f", accuracy {accuracy:.3f}")))
 
     def _count(self, state: _Run) -> tuple[int, int, int]:
-        """(samples stored, samples known, stored by this sweep) of a run."""
-        return len(state.stored & state.ids), len(state.ids - state.skipped_ids), state.new
+        """(samples stored, samples of the run, stored by this sweep) of a run."""
+        total = len(state.ids) if state.total is None else state.total
+        return len(state.stored & state.ids), total - len(state.skipped_ids), state.new
 
 
 def _add(a: dict[str, int], b: Counter[str]) -> dict[str, int]:
@@ -401,7 +406,16 @@ def _finish(db: Store, state: _Run, skipped: dict[str, int], expected: set[str],
         return None, missing
     summary = summarize(db, handle, db.path, skipped, state.yesno, time.time() - state.began)
     db.finish_run(handle, status="done", accuracy=summary.accuracy, skipped=skipped)
+    for job in state.jobs:
+        job.accuracy = _accuracy(db, handle, job.ids)
     return summary, 0
+
+
+def _accuracy(db: Store, handle: RunHandle, ids: Sequence[str]) -> float | None:
+    """The accuracy over the scored samples among `ids` of a run (one piece's own; None when none is scored)."""
+    row = db.query("SELECT count(correct) AS scored, count(*) FILTER (WHERE correct) AS correct FROM samples "
+                   "WHERE run_id = ? AND list_contains(?::TEXT[], sample_id)", [handle.run_id, list(ids)]).iloc[0]
+    return int(row["correct"]) / int(row["scored"]) if row["scored"] else None
 
 
 def _pool(local: bool, address: str | None, gpus_per_task: float | None, cpus_per_task: float,
@@ -477,10 +491,9 @@ def _log_event(event: Event) -> None:
 
 
 def _row(job: _Job) -> dict[str, Any]:
-    summary = job.run.summary
     return {"run": job.run.name, "model": model_label(job.run.config.model), "dataset": job.run.config.dataset,
-            "shard": job.shard, "status": job.status, "samples": job.samples,
-            "accuracy": summary.accuracy if summary else None, "seconds": round(job.seconds, 1), "error": job.error}
+            "shard": job.shard, "status": job.status, "samples": job.samples, "accuracy": job.accuracy,
+            "seconds": round(job.seconds, 1), "error": job.error}
 
 
 def _kept_row(config: RunConfig, info: dict[str, Any]) -> dict[str, Any]:

@@ -88,14 +88,14 @@ def plan(ranking: pd.DataFrame, tag: str, selectors: Sequence[str] = SWEEP_SELEC
 
 def sweep(store_path: str | Path, from_run: str | int, selectors: Sequence[str] = SWEEP_SELECTORS,
           ks: Sequence[int] = (0, 4, 8, 16), seeds: int = 5, ablation: str = "zero", config: RunConfig | None = None,
-          loaded: Any = None, dataset: Any = None, progress: Callable[[str, int, int, int], None] | None = None,
+          loaded: Any = None, dataset: Any = None, progress: Callable[[str, int, int, int, int], None] | None = None,
           n_boot: int = 1000) -> list[dict[str, Any]]:
     """Run (or reuse) every point of a pruning sweep and return its points, as `sweep_points` rows.
 
     The points reuse the source run's stored settings (model, data, images, split, question type, prompt style,
     limit, seed, readout, max-new-tokens, dtype, attention kernel, stages, ...); an option `config` gives explicitly
     (`config.explicit`, or for the Python API a value other than the default) overrides it and is stored with each
-    point. `progress(point_name, done, total, correct)` follows each point's run.
+    point. `progress(point_name, done, total, correct, scored)` follows each point's run (see `pipeline.run`).
     """
     config = config or RunConfig()
     with Store(store_path, read_only=True) as store:
@@ -142,8 +142,8 @@ def sweep_points(store: Store, sweep: str | None = None, from_run: str | int | N
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=POINT_COLUMNS)
 
 
-def _started(progress: Callable[[str, int, int, int], None], label: str, total: int) -> None:
-    progress(label, 0, total, 0)
+def _started(progress: Callable[[str, int, int, int, int], None], label: str, done: int, total: int) -> None:
+    progress(label, done, total, 0, 0)
 
 
 def _prepare(config: RunConfig, loaded: Any, dataset: Any, grid: tuple[int, int]) -> tuple[Any, Any]:

@@ -271,3 +271,10 @@ def test_the_report_shows_the_stored_stages_or_those_given(tmp_path):
                                 "--stages", "2,4"])
     assert given.exit_code == 0, given.output
     assert "mid from 2, late from 4" in (tmp_path / "b" / "index.html").read_text()
+
+
+def test_a_limit_past_what_shapes_can_hold_is_one_line(tmp_path, llava):
+    result = runner.invoke(app, ["run", "--model", llava.name, "--limit", "1000000000",
+                                 "--store", str(tmp_path / "s.duckdb")])
+    one_line_error(result, "--limit 1000000000", "ShapesQA", "100,000")
+    assert not (tmp_path / "s.duckdb").exists()

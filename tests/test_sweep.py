@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 from vheads.cli import app
 from vheads.cli.sweep import option_spellings
 from vheads.data import write_shapes
-from vheads.pipeline import RunConfig, run
+from vheads.pipeline import Interrupted, RunConfig, run
 from vheads.store import Store
 from vheads.study import expand, read_study
 from vheads.sweep import SweepError, absolute, plan, run_sweep
@@ -100,16 +100,49 @@ def test_an_in_process_sweep_stores_what_vheads_run_stores_and_reports_the_faile
     assert again.ok and list(again.tasks["shard"]) == ["kept", "kept"]
 
 
+def interrupted_run(config: RunConfig, batches: int) -> None:
+    """`config` run until `batches` batches are computed, then stopped as by Ctrl-C."""
+    def stop(done, total, correct, scored):
+        if done >= batches * config.batch_size:
+            raise KeyboardInterrupt
+
+    with pytest.raises(Interrupted):
+        run(config, progress=stop)
+
+
 def test_a_sweep_resumes_a_run_and_a_run_that_cannot_resume_fails_alone(tmp_path, two_models):
     store = tmp_path / "vheads.duckdb"
-    run(RunConfig(model=two_models[0], limit=3, store=str(store), name="tiny-a-shapes"))
+    interrupted_run(RunConfig(model=two_models[0], limit=5, batch_size=2, store=str(store), name="tiny-a-shapes"), 1)
     run(RunConfig(model=two_models[1], limit=2, readout="generated", store=str(store), name="tiny-b-shapes"))
     tasks = run_sweep(plan([RunConfig(model=m, limit=5) for m in two_models]), store, shards=2, local=True).tasks
     assert list(tasks["status"]) == ["done", "done", "failed", "failed"]
-    assert list(tasks["samples"][:2]) == [0, 2]
+    assert list(tasks["samples"][:2]) == [1, 2]
     assert "cannot resume run tiny-b-shapes" in tasks["error"][2] and "readout" in tasks["error"][2]
     with Store(store, read_only=True) as db:
         assert db.run("tiny-a-shapes")["status"] == "done" and len(db.samples("tiny-a-shapes")) == 5
+
+
+@pytest.mark.parametrize("change, words", [
+    ({"seed": 5}, "--seed 5 (the run has 0)"),
+    ({"max_new_tokens": 1}, "--max-new-tokens 1 (the run has 2)"),
+    ({"limit": 5}, "--limit 5 (the run has 3)"),
+    ({"max_pixels": 50_000}, "--max-pixels 50000 (the run has 50000000)"),
+])
+def test_a_sweep_run_again_with_other_settings_is_refused_and_keeps_the_run(tmp_path, two_models, change, words):
+    store = tmp_path / "vheads.duckdb"
+    settings = {"model": two_models[0], "limit": 3, "max_new_tokens": 2}
+    assert run_sweep(plan([RunConfig(**settings)]), store, local=True).ok
+    with Store(store, read_only=True) as db:
+        before = db.run("tiny-a-shapes")
+    again = run_sweep(plan([RunConfig(**{**settings, **change})]), store, local=True)
+    row = again.tasks.iloc[0]
+    assert row["status"] == "failed" and row["samples"] == 0
+    assert row["error"].startswith("cannot resume run tiny-a-shapes: ") and words in row["error"]
+    with Store(store, read_only=True) as db:
+        after = db.run("tiny-a-shapes")
+    assert after["n_samples"] == 3 and after["config"] == before["config"] and after["status"] == "done"
+    same = run_sweep(plan([RunConfig(**settings, batch_size=2)]), store, local=True)
+    assert same.ok and list(same.tasks["shard"]) == ["kept"]
 
 
 def test_each_piece_reports_its_own_accuracy_and_progress_counts_the_whole_run(tmp_path):

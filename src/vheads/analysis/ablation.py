@@ -103,18 +103,20 @@ def sweep(store_path: str | Path, from_run: str | int, selectors: Sequence[str] 
         stored = source["config"] or {}
         reuse = [n for n in stored if n not in run_settings.NOT_INHERITED and n not in run_settings.NOT_STORED]
         base = replace(run_settings.inherit(config, stored, reuse), store=str(store_path), ablation=ablation,
-                       ablate=[], shard=None, name=None, resume=True, explicit=None)
+                       ablate=[], shard=None, name=None, explicit=None)
         ranking = head_table(store, from_run, stages=base.stages)
         check_ranked(ranking, source["name"])
         base = replace(base, model=base.model or source["model"])
         tag = base.sweep or sweep_tag(source["name"], base)
         points = plan(ranking, tag, selectors, ks, seeds)
-        finished = set(store.query("SELECT name FROM runs WHERE sweep = ? AND status = 'done'", [tag])["name"])
+        status = dict(store.query("SELECT name, status FROM runs WHERE sweep = ?", [tag]).itertuples(index=False))
+    finished = {name for name, state in status.items() if state == "done"}
     todo = [p for p in points if p.name not in finished]
     if todo:
         loaded, dataset = _prepare(base, loaded, dataset, (int(source["layers"]), int(source["heads"])))
     for point in todo:
-        pipeline.run(replace(base, name=point.name, ablate=point.heads, sweep=tag, tags=point.tags(source["name"])),
+        pipeline.run(replace(base, name=point.name, ablate=point.heads, sweep=tag, tags=point.tags(source["name"]),
+                             resume=point.name in status),
                      loaded=loaded, dataset=dataset, progress=partial(progress, point.name) if progress else None,
                      start=partial(_started, progress, point.name) if progress else None)
     with Store(store_path, read_only=True) as store:

@@ -301,6 +301,20 @@ def test_resume_of_a_run_that_does_not_exist_names_it_and_the_nearby_ones(tmp_pa
         assert list(db.runs()["name"]) == ["pope-main"]
 
 
+def test_ablate_from_a_paper_preset_run_keeps_the_options_given_at_their_default_value(tmp_path, llava):
+    store = str(tmp_path / "s.duckdb")
+    paper = runner.invoke(app, ["run", "--model", llava.name, "--limit", "2", "--preset", "paper",
+                                "--max-new-tokens", "3", "--store", store, "--name", "paper"])
+    assert paper.exit_code == 0, paper.output
+    point = runner.invoke(app, ["ablate", "--from", "paper", "--select", "top", "--k", "0", "--readout", "prompt",
+                                "--max-new-tokens", "8", "--store", store])
+    assert point.exit_code == 0, point.output
+    with Store(store, read_only=True) as db:
+        runs = db.runs()
+    config = runs[runs["sweep"].notna()].iloc[0]["config"]
+    assert config["readout"] == "prompt" and config["max_new_tokens"] == 8 and config["preset"] == "paper"
+
+
 def test_a_limit_past_what_shapes_can_hold_is_one_line(tmp_path, llava):
     result = runner.invoke(app, ["run", "--model", llava.name, "--limit", "1000000000",
                                  "--store", str(tmp_path / "s.duckdb")])

@@ -103,7 +103,7 @@ def sweep(store_path: str | Path, from_run: str | int, selectors: Sequence[str] 
         stored = source["config"] or {}
         reuse = [n for n in stored if n not in run_settings.NOT_INHERITED and n not in run_settings.NOT_STORED]
         base = replace(run_settings.inherit(config, stored, reuse), store=str(store_path), ablation=ablation,
-                       ablate=[], shard=None, name=None, explicit=None)
+                       ablate=[], shard=None, name=None)
         ranking = head_table(store, from_run, stages=base.stages)
         check_ranked(ranking, source["name"])
         base = replace(base, model=base.model or source["model"])

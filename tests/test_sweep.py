@@ -11,7 +11,7 @@ import pytest
 from typer.testing import CliRunner
 
 from vheads.cli import app
-from vheads.cli.sweep import option_spellings
+from vheads.cli.sweep import option_spellings, run_config
 from vheads.data import write_shapes
 from vheads.pipeline import Interrupted, RunConfig, run
 from vheads.store import Store
@@ -187,3 +187,16 @@ def test_without_ray_the_sweep_says_what_to_install(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "ray", None)
     with pytest.raises(SweepError, match=r"install vheads\[ray\]"):
         run_sweep(plan([RunConfig()]), tmp_path / "v.duckdb")
+
+
+def test_string_entries_of_the_ablations_axis_name_heads_selectors_or_none(tmp_path, two_models):
+    study = tmp_path / "study.toml"
+    study.write_text(f'models = ["{two_models[0]}"]\nablate = "0.1"\n'
+                     'ablations = ["none", "0.1,0.2,2.3", "random:2:1"]\n')
+    read = read_study(study, option_spellings())
+    assert read.axes["ablations"] == [{"ablate_heads": None}, {"ablate_heads": "0.1,0.2,2.3"},
+                                      {"ablate_heads": "random:2:1"}]
+    runs = plan([run_config(combo, str(tmp_path / "s.duckdb")) for combo in expand(read.base, read.axes)])
+    assert [r.name for r in runs] == ["tiny-a-shapes", "tiny-a-shapes-zero-0.1+0.2+2.3",
+                                      "tiny-a-shapes-zero-random_2_1"]
+    assert runs[0].ablate == [] and runs[1].ablate == [(0, 1), (0, 2), (2, 3)] and len(runs[2].ablate) == 2

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 AXES = {"models": "model", "datasets": "dataset", "prompt_styles": "prompt_style", "readouts": "readout",
-        "ablations": "ablate"}
+        "ablations": "ablate_heads"}
 SETTINGS = ("shards", "retries", "address", "gpus_per_task", "cpus_per_task")
 PATHS = ("store", "data", "images")
 
@@ -59,8 +59,8 @@ def axis_entry(axis: str, value: Any, options: Mapping[str, str]) -> dict[str, A
     if main == "dataset":
         name, data = parse_dataset(value)
         return {"dataset": name, **({"data": data} if data else {})}
-    if main == "ablate" and str(value).lower() in ("none", ""):
-        return {"ablate": None}
+    if main == "ablate_heads" and str(value).strip().lower() in ("none", ""):
+        return {"ablate_heads": None}
     return {main: value}
 
 

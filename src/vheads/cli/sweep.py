@@ -127,7 +127,7 @@ def run_config(options: dict[str, Any], store: str) -> Any:
 
     known = {f.name for f in fields(RunConfig)}
     values = {k: v for k, v in options.items() if k in known and k not in ("ablate", "shard", "store", "explicit")}
-    spec, from_run = options.get("ablate_heads", options.get("ablate")), options.get("from_run")
+    spec, from_run = options.get("ablate_heads"), options.get("from_run")
     values["readout"] = check_choice(values.get("readout", "prompt"), "readout")
     values["ablation"] = check_choice(values.get("ablation", "zero"), "ablation")
     stages = values.get("stages")

@@ -200,3 +200,24 @@ def test_string_entries_of_the_ablations_axis_name_heads_selectors_or_none(tmp_p
     assert [r.name for r in runs] == ["tiny-a-shapes", "tiny-a-shapes-zero-0.1+0.2+2.3",
                                       "tiny-a-shapes-zero-random_2_1"]
     assert runs[0].ablate == [] and runs[1].ablate == [(0, 1), (0, 2), (2, 3)] and len(runs[2].ablate) == 2
+
+
+def test_options_given_to_a_paper_preset_sweep_win_whatever_their_value(tmp_path, two_models):
+    store = tmp_path / "s.duckdb"
+    flags = CliRunner().invoke(app, ["sweep", "--models", two_models[0], "--no-ray", "--store", str(store),
+                                     "--preset", "paper", "--readout", "prompt", "--limit", "1",
+                                     "--max-new-tokens", "8"])
+    assert flags.exit_code == 0, flags.output
+    study = tmp_path / "study.toml"
+    study.write_text(f'store = "axis.duckdb"\npreset = "paper"\nlimit = 1\nmax-new-tokens = 2\n'
+                     f'models = ["{two_models[0]}"]\nreadouts = ["prompt", "generated"]\n')
+    axis = CliRunner().invoke(app, ["sweep", str(study), "--no-ray"])
+    assert axis.exit_code == 0, axis.output
+    with Store(store, read_only=True) as db:
+        run = db.run("tiny-a-shapes")
+    assert run["readout"] == "prompt" and run["config"]["max_new_tokens"] == 8 and run["config"]["preset"] == "paper"
+    with Store(tmp_path / "axis.duckdb", read_only=True) as db:
+        runs = db.runs().set_index("name")
+    assert set(runs.index) == {"tiny-a-shapes", "tiny-a-shapes-generated"}
+    assert list(runs["readout"]) == ["prompt", "generated"]
+    assert {c["max_new_tokens"] for c in runs["config"]} == {2}

@@ -19,7 +19,7 @@ are relative to the file's folder.
 from __future__ import annotations
 
 import itertools
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -105,6 +105,13 @@ def expand(base: Mapping[str, Any], axes: Mapping[str, Sequence[Mapping[str, Any
     return [{k: v for part in (base, *combo) for k, v in part.items()} for combo in itertools.product(*lists)]
 
 
+def given_keys(base: Iterable[str], axes: Mapping[str, Sequence[Mapping[str, Any]]]) -> list[set[str]]:
+    """For each combination of `expand(..., axes)`, in its order, the options it sets: `base` and its entries' keys
+    (what a preset must not override, whatever their value)."""
+    lists = [entries for entries in axes.values() if entries]
+    return [set(base).union(*combo) for combo in itertools.product(*lists)]
+
+
 def _parse(path: Path, text: str) -> dict[str, Any]:
     if path.suffix.lower() in (".yaml", ".yml"):
         try:
@@ -142,4 +149,5 @@ def _relative_to(options: Mapping[str, Any], folder: Path) -> dict[str, Any]:
     return out
 
 
-__all__ = ["AXES", "SETTINGS", "Study", "StudyError", "axis_entry", "expand", "parse_dataset", "read_study"]
+__all__ = ["AXES", "SETTINGS", "Study", "StudyError", "axis_entry", "expand", "given_keys", "parse_dataset",
+           "read_study"]

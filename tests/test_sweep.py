@@ -202,6 +202,25 @@ def test_string_entries_of_the_ablations_axis_name_heads_selectors_or_none(tmp_p
     assert runs[0].ablate == [] and runs[1].ablate == [(0, 1), (0, 2), (2, 3)] and len(runs[2].ablate) == 2
 
 
+@pytest.mark.parametrize("line, words", [
+    ('limit = "forty"', ("limit", "'forty'", "an integer")),
+    ("seed = 1.5", ("seed", "an integer")),
+    ("trust-remote-code = 1", ("trust-remote-code", "true or false")),
+    ('readout = 3', ("readout", "a string")),
+    ("batch-size = 0", ("batch-size 0", "at least 1")),
+    ('shards = "two"', ("shards", "an integer")),
+    ('datasets = [{ dataset = "shapes", limit = true }]', ("datasets entry", "limit", "an integer")),
+])
+def test_study_values_of_the_wrong_type_are_one_line_naming_the_file_and_key(tmp_path, line, words):
+    study = tmp_path / "study.toml"
+    study.write_text(f'models = ["demo"]\n{line}\n')
+    result = CliRunner().invoke(app, ["sweep", str(study), "--no-ray", "--store", str(tmp_path / "s.duckdb")])
+    assert result.exit_code == 2, result.output
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith(f"error: study file {study}: "), result.output
+    assert all(word in lines[0] for word in words), lines[0]
+
+
 def test_options_given_to_a_paper_preset_sweep_win_whatever_their_value(tmp_path, two_models):
     store = tmp_path / "s.duckdb"
     flags = CliRunner().invoke(app, ["sweep", "--models", two_models[0], "--no-ray", "--store", str(store),

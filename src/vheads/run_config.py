@@ -72,12 +72,16 @@ class RunConfig:
         return shard_path(path, *self.shard) if self.shard else path
 
 
+# The least value of each numeric option (a study file's values are held to the same).
+LEAST = {"limit": 1, "batch_size": 1, "max_new_tokens": 1, "seed": 0}
+
+
 def check_config(config: RunConfig) -> None:
     """ValueError naming the first option whose value is out of range."""
-    for name, value, low in (("limit", config.limit, 1), ("batch-size", config.batch_size, 1),
-                             ("max-new-tokens", config.max_new_tokens, 1), ("seed", config.seed, 0)):
+    for name, low in LEAST.items():
+        value = getattr(config, name)
         if value is not None and value < low:
-            raise ValueError(f"--{name} {value}: must be at least {low}")
+            raise ValueError(f"--{name.replace('_', '-')} {value}: must be at least {low}")
     if config.readout == "first-generated" and config.max_new_tokens < 2:
         raise ValueError("--readout first-generated reads the row of the second answer token: --max-new-tokens "
                          f"must be at least 2, got {config.max_new_tokens}")

@@ -35,6 +35,25 @@ def option_spellings() -> dict[str, str]:
     return names
 
 
+def option_kinds() -> dict[str, Any]:
+    """What a study file's value of each `vheads run` option and sweep setting must be: the command-line option's
+    type, its least value (the option's own `min`, or `run_config.LEAST`) and whether it may be empty."""
+    from vheads.run_config import LEAST
+    from vheads.study import SETTINGS, Kind
+
+    hints = get_type_hints(run_command)
+    params = {**RUN_OPTIONS, **{name: inspect.signature(sweep).parameters[name] for name in SETTINGS}}
+    hints.update({name: get_type_hints(sweep).get(name, params[name].annotation) for name in SETTINGS})
+    kinds = {}
+    for name, param in params.items():
+        info = param.default
+        least = LEAST.get(name, getattr(info, "min", None))
+        types = (str, list) if name == "stages" else (hints[name],)
+        kinds[name] = Kind(types, least, nullable=getattr(info, "default", None) is None)
+    kinds.update(model=Kind((str,)), dataset=Kind((str,), nullable=False), name=Kind((str,)))
+    return kinds
+
+
 def sweep(
     ctx: typer.Context,
     study: Path = typer.Argument(None, help="Study file (TOML, or YAML): models x datasets x prompt styles x "
@@ -78,7 +97,7 @@ def sweep(
     with errors():
         if study is not None:
             try:
-                loaded = read_study(study, spellings)
+                loaded = read_study(study, spellings, option_kinds())
             except StudyError as exc:
                 fail(str(exc))
             settings, axes = loaded.settings, {**axes, **loaded.axes}

@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -14,9 +15,9 @@ import pytest
 from typer.testing import CliRunner
 
 from vheads.cli import app
-from vheads.data import load_dataset
+from vheads.data import Dataset, load_dataset
 from vheads.models import load
-from vheads.pipeline import RunConfig, parse_heads, parse_shard, run, shard_samples
+from vheads.pipeline import Interrupted, RunConfig, parse_heads, parse_shard, run, shard_samples
 from vheads.store import Store, merge
 
 VHEADS = [sys.executable, "-m", "vheads"]
@@ -182,3 +183,25 @@ def test_parsers_and_sharding():
     assert parse_shard("2/4") == (2, 4)
     items = list(range(10))
     assert [shard_samples(items, (k, 3)) for k in (1, 2, 3)] == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]]
+
+
+def test_progress_counts_the_whole_run_and_scores_only_the_scored_samples(tmp_path):
+    samples = load_dataset("shapes", limit=6).samples
+    unscored = [replace(s, answer=None) if i % 2 else s for i, s in enumerate(samples)]
+    dataset = Dataset("shapes", unscored, split="test")
+    config = RunConfig(limit=6, batch_size=2, store=str(tmp_path / "s.duckdb"), name="half")
+    calls = []
+
+    def stop_after_two(done, total, correct, scored):
+        calls.append((done, total, correct, scored))
+        if done == 2:
+            raise KeyboardInterrupt
+
+    with pytest.raises(Interrupted):
+        run(config, dataset=dataset, progress=stop_after_two)
+    summary = run(replace(config, resume=True), dataset=dataset,
+                  progress=lambda *args: calls.append(args), start=lambda *args: calls.append(("start", *args)))
+    assert calls[1] == ("start", 2, 6)
+    assert [(done, total) for done, total, *_ in calls[2:]] == [(4, 6), (6, 6)]
+    done, total, correct, scored = calls[-1]
+    assert scored == 3 and correct / scored == summary.accuracy == 1.0

@@ -271,3 +271,52 @@ def test_the_report_shows_the_stored_stages_or_those_given(tmp_path):
                                 "--stages", "2,4"])
     assert given.exit_code == 0, given.output
     assert "mid from 2, late from 4" in (tmp_path / "b" / "index.html").read_text()
+
+
+def test_resume_refuses_another_pixel_cap_and_accepts_a_restated_value(tmp_path, llava):
+    store = str(tmp_path / "s.duckdb")
+    first = runner.invoke(app, ["run", "--model", llava.name, "--limit", "2", "--max-new-tokens", "1",
+                                "--store", store, "--name", "r"])
+    assert first.exit_code == 0, first.output
+    cap = runner.invoke(app, ["run", "--model", llava.name, "--store", store, "--name", "r", "--resume",
+                              "--max-pixels", "50000"])
+    one_line_error(cap, "cannot resume run r", "--max-pixels 50000 (the run has 50000000)")
+    plain = runner.invoke(app, ["run", "--model", llava.name, "--store", store, "--name", "r", "--resume",
+                                "--prompt-style", "plain"])
+    one_line_error(plain, "cannot resume run r", "--prompt-style plain (the run has the default, visual)")
+    for restated in (["--prompt-style", "visual"], ["--split", "test"], ["--max-pixels", "50000000"],
+                     ["--max-new-tokens", "1", "--limit", "2"]):
+        again = runner.invoke(app, ["run", "--model", llava.name, "--store", store, "--name", "r", "--resume",
+                                    *restated])
+        assert again.exit_code == 0, again.output
+    assert config_of(store, "r")["prompt_style"] is None and config_of(store, "r")["split"] is None
+
+
+def test_resume_of_a_run_that_does_not_exist_names_it_and_the_nearby_ones(tmp_path, llava):
+    store = str(tmp_path / "s.duckdb")
+    run(RunConfig(limit=1, max_new_tokens=1, store=store, name="pope-main"), loaded=llava)
+    typo = runner.invoke(app, ["run", "--model", llava.name, "--store", store, "--name", "pope-mian", "--resume"])
+    one_line_error(typo, "no run 'pope-mian'", "pope-main")
+    with Store(store, read_only=True) as db:
+        assert list(db.runs()["name"]) == ["pope-main"]
+
+
+def test_ablate_from_a_paper_preset_run_keeps_the_options_given_at_their_default_value(tmp_path, llava):
+    store = str(tmp_path / "s.duckdb")
+    paper = runner.invoke(app, ["run", "--model", llava.name, "--limit", "2", "--preset", "paper",
+                                "--max-new-tokens", "3", "--store", store, "--name", "paper"])
+    assert paper.exit_code == 0, paper.output
+    point = runner.invoke(app, ["ablate", "--from", "paper", "--select", "top", "--k", "0", "--readout", "prompt",
+                                "--max-new-tokens", "8", "--store", store])
+    assert point.exit_code == 0, point.output
+    with Store(store, read_only=True) as db:
+        runs = db.runs()
+    config = runs[runs["sweep"].notna()].iloc[0]["config"]
+    assert config["readout"] == "prompt" and config["max_new_tokens"] == 8 and config["preset"] == "paper"
+
+
+def test_a_limit_past_what_shapes_can_hold_is_one_line(tmp_path, llava):
+    result = runner.invoke(app, ["run", "--model", llava.name, "--limit", "1000000000",
+                                 "--store", str(tmp_path / "s.duckdb")])
+    one_line_error(result, "--limit 1000000000", "ShapesQA", "100,000")
+    assert not (tmp_path / "s.duckdb").exists()

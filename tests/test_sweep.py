@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 import sys
 
@@ -10,8 +11,9 @@ import pytest
 from typer.testing import CliRunner
 
 from vheads.cli import app
-from vheads.cli.sweep import option_spellings
-from vheads.pipeline import RunConfig, run
+from vheads.cli.sweep import option_spellings, run_config
+from vheads.data import write_shapes
+from vheads.pipeline import Interrupted, RunConfig, run
 from vheads.store import Store
 from vheads.study import expand, read_study
 from vheads.sweep import SweepError, absolute, plan, run_sweep
@@ -98,16 +100,66 @@ def test_an_in_process_sweep_stores_what_vheads_run_stores_and_reports_the_faile
     assert again.ok and list(again.tasks["shard"]) == ["kept", "kept"]
 
 
+def interrupted_run(config: RunConfig, batches: int) -> None:
+    """`config` run until `batches` batches are computed, then stopped as by Ctrl-C."""
+    def stop(done, total, correct, scored):
+        if done >= batches * config.batch_size:
+            raise KeyboardInterrupt
+
+    with pytest.raises(Interrupted):
+        run(config, progress=stop)
+
+
 def test_a_sweep_resumes_a_run_and_a_run_that_cannot_resume_fails_alone(tmp_path, two_models):
     store = tmp_path / "vheads.duckdb"
-    run(RunConfig(model=two_models[0], limit=3, store=str(store), name="tiny-a-shapes"))
+    interrupted_run(RunConfig(model=two_models[0], limit=5, batch_size=2, store=str(store), name="tiny-a-shapes"), 1)
     run(RunConfig(model=two_models[1], limit=2, readout="generated", store=str(store), name="tiny-b-shapes"))
     tasks = run_sweep(plan([RunConfig(model=m, limit=5) for m in two_models]), store, shards=2, local=True).tasks
     assert list(tasks["status"]) == ["done", "done", "failed", "failed"]
-    assert list(tasks["samples"][:2]) == [0, 2]
+    assert list(tasks["samples"][:2]) == [1, 2]
     assert "cannot resume run tiny-b-shapes" in tasks["error"][2] and "readout" in tasks["error"][2]
     with Store(store, read_only=True) as db:
         assert db.run("tiny-a-shapes")["status"] == "done" and len(db.samples("tiny-a-shapes")) == 5
+
+
+@pytest.mark.parametrize("change, words", [
+    ({"seed": 5}, "--seed 5 (the run has 0)"),
+    ({"max_new_tokens": 1}, "--max-new-tokens 1 (the run has 2)"),
+    ({"limit": 5}, "--limit 5 (the run has 3)"),
+    ({"max_pixels": 50_000}, "--max-pixels 50000 (the run has 50000000)"),
+])
+def test_a_sweep_run_again_with_other_settings_is_refused_and_keeps_the_run(tmp_path, two_models, change, words):
+    store = tmp_path / "vheads.duckdb"
+    settings = {"model": two_models[0], "limit": 3, "max_new_tokens": 2}
+    assert run_sweep(plan([RunConfig(**settings)]), store, local=True).ok
+    with Store(store, read_only=True) as db:
+        before = db.run("tiny-a-shapes")
+    again = run_sweep(plan([RunConfig(**{**settings, **change})]), store, local=True)
+    row = again.tasks.iloc[0]
+    assert row["status"] == "failed" and row["samples"] == 0
+    assert row["error"].startswith("cannot resume run tiny-a-shapes: ") and words in row["error"]
+    with Store(store, read_only=True) as db:
+        after = db.run("tiny-a-shapes")
+    assert after["n_samples"] == 3 and after["config"] == before["config"] and after["status"] == "done"
+    same = run_sweep(plan([RunConfig(**settings, batch_size=2)]), store, local=True)
+    assert same.ok and list(same.tasks["shard"]) == ["kept"]
+
+
+def test_each_piece_reports_its_own_accuracy_and_progress_counts_the_whole_run(tmp_path):
+    data = write_shapes(tmp_path / "data", n=4, seed=1)
+    records = json.loads(data.read_text())
+    for record in records[2:]:
+        record["answer"] = "9"  # the demo model never counts nine: the second piece scores 0
+    data.write_text(json.dumps(records))
+    events = []
+    result = run_sweep(plan([RunConfig(dataset="pointqa", data=str(data), batch_size=1)]), tmp_path / "s.duckdb",
+                       shards=2, local=True, on_event=events.append)
+    assert result.ok
+    with Store(tmp_path / "s.duckdb", read_only=True) as db:
+        samples = db.samples("demo-pointqa").set_index("sample_id")["correct"]
+    ids = [record["id"] for record in records]
+    assert list(result.tasks["accuracy"]) == [samples[ids[:2]].mean(), samples[ids[2:]].mean()] == [1.0, 0.0]
+    assert {event.total for event in events if event.kind in ("open", "progress")} == {4}
 
 
 def test_the_sweep_command_with_a_study_file_and_run_options(tmp_path, two_models, monkeypatch):
@@ -135,3 +187,56 @@ def test_without_ray_the_sweep_says_what_to_install(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "ray", None)
     with pytest.raises(SweepError, match=r"install vheads\[ray\]"):
         run_sweep(plan([RunConfig()]), tmp_path / "v.duckdb")
+
+
+def test_string_entries_of_the_ablations_axis_name_heads_selectors_or_none(tmp_path, two_models):
+    study = tmp_path / "study.toml"
+    study.write_text(f'models = ["{two_models[0]}"]\nablate = "0.1"\n'
+                     'ablations = ["none", "0.1,0.2,2.3", "random:2:1"]\n')
+    read = read_study(study, option_spellings())
+    assert read.axes["ablations"] == [{"ablate_heads": None}, {"ablate_heads": "0.1,0.2,2.3"},
+                                      {"ablate_heads": "random:2:1"}]
+    runs = plan([run_config(combo, str(tmp_path / "s.duckdb")) for combo in expand(read.base, read.axes)])
+    assert [r.name for r in runs] == ["tiny-a-shapes", "tiny-a-shapes-zero-0.1+0.2+2.3",
+                                      "tiny-a-shapes-zero-random_2_1"]
+    assert runs[0].ablate == [] and runs[1].ablate == [(0, 1), (0, 2), (2, 3)] and len(runs[2].ablate) == 2
+
+
+@pytest.mark.parametrize("line, words", [
+    ('limit = "forty"', ("limit", "'forty'", "an integer")),
+    ("seed = 1.5", ("seed", "an integer")),
+    ("trust-remote-code = 1", ("trust-remote-code", "true or false")),
+    ('readout = 3', ("readout", "a string")),
+    ("batch-size = 0", ("batch-size 0", "at least 1")),
+    ('shards = "two"', ("shards", "an integer")),
+    ('datasets = [{ dataset = "shapes", limit = true }]', ("datasets entry", "limit", "an integer")),
+])
+def test_study_values_of_the_wrong_type_are_one_line_naming_the_file_and_key(tmp_path, line, words):
+    study = tmp_path / "study.toml"
+    study.write_text(f'models = ["demo"]\n{line}\n')
+    result = CliRunner().invoke(app, ["sweep", str(study), "--no-ray", "--store", str(tmp_path / "s.duckdb")])
+    assert result.exit_code == 2, result.output
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith(f"error: study file {study}: "), result.output
+    assert all(word in lines[0] for word in words), lines[0]
+
+
+def test_options_given_to_a_paper_preset_sweep_win_whatever_their_value(tmp_path, two_models):
+    store = tmp_path / "s.duckdb"
+    flags = CliRunner().invoke(app, ["sweep", "--models", two_models[0], "--no-ray", "--store", str(store),
+                                     "--preset", "paper", "--readout", "prompt", "--limit", "1",
+                                     "--max-new-tokens", "8"])
+    assert flags.exit_code == 0, flags.output
+    study = tmp_path / "study.toml"
+    study.write_text(f'store = "axis.duckdb"\npreset = "paper"\nlimit = 1\nmax-new-tokens = 2\n'
+                     f'models = ["{two_models[0]}"]\nreadouts = ["prompt", "generated"]\n')
+    axis = CliRunner().invoke(app, ["sweep", str(study), "--no-ray"])
+    assert axis.exit_code == 0, axis.output
+    with Store(store, read_only=True) as db:
+        run = db.run("tiny-a-shapes")
+    assert run["readout"] == "prompt" and run["config"]["max_new_tokens"] == 8 and run["config"]["preset"] == "paper"
+    with Store(tmp_path / "axis.duckdb", read_only=True) as db:
+        runs = db.runs().set_index("name")
+    assert set(runs.index) == {"tiny-a-shapes", "tiny-a-shapes-generated"}
+    assert list(runs["readout"]) == ["prompt", "generated"]
+    assert {c["max_new_tokens"] for c in runs["config"]} == {2}

@@ -65,12 +65,14 @@ class RunSummary:
 
 
 def run(config: RunConfig, loaded: Loaded | None = None, dataset: Dataset | None = None,
-        progress: Callable[[int, int, int], None] | None = None, start: Callable[[int], None] | None = None
-        ) -> RunSummary:
+        progress: Callable[[int, int, int, int], None] | None = None,
+        start: Callable[[int, int], None] | None = None) -> RunSummary:
     """Run a model over a dataset and store the result; safe to kill and `resume`.
 
     Errors that stop the run before it starts (bad data file, model, store) raise DataError / ModelError /
-    StoreError. `progress(done, total, correct)` is called after each computed batch; batches are stored on a
+    StoreError. `start(done, total)` is called once the run is open and `progress(done, total, correct, scored)`
+    after each computed batch: samples of the run answered (those stored before a resume included) of its
+    `total`, how many of them are correct and how many have an answer to score. Batches are stored on a
     background thread (`BatchWriter`) while the next one computes, and all of them before `run` returns.
     """
     store_path = config.store_path()
@@ -103,19 +105,19 @@ def run(config: RunConfig, loaded: Loaded | None = None, dataset: Dataset | None
 
 
 def _run_samples(store: Store, handle: RunHandle, config: RunConfig, loaded: Loaded, dataset: Dataset,
-                 store_path: Path, progress: Callable[[int, int, int], None] | None,
-                 start: Callable[[int], None] | None) -> RunSummary:
+                 store_path: Path, progress: Callable[[int, int, int, int], None] | None,
+                 start: Callable[[int, int], None] | None) -> RunSummary:
     """Compute and store the samples of an open run that are not stored yet; finish it and summarize."""
     name = handle.name
     samples = shard_samples(dataset.samples, config.shard)
     began = time.time()
     runtime_skips: Counter[str] = Counter()
     todo = [s for s in samples if s.id not in handle.done_ids]
+    done, correct, scored = answered(store, handle)
     if start:
-        start(len(todo))
+        start(done, len(samples))
     runner = Runner(loaded, config)
     skip_log = SkipLog(log)
-    done = correct = 0
 
     def stored(rows: Sequence[dict[str, Any]]) -> None:
         log.info("stored %d samples of run %s", len(rows), name)
@@ -131,8 +133,9 @@ def _run_samples(store: Store, handle: RunHandle, config: RunConfig, loaded: Loa
                 writer.submit(batch.rows, batch.figures)
                 done += len(batch.rows)
                 correct += sum(bool(r["correct"]) for r in batch.rows)
+                scored += sum(r["correct"] is not None for r in batch.rows)
                 if progress:
-                    progress(done, len(todo), correct)
+                    progress(done, len(samples), correct, scored)
     except KeyboardInterrupt:
         skip_log.close()
         store.finish_run(handle, status="interrupted", skipped=_skips(dataset, runtime_skips))
@@ -148,6 +151,13 @@ def _run_samples(store: Store, handle: RunHandle, config: RunConfig, loaded: Loa
         summary.notes.append(runner.no_regions)
     store.finish_run(handle, status="done", accuracy=summary.accuracy, skipped=summary.skipped)
     return summary
+
+
+def answered(store: Store, handle: RunHandle) -> tuple[int, int, int]:
+    """(samples stored, correct, scored) of a run so far: where a resumed run's progress starts."""
+    row = store.query("SELECT count(*) AS n, count(*) FILTER (WHERE correct) AS correct, count(correct) AS scored "
+                      "FROM samples WHERE run_id = ?", [handle.run_id]).iloc[0]
+    return int(row["n"]), int(row["correct"]), int(row["scored"])
 
 
 def _drop_if_empty(path: Path, created: bool) -> None:

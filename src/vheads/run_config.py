@@ -3,6 +3,7 @@ applied, the stored run's settings taken over on --resume, and the run named."""
 
 from __future__ import annotations
 
+import difflib
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -71,12 +72,16 @@ class RunConfig:
         return shard_path(path, *self.shard) if self.shard else path
 
 
+# The least value of each numeric option (a study file's values are held to the same).
+LEAST = {"limit": 1, "batch_size": 1, "max_new_tokens": 1, "seed": 0}
+
+
 def check_config(config: RunConfig) -> None:
     """ValueError naming the first option whose value is out of range."""
-    for name, value, low in (("limit", config.limit, 1), ("batch-size", config.batch_size, 1),
-                             ("max-new-tokens", config.max_new_tokens, 1), ("seed", config.seed, 0)):
+    for name, low in LEAST.items():
+        value = getattr(config, name)
         if value is not None and value < low:
-            raise ValueError(f"--{name} {value}: must be at least {low}")
+            raise ValueError(f"--{name.replace('_', '-')} {value}: must be at least {low}")
     if config.readout == "first-generated" and config.max_new_tokens < 2:
         raise ValueError("--readout first-generated reads the row of the second answer token: --max-new-tokens "
                          f"must be at least 2, got {config.max_new_tokens}")
@@ -84,30 +89,68 @@ def check_config(config: RunConfig) -> None:
 
 def prepared(config: RunConfig, store: Store) -> RunConfig:
     """The config a run really uses: absolute paths, the preset applied, and with --resume the stored run's
-    settings for every option not given explicitly (a conflicting one is a StoreError)."""
+    settings for every option not given explicitly (one that differs from the run's is a StoreError)."""
     config = replace(config, data=run_settings.absolute(config.data), images=run_settings.absolute(config.images),
                      model=run_settings.absolute(config.model))
-    if config.resume:
-        row = resume_target(store, config)
-        if row is not None:
-            stored = row["config"] or {}
-            clash = run_settings.conflicts(config, stored)
-            if clash:
-                raise StoreError(f"cannot resume run {row['name']}: {'; '.join(clash)}; drop the option to continue "
-                                 "it, or start a new --name")
-            skip = run_settings.EXECUTION + run_settings.NOT_STORED + run_settings.DERIVED
-            keep = [n for n in stored if n not in skip]
-            config = replace(run_settings.inherit(config, stored, keep), name=row["name"])
+    row = resume_target(store, config) if config.resume else None
+    if row is not None:
+        stored = row["config"] or {}
+        skip = run_settings.EXECUTION + run_settings.NOT_STORED + run_settings.DERIVED
+        keep = [n for n in stored if n not in skip]
+        config = replace(run_settings.inherit(config, stored, keep), name=row["name"])
     config = run_settings.with_preset(config)
     check_config(config)
+    if row is not None:
+        resolved = run_defaults(store, row)
+        config = restated(config, row["config"] or {}, resolved)
+        check_same_run(row["name"], config, row["config"] or {}, resolved)
     return config
 
 
+def check_same_run(name: str, config: RunConfig, stored: dict[str, Any], resolved: dict[str, Any] | None = None,
+                   hint: str = "drop the option to continue it, or start a new --name") -> None:
+    """StoreError naming every defining setting of `config` that differs from stored run `name`'s, then `hint`:
+    samples are only ever added to a run of the same settings (`vheads run --resume` and `vheads sweep` ask here)."""
+    found = run_settings.mismatches(config, stored, resolved)
+    if found:
+        raise StoreError(f"cannot resume run {name}: {'; '.join(found)}; {hint}")
+
+
+def run_defaults(store: Store, row: dict[str, Any]) -> dict[str, Any]:
+    """What a stored run's dataset made of the options it left to their default: its split and prompt style."""
+    stored = row["config"] or {}
+    resolved: dict[str, Any] = {}
+    if stored.get("split") is None and row.get("split"):
+        resolved["split"] = row["split"]
+    if stored.get("prompt_style") is None:
+        styles = store.query("SELECT DISTINCT prompt_style FROM samples WHERE run_id = ? AND prompt_style IS NOT "
+                             "NULL", [row["run_id"]])["prompt_style"]
+        if len(styles) == 1:
+            resolved["prompt_style"] = str(styles.iloc[0])
+    return resolved
+
+
+def restated(config: RunConfig, stored: dict[str, Any], resolved: dict[str, Any]) -> RunConfig:
+    """`config` with an option that restates what the run's default became (`--prompt-style visual` for a run
+    left to ShapesQA's default, visual) set back to the run's own value, the default."""
+    same = {name: None for name, value in resolved.items() if stored.get(name) is None
+            and str(getattr(config, name) or "").strip().lower() == str(value).lower()}
+    return replace(config, **same)
+
+
 def resume_target(store: Store, config: RunConfig) -> dict[str, Any] | None:
-    """The run --resume continues: the one named, else the latest of this model and dataset (None: a new run)."""
+    """The run --resume continues: the one named (StoreError naming nearby runs when there is none), else the
+    latest of this model and dataset (None: a new run)."""
     runs = store.runs()
+    names = [str(n) for n in runs["name"]]
     if config.name:
-        return store.run(config.name) if config.name in set(runs["name"]) else None
+        if config.name in names:
+            return store.run(config.name)
+        near = difflib.get_close_matches(config.name, names, n=5, cutoff=0.6)
+        known = (f"nearby: {', '.join(near)}" if near else
+                 f"latest: {', '.join(names[-5:])}" if names else "the store has no run yet")
+        raise StoreError(f"cannot resume: no run {config.name!r} in {store.path} ({known}); drop --resume to start "
+                         "a new run")
     prefix = f"{Path(config.model).name if config.model else 'demo'}-{config.dataset}"
     matches = runs[runs["name"].map(lambda n: n == prefix or str(n).startswith(prefix + "-"))]
     return None if matches.empty else store.run(str(matches.sort_values("run_id").iloc[-1]["name"]))

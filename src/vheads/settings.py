@@ -2,7 +2,8 @@
 
 A run's settings are its `RunConfig` fields as stored in `runs.config`. `--resume` and `ablate --from RUN` start
 from a stored run's settings and let only the options given explicitly change them; `merge` folds runs whose
-defining settings agree.
+defining settings agree. A stored run's defining settings never change: `mismatches` is the one check that
+`vheads run --resume` and `vheads sweep` make before adding samples to a run.
 """
 
 from __future__ import annotations
@@ -14,10 +15,11 @@ from dataclasses import asdict, fields, replace
 from pathlib import Path
 from typing import Any, TypeVar
 
-# What a run measures: two runs with equal values of these are the same experiment.
+# What a run measures: two runs with equal values of these are the same experiment (the samples, images and
+# figures a run holds follow from them).
 DEFINING = ("model", "dataset", "data", "images", "split", "question_type", "prompt_style", "limit", "seed",
-            "max_new_tokens", "readout", "ablate", "ablation", "dtype", "attn", "trust_remote_code", "stages",
-            "preset")
+            "max_pixels", "max_new_tokens", "readout", "ablate", "ablation", "dtype", "attn", "trust_remote_code",
+            "stages", "preset")
 # How it is computed: free to change on --resume, between shards and sweep tasks.
 EXECUTION = ("batch_size", "device", "shard", "sweep")
 NOT_STORED = ("store", "name", "resume", "tags", "explicit")
@@ -52,10 +54,11 @@ def given_fields(config: Any) -> set[str]:
 
 
 def inherit(config: Config, stored: Mapping[str, Any], names: Iterable[str]) -> Config:
-    """`config` with each field of `names` that was not given explicitly taken from a stored run's settings."""
+    """`config` with each field of `names` that was not given explicitly taken from a stored run's settings; the
+    fields taken count as given after (a preset applied later does not override them)."""
     given = given_fields(config)
     values = {name: restore(name, stored[name]) for name in names if name in stored and name not in given}
-    return replace(config, **values)
+    return replace(config, **values, explicit=tuple(sorted(given | set(values))))
 
 
 def restore(name: str, value: Any) -> Any:
@@ -69,12 +72,25 @@ def restore(name: str, value: Any) -> Any:
     return value
 
 
-def conflicts(config: Any, stored: Mapping[str, Any]) -> list[str]:
-    """The defining options given explicitly with a value other than the stored one, as `--opt new (run: old)`."""
-    given = given_fields(config)
-    return [f"--{name.replace('_', '-')} {_show(getattr(config, name))} (the run has {_show(stored[name])})"
-            for name in DEFINING if name in given and name in stored
-            and plain(getattr(config, name)) != plain(stored[name])]
+def mismatches(config: Any, stored: Mapping[str, Any], resolved: Mapping[str, Any] | None = None) -> list[str]:
+    """The defining settings of `config` that differ from a stored run's, as `--opt new (the run has old)`.
+
+    Settings the stored run does not record (older stores) are not compared, nor the stages when `config` leaves
+    them to the model's depth. `resolved` gives what a default (None) of the run became, for the message.
+    """
+    resolved = resolved or {}
+    found = []
+    for name in DEFINING:
+        if name not in stored or (name == "stages" and getattr(config, name) is None):
+            continue
+        value, old = plain(getattr(config, name)), plain(stored[name])
+        if value == old:
+            continue
+        had = _show(old) if old is not None else "the default" + (f", {resolved[name]}" if name in resolved else "")
+        option = f"--{name.replace('_', '-')}"
+        found.append(f"{option} {_show(value)} (the run has {had})" if value is not None else
+                     f"no {option} (the run has {had})")
+    return found
 
 
 def differences(a: Mapping[str, Any] | None, b: Mapping[str, Any] | None) -> list[str]:
@@ -113,4 +129,4 @@ def _show(value: Any) -> str:
     value = plain(value)
     if isinstance(value, list):
         return ",".join(".".join(map(str, v)) if isinstance(v, list) else str(v) for v in value) or "none"
-    return "none" if value is None else str(value)
+    return "default" if value is None else str(value)

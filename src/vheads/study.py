@@ -12,26 +12,54 @@ ablations = ["none", "top:5", { ablate = "random:5:1", ablation = "uniform" }]
 ```
 
 Each axis entry is its main value or a table of any `vheads run` options; the runs are every combination, a
-later axis overriding an earlier one. Paths in the file (store, models that exist as folders, data, images)
-are relative to the file's folder.
+later axis overriding an earlier one. An `ablations` string is what `--ablate` takes (a `L.H` list or a
+selector), or "none" for no ablation. Paths in the file (store, models that exist as folders, data, images)
+are relative to the file's folder. Values are checked against the command-line options' types and ranges.
 """
 
 from __future__ import annotations
 
 import itertools
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 AXES = {"models": "model", "datasets": "dataset", "prompt_styles": "prompt_style", "readouts": "readout",
-        "ablations": "ablate"}
+        "ablations": "ablate_heads"}
 SETTINGS = ("shards", "retries", "address", "gpus_per_task", "cpus_per_task")
 PATHS = ("store", "data", "images")
 
 
 class StudyError(ValueError):
     """A study file that cannot be read; the message names the file and the key."""
+
+
+@dataclass(frozen=True)
+class Kind:
+    """What a study value must be, as the command-line option takes it: its type(s), its least value (numbers)
+    and whether it may be left empty (null in YAML)."""
+
+    types: tuple[type, ...]
+    least: float | None = None
+    nullable: bool = True
+
+    def check(self, key: str, value: Any) -> None:
+        """ValueError naming `key` when `value` is not of this kind."""
+        if value is None:
+            if not self.nullable:
+                raise ValueError(f"{key}: needs a value ({self.words()})")
+            return
+        numeric = float in self.types and isinstance(value, int)
+        if isinstance(value, bool) != (bool in self.types) or not (isinstance(value, self.types) or numeric):
+            raise ValueError(f"{key}: {_literal(value)} is not {self.words()}")
+        if self.least is not None and value < self.least:
+            raise ValueError(f"{key} {_literal(value)}: must be at least {self.least:g}")
+
+    def words(self) -> str:
+        """'an integer', 'a number', 'true or false', 'a string' (or several, joined by 'or')."""
+        names = {int: "an integer", float: "a number", bool: "true or false", str: "a string", list: "a list"}
+        return " or ".join(names.get(t, t.__name__) for t in self.types)
 
 
 @dataclass
@@ -59,8 +87,8 @@ def axis_entry(axis: str, value: Any, options: Mapping[str, str]) -> dict[str, A
     if main == "dataset":
         name, data = parse_dataset(value)
         return {"dataset": name, **({"data": data} if data else {})}
-    if main == "ablate" and str(value).lower() in ("none", ""):
-        return {"ablate": None}
+    if main == "ablate_heads" and str(value).strip().lower() in ("none", ""):
+        return {"ablate_heads": None}
     return {main: value}
 
 
@@ -72,8 +100,9 @@ def option_name(key: str, options: Mapping[str, str], where: str) -> str:
     return name
 
 
-def read_study(path: str | Path, options: Mapping[str, str]) -> Study:
-    """Read a study file; `options` maps every accepted spelling of a `vheads run` option to its name."""
+def read_study(path: str | Path, options: Mapping[str, str], kinds: Mapping[str, Kind] | None = None) -> Study:
+    """Read a study file; `options` maps every accepted spelling of a `vheads run` option to its name, `kinds`
+    an option or sweep setting name to what its values must be (StudyError naming the file and key otherwise)."""
     path = Path(path)
     try:
         text = path.read_text()
@@ -86,11 +115,14 @@ def read_study(path: str | Path, options: Mapping[str, str]) -> Study:
             name = key.replace("-", "_")
             if name in AXES:
                 entries = value if isinstance(value, list) else [value]
-                study.axes[name] = [axis_entry(name, entry, options) for entry in entries]
+                study.axes[name] = [_checked(name, entry, options, kinds) for entry in entries]
             elif name in SETTINGS:
+                _check(key, name, value, kinds)
                 study.settings[name] = value
             else:
-                study.base[option_name(key, options, "top level")] = value
+                option = option_name(key, options, "top level")
+                _check(key, option, value, kinds)
+                study.base[option] = value
     except ValueError as exc:
         raise StudyError(f"study file {path}: {exc}") from None
     folder = path.resolve().parent
@@ -103,6 +135,35 @@ def expand(base: Mapping[str, Any], axes: Mapping[str, Sequence[Mapping[str, Any
     """Every combination of the axes' entries, each over `base` (a later axis overrides an earlier one)."""
     lists = [entries for entries in axes.values() if entries]
     return [{k: v for part in (base, *combo) for k, v in part.items()} for combo in itertools.product(*lists)]
+
+
+def given_keys(base: Iterable[str], axes: Mapping[str, Sequence[Mapping[str, Any]]]) -> list[set[str]]:
+    """For each combination of `expand(..., axes)`, in its order, the options it sets: `base` and its entries' keys
+    (what a preset must not override, whatever their value)."""
+    lists = [entries for entries in axes.values() if entries]
+    return [set(base).union(*combo) for combo in itertools.product(*lists)]
+
+
+def _check(key: str, name: str, value: Any, kinds: Mapping[str, Kind] | None) -> None:
+    """ValueError naming `key` (as the file spells it) when `value` is not what option `name` takes."""
+    if kinds and name in kinds:
+        kinds[name].check(key, value)
+
+
+def _checked(axis: str, raw: Any, options: Mapping[str, str], kinds: Mapping[str, Kind] | None) -> dict[str, Any]:
+    """An axis entry as run options, each value checked against what its option takes (ValueError naming the axis
+    and the key)."""
+    if isinstance(raw, Mapping):
+        for key, value in raw.items():
+            _check(f"{axis} entry: {key}", option_name(key, options, f"{axis} entry"), value, kinds)
+    else:
+        _check(f"{axis} entry", AXES[axis], raw, kinds)
+    return axis_entry(axis, raw, options)
+
+
+def _literal(value: Any) -> str:
+    """A value as the study file writes it: 'forty', 3, true."""
+    return str(value).lower() if isinstance(value, bool) else repr(value)
 
 
 def _parse(path: Path, text: str) -> dict[str, Any]:
@@ -142,4 +203,5 @@ def _relative_to(options: Mapping[str, Any], folder: Path) -> dict[str, Any]:
     return out
 
 
-__all__ = ["AXES", "SETTINGS", "Study", "StudyError", "axis_entry", "expand", "parse_dataset", "read_study"]
+__all__ = ["AXES", "SETTINGS", "Kind", "Study", "StudyError", "axis_entry", "expand", "given_keys", "parse_dataset",
+           "read_study"]

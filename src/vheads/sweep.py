@@ -22,9 +22,8 @@ from typing import Any
 
 import pandas as pd
 
-from vheads import settings as run_settings
 from vheads.pipeline import Interrupted, RunSummary, summarize
-from vheads.run_config import RunConfig, ablation_label, base_name, stored_run_settings
+from vheads.run_config import RunConfig, ablation_label, base_name, check_same_run, stored_run_settings
 from vheads.runner import Computed, skip_reason
 from vheads.store import RunHandle, Store, StoreError
 from vheads.study import parse_dataset
@@ -136,6 +135,7 @@ class _Run:
     skipped: Counter[str] = field(default_factory=Counter)
     dataset_skips: dict[str, int] = field(default_factory=dict)
     ids: set[str] = field(default_factory=set)
+    total: int | None = None
     yesno: bool = False
     began: float = field(default_factory=time.time)
     new: int = 0
@@ -162,6 +162,8 @@ class _Job:
     began: float = 0.0
     error: str = ""
     opened: bool = False
+    ids: list[str] = field(default_factory=list)
+    accuracy: float | None = None
 
     @property
     def key(self) -> tuple[str, str]:
@@ -182,23 +184,28 @@ def run_sweep(runs: Sequence[RunConfig], store: str | Path, shards: int = 1, add
     local Ray on `num_cpus` CPUs. `gpus_per_task` None: one GPU per worker when the cluster has GPUs when the
     worker starts, else none. A piece that fails is tried again `retries` times (bad input is not retried);
     a piece whose results do not all arrive is failed, never done. Runs already done with the same settings are
-    kept without loading their model.
+    kept without loading their model; a stored run whose defining settings differ from the planned ones is never
+    added to: its pieces fail, naming the differences.
     """
     if shards < 1:
         raise ValueError(f"--shards must be at least 1, got {shards}")
     began = time.perf_counter()
     emit = on_event or _log_event
-    kept = _finished(runs, Path(store))
+    kept, refused = _stored(runs, Path(store))
     states = [_Run(config) for config in runs if config.name not in kept]
     for state in states:
         state.jobs = [_Job(state, (k, shards) if shards > 1 else None) for k in range(1, shards + 1)]
+        for job in state.jobs if state.name in refused else ():
+            job.status, job.error = "failed", refused[state.name]
+            emit(Event("failure", state.name, job.shard, text=job.error))
+    todo = [state for state in states if state.name not in refused]
     timing = {"start": 0.0, "load": 0.0}
-    if states:
+    if todo:
         pool, stop = _pool(local, address, gpus_per_task, cpus_per_task, num_cpus, timing)
         try:
             Path(store).parent.mkdir(parents=True, exist_ok=True)
             with Store(store) as db, BatchWriter(db, None) as writer:
-                _Driver(pool, writer, retries, emit, timing).run(states)
+                _Driver(pool, writer, retries, emit, timing).run(todo)
         except KeyboardInterrupt:
             raise Interrupted("sweep interrupted; finished batches are stored. Run the same command again to "
                               "continue it") from None
@@ -278,8 +285,9 @@ class _Driver:
                 self._release(job)
                 return
             state.stored, state.dataset_skips, state.yesno = stored, opened.skipped, opened.yesno
+            state.total = opened.total
         if not job.opened:
-            job.opened = True
+            job.opened, job.ids = True, list(opened.ids)
             state.ids.update(opened.ids)
         todo = [i for i in opened.ids if i not in state.stored and i not in state.skipped_ids]
         size = state.config.batch_size
@@ -371,8 +379,9 @@ class _Driver:
                         text=status + ("" if accuracy is None else f", accuracy {accuracy:.3f}")))
 
     def _count(self, state: _Run) -> tuple[int, int, int]:
-        """(samples stored, samples known, stored by this sweep) of a run."""
-        return len(state.stored & state.ids), len(state.ids - state.skipped_ids), state.new
+        """(samples stored, samples of the run, stored by this sweep) of a run."""
+        total = len(state.ids) if state.total is None else state.total
+        return len(state.stored & state.ids), total - len(state.skipped_ids), state.new
 
 
 def _add(a: dict[str, int], b: Counter[str]) -> dict[str, int]:
@@ -401,7 +410,16 @@ def _finish(db: Store, state: _Run, skipped: dict[str, int], expected: set[str],
         return None, missing
     summary = summarize(db, handle, db.path, skipped, state.yesno, time.time() - state.began)
     db.finish_run(handle, status="done", accuracy=summary.accuracy, skipped=skipped)
+    for job in state.jobs:
+        job.accuracy = _accuracy(db, handle, job.ids)
     return summary, 0
+
+
+def _accuracy(db: Store, handle: RunHandle, ids: Sequence[str]) -> float | None:
+    """The accuracy over the scored samples among `ids` of a run (one piece's own; None when none is scored)."""
+    row = db.query("SELECT count(correct) AS scored, count(*) FILTER (WHERE correct) AS correct FROM samples "
+                   "WHERE run_id = ? AND list_contains(?::TEXT[], sample_id)", [handle.run_id, list(ids)]).iloc[0]
+    return int(row["correct"]) / int(row["scored"]) if row["scored"] else None
 
 
 def _pool(local: bool, address: str | None, gpus_per_task: float | None, cpus_per_task: float,
@@ -443,31 +461,32 @@ def _init_ray(ray: Any, address: str | None, num_cpus: int | None) -> None:
             log.warning("a local Ray did not start (%s); trying again", first_line(exc))
 
 
-def _finished(runs: Sequence[RunConfig], store: Path) -> dict[str, dict[str, Any]]:
-    """The runs the store holds already, done, with the same settings (a re-run keeps them)."""
+def _stored(runs: Sequence[RunConfig], store: Path) -> tuple[dict[str, dict[str, Any]], dict[str, str]]:
+    """The planned runs the store holds already: those done with the same defining settings (kept, not computed
+    again) and those whose settings differ (refused, with the reason: a run's settings never change under it)."""
     if not store.is_file():
-        return {}
+        return {}, {}
     try:
         with Store(store, read_only=True) as db:
             frame = db.runs()
     except StoreError:
-        return {}
+        return {}, {}
     infos = {row["name"]: row for row in frame.to_dict("records")}
-    kept = {}
+    kept, refused = {}, {}
     for config in runs:
         info = infos.get(config.name)
-        if info and info["status"] == "done" and _same_settings(info["config"] or {}, config):
+        if info is None:
+            continue
+        try:
+            check_same_run(str(config.name), config, info["config"] or {},
+                           hint="a run's settings never change: put them back to continue it, or sweep into another "
+                                "--store")
+        except StoreError as exc:
+            refused[str(config.name)] = str(exc)
+            continue
+        if info["status"] == "done":
             kept[str(config.name)] = info
-    return kept
-
-
-def _same_settings(stored: dict[str, Any], config: RunConfig) -> bool:
-    """Whether a stored run was made with `config`'s settings (values read off the model aside, and the stages
-    when `config` leaves them to the model's depth)."""
-    planned = run_settings.plain(run_settings.stored_settings(config))
-    ignore = set(run_settings.DERIVED) | ({"stages"} if config.stages is None else set())
-    return {k: v for k, v in stored.items() if k not in ignore} == {k: v for k, v in planned.items()
-                                                                    if k not in ignore}
+    return kept, refused
 
 
 def _log_event(event: Event) -> None:
@@ -477,10 +496,9 @@ def _log_event(event: Event) -> None:
 
 
 def _row(job: _Job) -> dict[str, Any]:
-    summary = job.run.summary
     return {"run": job.run.name, "model": model_label(job.run.config.model), "dataset": job.run.config.dataset,
-            "shard": job.shard, "status": job.status, "samples": job.samples,
-            "accuracy": summary.accuracy if summary else None, "seconds": round(job.seconds, 1), "error": job.error}
+            "shard": job.shard, "status": job.status, "samples": job.samples, "accuracy": job.accuracy,
+            "seconds": round(job.seconds, 1), "error": job.error}
 
 
 def _kept_row(config: RunConfig, info: dict[str, Any]) -> dict[str, Any]:

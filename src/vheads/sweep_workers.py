@@ -38,7 +38,8 @@ class Failure:
 
 @dataclass
 class Opened:
-    """What a worker reports about a piece of a run it opened: the model, the dataset, the piece's sample ids."""
+    """What a worker reports about a piece of a run it opened: the model, the dataset, the piece's sample ids and
+    how many samples the whole run has (`total`)."""
 
     model: str
     family: str | None
@@ -52,6 +53,7 @@ class Opened:
     yesno: bool
     where: str
     seconds: float
+    total: int
 
 
 class ModelCache:
@@ -95,7 +97,7 @@ class Worker:
             self.jobs[key] = (Runner(loaded, config), {s.id: s for s in samples}, config.batch_size)
             return Opened(loaded.name, loaded.family, dataset.name, dataset.split, layers, heads,
                           attention_layers, [s.id for s in samples], dict(dataset.skip_summary()), is_yesno(dataset),
-                          f"{socket.gethostname()}:{os.getpid()}", time.perf_counter() - began)
+                          f"{socket.gethostname()}:{os.getpid()}", time.perf_counter() - began, len(dataset.samples))
         except Exception as exc:  # noqa: BLE001 - reported to the driver as a failure
             return failure(exc)
 

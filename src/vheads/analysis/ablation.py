@@ -88,14 +88,14 @@ def plan(ranking: pd.DataFrame, tag: str, selectors: Sequence[str] = SWEEP_SELEC
 
 def sweep(store_path: str | Path, from_run: str | int, selectors: Sequence[str] = SWEEP_SELECTORS,
           ks: Sequence[int] = (0, 4, 8, 16), seeds: int = 5, ablation: str = "zero", config: RunConfig | None = None,
-          loaded: Any = None, dataset: Any = None, progress: Callable[[str, int, int, int], None] | None = None,
+          loaded: Any = None, dataset: Any = None, progress: Callable[[str, int, int, int, int], None] | None = None,
           n_boot: int = 1000) -> list[dict[str, Any]]:
     """Run (or reuse) every point of a pruning sweep and return its points, as `sweep_points` rows.
 
     The points reuse the source run's stored settings (model, data, images, split, question type, prompt style,
     limit, seed, readout, max-new-tokens, dtype, attention kernel, stages, ...); an option `config` gives explicitly
     (`config.explicit`, or for the Python API a value other than the default) overrides it and is stored with each
-    point. `progress(point_name, done, total, correct)` follows each point's run.
+    point. `progress(point_name, done, total, correct, scored)` follows each point's run (see `pipeline.run`).
     """
     config = config or RunConfig()
     with Store(store_path, read_only=True) as store:
@@ -103,18 +103,20 @@ def sweep(store_path: str | Path, from_run: str | int, selectors: Sequence[str] 
         stored = source["config"] or {}
         reuse = [n for n in stored if n not in run_settings.NOT_INHERITED and n not in run_settings.NOT_STORED]
         base = replace(run_settings.inherit(config, stored, reuse), store=str(store_path), ablation=ablation,
-                       ablate=[], shard=None, name=None, resume=True, explicit=None)
+                       ablate=[], shard=None, name=None)
         ranking = head_table(store, from_run, stages=base.stages)
         check_ranked(ranking, source["name"])
         base = replace(base, model=base.model or source["model"])
         tag = base.sweep or sweep_tag(source["name"], base)
         points = plan(ranking, tag, selectors, ks, seeds)
-        finished = set(store.query("SELECT name FROM runs WHERE sweep = ? AND status = 'done'", [tag])["name"])
+        status = dict(store.query("SELECT name, status FROM runs WHERE sweep = ?", [tag]).itertuples(index=False))
+    finished = {name for name, state in status.items() if state == "done"}
     todo = [p for p in points if p.name not in finished]
     if todo:
         loaded, dataset = _prepare(base, loaded, dataset, (int(source["layers"]), int(source["heads"])))
     for point in todo:
-        pipeline.run(replace(base, name=point.name, ablate=point.heads, sweep=tag, tags=point.tags(source["name"])),
+        pipeline.run(replace(base, name=point.name, ablate=point.heads, sweep=tag, tags=point.tags(source["name"]),
+                             resume=point.name in status),
                      loaded=loaded, dataset=dataset, progress=partial(progress, point.name) if progress else None,
                      start=partial(_started, progress, point.name) if progress else None)
     with Store(store_path, read_only=True) as store:
@@ -142,8 +144,8 @@ def sweep_points(store: Store, sweep: str | None = None, from_run: str | int | N
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=POINT_COLUMNS)
 
 
-def _started(progress: Callable[[str, int, int, int], None], label: str, total: int) -> None:
-    progress(label, 0, total, 0)
+def _started(progress: Callable[[str, int, int, int, int], None], label: str, done: int, total: int) -> None:
+    progress(label, done, total, 0, 0)
 
 
 def _prepare(config: RunConfig, loaded: Any, dataset: Any, grid: tuple[int, int]) -> tuple[Any, Any]:

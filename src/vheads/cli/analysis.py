@@ -82,8 +82,8 @@ def ablate(
         with ProgressView() as view:
             points = sweep(existing_store(store), from_run, selectors=_items(select, "--select", str),
                            ks=_items(ks, "--k", int), seeds=seeds, ablation=check_choice(ablation, "ablation"),
-                           config=config, progress=lambda label, done, total, correct: view.update(
-                               label, done, total, f"acc {correct / done:.3f}" if done else ""))
+                           config=config, progress=lambda label, done, total, correct, scored: view.update(
+                               label, done, total, f"acc {correct / scored:.3f}" if scored else ""))
     if fmt == "json":
         rows = [{key: _plain(point[key]) for key in JSON_POINT_KEYS} for point in points]
         sys.stdout.write(json.dumps(rows, indent=2) + "\n")

@@ -270,6 +270,7 @@ class ProgressView:
         self.tasks: dict[str, Any] = {}
         self.printed: dict[str, float] = {}
         self.started: dict[str, float] = {}
+        self.first: dict[str, int] = {}
         self.status_task: Any = None
         self.bar: Any = None
         if self.live:
@@ -313,13 +314,15 @@ class ProgressView:
             self.status_task = None
 
     def update(self, label: str, done: int, total: int, note: str = "", unit: str = "samples") -> None:
-        """`done` of `total` items of the task `label`, with a short note (rate, running accuracy)."""
+        """`done` of `total` items of the task `label`, with a short note (rate, running accuracy); the ETA counts the
+        items done since the task's first update (a resumed run starts part done)."""
         now = time.monotonic()
         self.started.setdefault(label, now)
+        first = self.first.setdefault(label, done)
         if self.bar is not None:
             self.clear_status()
             if label not in self.tasks:
-                self.tasks[label] = self.bar.add_task(label, total=total, note=note)
+                self.tasks[label] = self.bar.add_task(label, total=total, completed=done, note=note)
             self.bar.update(self.tasks[label], completed=done, total=total, note=note)
             return
         last = self.printed.get(label)
@@ -328,5 +331,6 @@ class ProgressView:
         self.printed[label] = now
         elapsed = now - self.started[label]
         share = f" ({100 * done / total:.0f}%)" if total else ""
-        eta = f", ETA {duration(elapsed / done * (total - done))}" if 0 < done < total and elapsed > 0 else ""
+        new = done - first
+        eta = f", ETA {duration(elapsed / new * (total - done))}" if 0 < new and done < total and elapsed > 0 else ""
         say(f"{label}: {done}/{total} {unit}{share}" + (f", {note}" if note else "") + eta, self.console)

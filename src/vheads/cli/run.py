@@ -95,22 +95,25 @@ def run(
         print_summary(summary)
 
 
-def run_progress(view: ProgressView, label: str = "run") -> tuple[Callable[[int], None],
-                                                                 Callable[[int, int, int], None]]:
-    """`start(total)` and `update(done, total, correct)` of a run, shown on `view` with rate and accuracy."""
+def run_progress(view: ProgressView, label: str = "run") -> tuple[Callable[[int, int], None],
+                                                                 Callable[[int, int, int, int], None]]:
+    """`start(done, total)` and `update(done, total, correct, scored)` of a run, shown on `view` with the rate of
+    this session and the accuracy over the scored samples."""
     began: dict[str, float] = {}
 
-    def start(total: int) -> None:
+    def start(done: int, total: int) -> None:
         import time
 
-        began["t"] = time.monotonic()
-        view.update(label, 0, total, "")
+        began.update(t=time.monotonic(), done=done)
+        view.update(label, done, total, "")
 
-    def update(done: int, total: int, correct: int) -> None:
+    def update(done: int, total: int, correct: int, scored: int) -> None:
         import time
 
-        rate = done / max(time.monotonic() - began.get("t", time.monotonic()), 1e-9)
-        view.update(label, done, total, f"{rate:.1f} samples/s, acc {correct / max(done, 1):.3f}")
+        new = done - began.get("done", 0)
+        rate = new / max(time.monotonic() - began.get("t", time.monotonic()), 1e-9)
+        accuracy = f"acc {correct / scored:.3f}" if scored else "acc n/a (no answer to score)"
+        view.update(label, done, total, f"{rate:.1f} samples/s, {accuracy}")
 
     return start, update
 

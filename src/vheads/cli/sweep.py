@@ -14,7 +14,7 @@ from typing import Any, get_type_hints
 
 import typer
 
-from vheads.cli.common import check_choice, errors, fail, parse_stages_option, setup_logging
+from vheads.cli.common import RUN_FIELDS, check_choice, errors, fail, parse_stages_option, setup_logging
 from vheads.cli.output import check_format, console, emit, err, frame_table, say
 from vheads.cli.run import run as run_command
 
@@ -33,6 +33,25 @@ def option_spellings() -> dict[str, str]:
                 names[flag[2:]] = names[flag[2:].replace("-", "_")] = name
     names.update(model="model", dataset="dataset", name="name")
     return names
+
+
+def option_kinds() -> dict[str, Any]:
+    """What a study file's value of each `vheads run` option and sweep setting must be: the command-line option's
+    type, its least value (the option's own `min`, or `run_config.LEAST`) and whether it may be empty."""
+    from vheads.run_config import LEAST
+    from vheads.study import SETTINGS, Kind
+
+    hints = get_type_hints(run_command)
+    params = {**RUN_OPTIONS, **{name: inspect.signature(sweep).parameters[name] for name in SETTINGS}}
+    hints.update({name: get_type_hints(sweep).get(name, params[name].annotation) for name in SETTINGS})
+    kinds = {}
+    for name, param in params.items():
+        info = param.default
+        least = LEAST.get(name, getattr(info, "min", None))
+        types = (str, list) if name == "stages" else (hints[name],)
+        kinds[name] = Kind(types, least, nullable=getattr(info, "default", None) is None)
+    kinds.update(model=Kind((str,)), dataset=Kind((str,), nullable=False), name=Kind((str,)))
+    return kinds
 
 
 def sweep(
@@ -66,7 +85,7 @@ def sweep(
     setup_logging(verbose)
     with errors():
         check_format(fmt)
-    from vheads.study import AXES, StudyError, axis_entry, expand, read_study
+    from vheads.study import AXES, StudyError, axis_entry, expand, given_keys, read_study
     from vheads.sweep import SweepError, plan, run_sweep
 
     given = {k for k in options if getattr(ctx.get_parameter_source(k), "name", "DEFAULT") != "DEFAULT"}
@@ -74,15 +93,17 @@ def sweep(
     settings: dict[str, Any] = {}
     axes: dict[str, list[dict[str, Any]]] = {"models": [{"model": None}], "datasets": [{"dataset": "shapes"}]}
     base = dict(options)
+    explicit = set(given)
     with errors():
         if study is not None:
             try:
-                loaded = read_study(study, spellings)
+                loaded = read_study(study, spellings, option_kinds())
             except StudyError as exc:
                 fail(str(exc))
             settings, axes = loaded.settings, {**axes, **loaded.axes}
             base.update(loaded.base)
             base.update({k: options[k] for k in given})
+            explicit |= set(loaded.base)
         if models:
             axes["models"] = [axis_entry("models", m, spellings) for m in _items(models)]
         if datasets:
@@ -91,10 +112,10 @@ def sweep(
                            ("gpus_per_task", gpus_per_task), ("cpus_per_task", cpus_per_task)):
             if flag is not None:
                 settings[axis] = flag
-        order = [a for a in AXES if a in axes]
-        combos = expand(base, {a: axes[a] for a in order})
+        ordered = {a: axes[a] for a in AXES if a in axes}
+        combos = zip(expand(base, ordered), given_keys(explicit, ordered), strict=True)
         store = str(base["store"])
-        runs = plan([run_config(combo, store) for combo in combos])
+        runs = plan([run_config(combo, store, keys) for combo, keys in combos])
         where = "in this process" if no_ray else f"on Ray ({settings.get('address') or 'local'})"
         say(f"{len(runs)} run(s) x {settings.get('shards', 1)} piece(s) {where}, into {store}", err)
         view = SweepView(err)
@@ -119,15 +140,16 @@ def sweep(
         raise typer.Exit(1)
 
 
-def run_config(options: dict[str, Any], store: str) -> Any:
-    """A `RunConfig` from `vheads run` options (selectors in --ablate resolved, as `vheads run` does)."""
+def run_config(options: dict[str, Any], store: str, given: set[str] | None = None) -> Any:
+    """A `RunConfig` from `vheads run` options (selectors in --ablate resolved, as `vheads run` does); `given`: the
+    options the user set (on the command line or in the study file), which a preset does not override."""
     from vheads import settings as run_settings
     from vheads.analysis.selectors import run_option_heads
     from vheads.pipeline import RunConfig, check_config
 
     known = {f.name for f in fields(RunConfig)}
     values = {k: v for k, v in options.items() if k in known and k not in ("ablate", "shard", "store", "explicit")}
-    spec, from_run = options.get("ablate_heads", options.get("ablate")), options.get("from_run")
+    spec, from_run = options.get("ablate_heads"), options.get("from_run")
     values["readout"] = check_choice(values.get("readout", "prompt"), "readout")
     values["ablation"] = check_choice(values.get("ablation", "zero"), "ablation")
     stages = values.get("stages")
@@ -136,7 +158,8 @@ def run_config(options: dict[str, Any], store: str) -> Any:
     heads = run_option_heads(spec, from_run, store, values.get("model"), bool(values.get("trust_remote_code")),
                              values["stages"])
     tags = {"ablate": spec, **({"from_run": from_run} if from_run else {})} if spec else {}
-    config = run_settings.with_preset(RunConfig(**values, ablate=heads, store=store, tags=tags))
+    explicit = None if given is None else tuple(sorted({RUN_FIELDS.get(k, k) for k in given} & known))
+    config = run_settings.with_preset(RunConfig(**values, ablate=heads, store=store, tags=tags, explicit=explicit))
     check_config(config)
     return config
 

@@ -24,7 +24,7 @@ import torch
 
 from vheads.analysis.ground import ground
 from vheads.models import load
-from vheads.pipeline import RunConfig, run
+from vheads.pipeline.run import RunConfig, run
 
 
 def fmt(value: float | None) -> str:

@@ -26,7 +26,7 @@ import torch
 
 from vheads.data import load_dataset
 from vheads.models import load
-from vheads.pipeline import RunConfig, run
+from vheads.pipeline.run import RunConfig, run
 
 
 def plain_generate(loaded, samples, batch_size: int, max_new_tokens: int) -> float:

@@ -21,8 +21,8 @@ from pathlib import Path
 
 import torch
 
-from vheads.pipeline import RunConfig
-from vheads.sweep import plan, run_sweep
+from vheads.pipeline.run import RunConfig
+from vheads.sweep.driver import plan, run_sweep
 
 VARIANTS = [{"readout": r, "prompt_style": p} for r in ("prompt", "generated") for p in ("visual", "plain")]
 

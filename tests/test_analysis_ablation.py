@@ -9,12 +9,12 @@ import pytest
 from analysis_helpers import synthetic_run
 from typer.testing import CliRunner
 
-from vheads import pipeline
 from vheads.analysis.ablation import POINT_COLUMNS, sweep, sweep_points
 from vheads.analysis.selectors import random_heads, resolve_heads
 from vheads.cli import app
 from vheads.models import load
-from vheads.pipeline import RunConfig
+from vheads.pipeline import run as pipeline
+from vheads.pipeline.run import RunConfig
 from vheads.store import Store
 
 LAYERS, HEADS = 6, 2

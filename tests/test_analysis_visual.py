@@ -21,7 +21,7 @@ from vheads.analysis.visual import (
     visual_heads,
 )
 from vheads.models import load
-from vheads.pipeline import RunConfig, run
+from vheads.pipeline.run import RunConfig, run
 from vheads.store import Store
 
 FLAG, CONSTANT = 0, 1  # hidden dimensions: "this token is an image token", and 1 on every token

@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 
 from vheads.cli import app
 from vheads.models import load
-from vheads.pipeline import RunConfig, run
+from vheads.pipeline.run import RunConfig, run
 
 NARROW = {"COLUMNS": "80"}
 runner = CliRunner(env=NARROW)

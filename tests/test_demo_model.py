@@ -14,8 +14,8 @@ from transformers import AutoModelForImageTextToText, AutoProcessor
 from vheads.analysis.heads import head_table
 from vheads.analysis.selectors import resolve_heads
 from vheads.data.shapes import COLORS, SHAPES, scene_for
-from vheads.models.demo_build import IMAGE, IMAGE_SIZE, PATCH_SIZE, build_demo
-from vheads.models.train_demo import (
+from vheads.demo.build import IMAGE, IMAGE_SIZE, PATCH_SIZE, build_demo
+from vheads.demo.train import (
     HeadDropout,
     curriculum,
     encode_train,
@@ -27,11 +27,10 @@ from vheads.models.train_demo import (
     train_batch,
     train_demo,
 )
-from vheads.pipeline import run
-from vheads.run_config import RunConfig
+from vheads.models.loading import DEMO_DIR
+from vheads.pipeline.config import RunConfig
+from vheads.pipeline.run import run
 from vheads.store import Store
-
-DEMO_DIR = Path(__file__).resolve().parents[1] / "src" / "vheads" / "models" / "demo"
 
 
 def _load(folder: Path) -> tuple:

@@ -19,7 +19,7 @@ from vheads.analysis.selectors import canonical, resolve_heads
 from vheads.cli import app
 from vheads.models import TokenGrid
 from vheads.models.geometry import Affine, frame_grid
-from vheads.pipeline import RunConfig, run
+from vheads.pipeline.run import RunConfig, run
 from vheads.store import Store
 
 FAMILIES = sorted(BUILDERS)

@@ -26,6 +26,24 @@ COMMANDS = ("run", "runs", "heads", "query", "export", "merge", "train-demo", "v
             "demo", "sweep", "data")
 DATA_COMMANDS = ("shapes", "list")
 TERMINAL_PACKAGES = {"typer", "rich", "click"}
+# The layers of the package, lowest first (DESIGN.md): a module imports only modules of its own layer or below.
+LAYERS = (
+    ("vheads.metrics", "vheads.heads", "vheads.compat"),
+    ("vheads.models", "vheads.data", "vheads.store"),
+    ("vheads.capture",),
+    ("vheads.pipeline",),
+    ("vheads.analysis", "vheads.sweep", "vheads.report"),
+    ("vheads.demo",),
+    ("vheads.cli", "vheads.__main__"),
+)
+
+
+def layer_of(module: str) -> int | None:
+    """The index in `LAYERS` of the package or module that holds `module` (None: the package root itself)."""
+    for index, members in enumerate(LAYERS):
+        if any(module == m or module.startswith(m + ".") for m in members):
+            return index
+    return None
 
 
 def project_modules() -> dict[str, Path]:
@@ -105,6 +123,20 @@ def test_the_modules_of_vheads_import_one_another_without_a_cycle():
     assert {"vheads.cli", "vheads.cli.common", "vheads.store.write", "vheads.pipeline"} <= set(graph)
     cycle = find_cycle(graph)
     assert cycle is None, "import cycle: " + " -> ".join(cycle)
+
+
+def test_every_module_has_a_layer_and_imports_only_its_own_layer_or_lower_ones():
+    graph = import_graph()
+    assert [name for name in graph if name != "vheads" and layer_of(name) is None] == []
+    upward = sorted(f"{name} -> {target}" for name, targets in graph.items() for target in targets
+                    if name != "vheads" and target != "vheads" and layer_of(target) > layer_of(name))
+    assert upward == [], "imports that point up the layers:\n" + "\n".join(upward)
+
+
+def test_the_layer_check_sees_an_upward_import():
+    assert layer_of("vheads.store.merge") < layer_of("vheads.pipeline.settings")
+    assert layer_of("vheads.models.layers") < layer_of("vheads.capture.session")
+    assert layer_of("vheads.demo.study") < layer_of("vheads.cli.run")
 
 
 def test_the_cycle_check_sees_a_cycle_through_a_lazy_import():

@@ -17,7 +17,7 @@ from typer.testing import CliRunner
 from vheads.cli import app
 from vheads.data import Dataset, load_dataset
 from vheads.models import load
-from vheads.pipeline import Interrupted, RunConfig, parse_heads, parse_shard, run, shard_samples
+from vheads.pipeline.run import Interrupted, RunConfig, parse_heads, parse_shard, run, shard_samples
 from vheads.store import Store, merge
 
 VHEADS = [sys.executable, "-m", "vheads"]

@@ -10,10 +10,10 @@ from report_helpers import EXTERNAL, HOSTILE, spread
 from vheads.analysis.attention import TokenAttention, attention_maps
 from vheads.capture import HeadRecorder
 from vheads.data import shapes_samples
+from vheads.demo.study import DemoSettings, run_demo
 from vheads.models import load
-from vheads.pipeline import RunConfig, run
+from vheads.pipeline.run import RunConfig, run
 from vheads.report.build import build_report
-from vheads.report.demo import DemoSettings, run_demo
 from vheads.store import Store
 
 

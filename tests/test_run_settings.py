@@ -15,7 +15,7 @@ from vheads.analysis.heads import head_table
 from vheads.cli import app
 from vheads.data import write_shapes
 from vheads.models import load
-from vheads.pipeline import RunConfig, run
+from vheads.pipeline.run import RunConfig, run
 from vheads.store import Store
 
 runner = CliRunner()

@@ -15,6 +15,7 @@ import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 
+from vheads.pipeline.settings import differences
 from vheads.store import HEAD_FIELDS, RunHandle, Store, StoreError, check_writable, merge, shard_path
 
 LAYERS, HEADS = 4, 3
@@ -434,7 +435,7 @@ def test_merge_refuses_same_named_runs_whose_configs_differ(tmp_path):
         store.add_batch(run, *fake_batch([2, 3]))
         store.finish_run(run)
     with pytest.raises(StoreError, match="cannot merge run demo-shapes-test .*limit 300 != 50; seed 0 != 1"):
-        merge([other], main)
+        merge([other], main, conflicts=differences)
     with Store(main, read_only=True) as store:
         assert store.run("demo-shapes-test")["n_samples"] == 2
 

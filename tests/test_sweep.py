@@ -13,10 +13,10 @@ from typer.testing import CliRunner
 from vheads.cli import app
 from vheads.cli.sweep import option_spellings, run_config
 from vheads.data import write_shapes
-from vheads.pipeline import Interrupted, RunConfig, run
+from vheads.pipeline.run import Interrupted, RunConfig, run
 from vheads.store import Store
-from vheads.study import expand, read_study
-from vheads.sweep import SweepError, absolute, plan, run_sweep
+from vheads.sweep.driver import SweepError, absolute, plan, run_sweep
+from vheads.sweep.study import expand, read_study
 
 
 @pytest.fixture(scope="module")

@@ -19,9 +19,9 @@ from typer.testing import CliRunner
 
 from vheads.cli import app
 from vheads.data import write_shapes
-from vheads.pipeline import RunConfig
+from vheads.pipeline.run import RunConfig
 from vheads.store import Store
-from vheads.sweep import plan, run_sweep
+from vheads.sweep.driver import plan, run_sweep
 
 SRC = str(Path(__file__).resolve().parents[1] / "src")
 

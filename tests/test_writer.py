@@ -9,8 +9,8 @@ import pytest
 from test_store import HEADS, LAYERS, fake_batch, start
 
 from vheads.capture import HeadFigures
+from vheads.pipeline.writer import BatchWriter
 from vheads.store import Store, StoreError
-from vheads.writer import BatchWriter
 
 
 def figures_of(*arrays: np.ndarray) -> HeadFigures:

@@ -15,7 +15,7 @@ import pandas as pd
 from vheads import metrics
 from vheads.analysis.heads import attention_heads, head_table, no_readout_hint, weights_array
 from vheads.analysis.localization import localization_heads
-from vheads.run_config import parse_heads
+from vheads.pipeline.config import parse_heads
 from vheads.store import Store
 
 Head = tuple[int, int]
@@ -235,8 +235,8 @@ def model_layers(model: str | None, trust_remote_code: bool = False) -> tuple[in
     """Language-model layers, heads per layer and the layers with softmax attention, from the config alone."""
     from transformers import AutoConfig
 
-    from vheads.capture import config_attention_layers
     from vheads.models import ModelError
+    from vheads.models.layers import config_attention_layers
     from vheads.models.loading import resolve
 
     ref, _ = resolve(model)

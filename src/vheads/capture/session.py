@@ -26,9 +26,9 @@ from vheads.compat import (
     set_attention_implementation,
     unregister_attention,
 )
+from vheads.models.layers import LayerError, language_layers
 
 PREFIX = "vheads_"
-NO_SOFTMAX = ("linear", "mamba", "conv", "recurrent", "ssm")
 _ids = itertools.count()
 
 
@@ -139,65 +139,12 @@ class AttentionCall:
         return probs
 
 
-def language_layers(model: nn.Module) -> tuple[list[nn.Module | None], list[Any]]:
-    """The attention module of every language-model layer, in order (None for a layer without softmax
-    attention), and the configs they read.
-
-    The language model is the decoder whose config is the model's text config; its vision tower (which
-    goes through the same attention interface) is left out. Hybrid decoders (Qwen3.5) mix softmax-attention
-    layers with token mixers that have no attention weights (Gated DeltaNet `linear_attn`: a `layer_idx`
-    but no attention config); those layers are None and have no figures.
-    """
-    config = model.config
-    text_config = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
-    decoders = [d for d in (_declared_decoder(model),) if d is not None and d.config is text_config]
-    if not decoders:
-        decoders = [m for m in model.modules() if getattr(m, "config", None) is text_config
-                    and isinstance(getattr(m, "layers", None), nn.ModuleList)]
-    if not decoders:
-        decoders = [m for m in model.modules() if isinstance(getattr(m, "layers", None), nn.ModuleList)
-                    and getattr(getattr(m, "config", None), "num_attention_heads", None) is not None
-                    and "vision" not in type(m).__name__.lower()]
-    if not decoders:
-        raise CaptureError(f"no language model with decoder layers found in {type(model).__name__}")
-    attention: list[nn.Module | None] = []
-    for layer in decoders[0].layers:
-        found = next((m for m in layer.modules() if m is not layer and hasattr(m, "layer_idx")
-                      and getattr(m, "config", None) is not None), None)
-        if found is None and not any(m is not layer and hasattr(m, "layer_idx") for m in layer.modules()):
-            raise CaptureError(f"no attention module (with layer_idx) in layer {type(layer).__name__}")
-        attention.append(found)
-    configs = []
-    for m in attention:
-        if m is not None and all(m.config is not c for c in configs):
-            configs.append(m.config)
-    if not configs:
-        raise CaptureError(f"the language model of {type(model).__name__} has no softmax-attention layer")
-    return attention, configs
-
-
-def attention_layer_indices(model: nn.Module) -> list[int]:
-    """Indices of the language-model layers with softmax attention (every layer except in hybrid decoders)."""
-    return [i for i, m in enumerate(language_layers(model)[0]) if m is not None]
-
-
-def config_attention_layers(text_config: Any) -> list[int]:
-    """The layers with softmax attention by a text config alone: all of them, except those whose `layer_types`
-    entry names a linear / recurrent mixer (Qwen3.5's `linear_attention`)."""
-    n = int(text_config.num_hidden_layers)
-    kinds = getattr(text_config, "layer_types", None) or ["attention"] * n
-    return [i for i, kind in enumerate(list(kinds)[:n]) if not str(kind).startswith(NO_SOFTMAX)]
-
-
-def _declared_decoder(model: nn.Module) -> nn.Module | None:
-    """The text decoder the model names through `get_decoder()`, if it has decoder layers (saves a module walk)."""
-    get = getattr(model, "get_decoder", None)
+def _language_layers(model: nn.Module) -> tuple[list[nn.Module | None], list[Any]]:
+    """`models.layers.language_layers`, its failure raised as a `CaptureError`."""
     try:
-        decoder = get() if callable(get) else None
-    except (AttributeError, NotImplementedError, TypeError):
-        return None
-    layers = getattr(decoder, "layers", None)
-    return decoder if isinstance(layers, nn.ModuleList) and hasattr(decoder, "config") else None
+        return language_layers(model)
+    except LayerError as exc:
+        raise CaptureError(str(exc)) from None
 
 
 class CaptureSession:
@@ -205,7 +152,7 @@ class CaptureSession:
 
     def __init__(self, model: nn.Module, layers: tuple[list[nn.Module | None], list[Any]] | None = None):
         self.model = model
-        self.attention, self.configs = layers if layers is not None else language_layers(model)
+        self.attention, self.configs = layers if layers is not None else _language_layers(model)
         self.layer_of = {id(m): i for i, m in enumerate(self.attention) if m is not None}
         self.attention_layers = sorted(self.layer_of.values())  # all layers, except in hybrid decoders
         self.base = attention_implementation(self.configs[0])
@@ -230,7 +177,7 @@ class CaptureSession:
     @classmethod
     def attach(cls, model: nn.Module) -> CaptureSession:
         """The session active on `model`, or a new one routed in now."""
-        layers = language_layers(model)
+        layers = _language_layers(model)
         current = registered_attention(attention_implementation(layers[1][0]))
         if isinstance(current, CaptureSession) and current.model is model:
             session = current

@@ -74,7 +74,7 @@ def errors() -> Iterator[None]:
     from vheads.capture import CaptureError
     from vheads.data import DataError
     from vheads.models import ModelError
-    from vheads.pipeline import Interrupted
+    from vheads.pipeline.run import Interrupted
     from vheads.store import StoreError
 
     try:

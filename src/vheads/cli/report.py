@@ -63,7 +63,7 @@ def demo(
     setup_logging(verbose)
     import torch
 
-    from vheads.report.demo import DemoSettings, run_demo
+    from vheads.demo.study import DemoSettings, run_demo
 
     if threads:
         torch.set_num_threads(threads)

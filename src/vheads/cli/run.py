@@ -71,8 +71,8 @@ def run(
     setup_logging(verbose)
     from vheads.analysis.selectors import run_option_heads
     from vheads.models import check_device
-    from vheads.pipeline import RunConfig, parse_shard
-    from vheads.pipeline import run as run_pipeline
+    from vheads.pipeline.run import RunConfig, parse_shard
+    from vheads.pipeline.run import run as run_pipeline
 
     with errors():
         check_device(device)

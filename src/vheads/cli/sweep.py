@@ -38,8 +38,8 @@ def option_spellings() -> dict[str, str]:
 def option_kinds() -> dict[str, Any]:
     """What a study file's value of each `vheads run` option and sweep setting must be: the command-line option's
     type, its least value (the option's own `min`, or `run_config.LEAST`) and whether it may be empty."""
-    from vheads.run_config import LEAST
-    from vheads.study import SETTINGS, Kind
+    from vheads.pipeline.config import LEAST
+    from vheads.sweep.study import SETTINGS, Kind
 
     hints = get_type_hints(run_command)
     params = {**RUN_OPTIONS, **{name: inspect.signature(sweep).parameters[name] for name in SETTINGS}}
@@ -85,8 +85,8 @@ def sweep(
     setup_logging(verbose)
     with errors():
         check_format(fmt)
-    from vheads.study import AXES, StudyError, axis_entry, expand, given_keys, read_study
-    from vheads.sweep import SweepError, plan, run_sweep
+    from vheads.sweep.driver import SweepError, plan, run_sweep
+    from vheads.sweep.study import AXES, StudyError, axis_entry, expand, given_keys, read_study
 
     given = {k for k in options if getattr(ctx.get_parameter_source(k), "name", "DEFAULT") != "DEFAULT"}
     spellings = option_spellings()
@@ -143,9 +143,9 @@ def sweep(
 def run_config(options: dict[str, Any], store: str, given: set[str] | None = None) -> Any:
     """A `RunConfig` from `vheads run` options (selectors in --ablate resolved, as `vheads run` does); `given`: the
     options the user set (on the command line or in the study file), which a preset does not override."""
-    from vheads import settings as run_settings
     from vheads.analysis.selectors import run_option_heads
-    from vheads.pipeline import RunConfig, check_config
+    from vheads.pipeline import settings as run_settings
+    from vheads.pipeline.run import RunConfig, check_config
 
     known = {f.name for f in fields(RunConfig)}
     values = {k: v for k, v in options.items() if k in known and k not in ("ablate", "shard", "store", "explicit")}

@@ -23,7 +23,7 @@ def train_demo(out: Path = typer.Option(..., "--out", "-o", help="Folder for the
     """Train the small demo LLaVA on ShapesQA (what ships as the embedded default)."""
     import torch
 
-    from vheads.models.train_demo import train_demo as train
+    from vheads.demo.train import train_demo as train
 
     for value, option in ((minutes, "--minutes"), (steps, "--steps"), (threads, "--threads")):
         if value is not None and value <= 0:

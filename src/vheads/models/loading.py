@@ -16,7 +16,7 @@ from vheads.models.processors import load_processor, needs_torchvision_free_rout
 
 log = logging.getLogger("vheads.models")
 
-DEMO_DIR = Path(__file__).parent / "demo"
+DEMO_DIR = Path(__file__).parents[1] / "demo" / "weights"
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16}
 

@@ -3,14 +3,13 @@ twice adds nothing."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import duckdb
 
-from vheads.settings import differences
 from vheads.store.read import decode_run, records, run_row, run_row_by_id
 from vheads.store.schema import (
     COMPAT_FIELDS,
@@ -67,14 +66,19 @@ class MergeSummary:
         return f"merged {len(self.files)} file(s) into {self.into}: {added} added; {runs}"
 
 
-def merge(files: Sequence[str | Path], into: str | Path) -> MergeSummary:
+Conflicts = Callable[[Mapping[str, Any] | None, Mapping[str, Any] | None], list[str]]
+
+
+def merge(files: Sequence[str | Path], into: str | Path, conflicts: Conflicts | None = None) -> MergeSummary:
     """Fold shard (or other store) files into one store, all or nothing; re-merging adds nothing.
 
     Every table of the store is merged, its columns read from the files (a column a source lacks is NULL), so a
     table or column added later comes along. Same-named runs become one run with a new run_id; its accuracy is
-    recomputed as the mean of `correct`. Runs of one name are merged only when their whole configuration agrees
-    (model, data, limit, seed, readout, every defining option of `settings.DEFINING`; batch size, device and shard
-    may differ): otherwise StoreError. On any failure a new `into` is removed and an existing one is left as it was.
+    recomputed as the mean of `correct`. Runs of one name are merged only when they agree on `COMPAT_FIELDS` (model,
+    dataset, grid, ...) and `conflicts(target_config, source_config)` names no difference: the store knows no run
+    settings, so the caller says which stored options define a run (`vheads.pipeline.settings.differences`: every
+    defining option; batch size, device and shard may differ). Otherwise StoreError. On any failure a new `into`
+    is removed and an existing one is left as it was.
     """
     into = Path(into)
     sources = [Path(f) for f in files]
@@ -88,7 +92,7 @@ def merge(files: Sequence[str | Path], into: str | Path) -> MergeSummary:
     existed = into.exists()
     con = connect(into, read_only=False)
     try:
-        _fold(con, into, sources, summary)
+        _fold(con, into, sources, summary, conflicts)
     except BaseException:
         con.close()
         if not existed:
@@ -99,7 +103,8 @@ def merge(files: Sequence[str | Path], into: str | Path) -> MergeSummary:
     return summary
 
 
-def _fold(con: duckdb.DuckDBPyConnection, into: Path, sources: Sequence[Path], summary: MergeSummary) -> None:
+def _fold(con: duckdb.DuckDBPyConnection, into: Path, sources: Sequence[Path], summary: MergeSummary,
+          conflicts: Conflicts | None) -> None:
     """Fold files into the store of `con` in one transaction (schema upgrade of `into` included), all or nothing;
     each is attached read-only and checked first, so a shard still being written is refused by its own lock before
     anything changes."""
@@ -126,7 +131,7 @@ def _fold(con: duckdb.DuckDBPyConnection, into: Path, sources: Sequence[Path], s
                 try:
                     tables = _shared_tables(con, alias, src, target)
                     for record in records(con.execute(f"SELECT * FROM {alias}.runs ORDER BY run_id")):
-                        _merge_run(con, alias, src, decode_run(record), tables, summary)
+                        _merge_run(con, alias, src, decode_run(record), tables, summary, conflicts)
                     for table, columns in tables.items():
                         if "run_id" not in columns and table != "runs":
                             _count(summary, table, _copy_rows(con, alias, table, columns))
@@ -183,7 +188,7 @@ def _count(summary: MergeSummary, table: str, added: int) -> None:
 
 
 def _merge_run(con: duckdb.DuckDBPyConnection, alias: str, src: Path, source: dict[str, Any],
-               tables: Mapping[str, Mapping[str, bool]], summary: MergeSummary) -> None:
+               tables: Mapping[str, Mapping[str, bool]], summary: MergeSummary, conflicts: Conflicts | None) -> None:
     """Copy one attached run's missing rows of every table keyed by run_id, then recompute the run's status from its
     shards."""
     name = source["name"]
@@ -202,7 +207,7 @@ def _merge_run(con: duckdb.DuckDBPyConnection, alias: str, src: Path, source: di
         summary.runs_created.append(name)
     else:
         diffs = [f"{k} {target[k]!r} != {source[k]!r}" for k in COMPAT_FIELDS if target[k] != source[k]]
-        diffs += differences(target["config"], source["config"])
+        diffs += conflicts(target["config"], source["config"]) if conflicts is not None else []
         if diffs:
             raise StoreError(
                 f"cannot merge run {name} from {src}: it differs from the stored run ({'; '.join(diffs)})"

@@ -12,10 +12,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from vheads.capture import HeadFigures, HeadRecorder, ablate, attention_layer_indices
+from vheads.capture import HeadFigures, HeadRecorder, ablate
 from vheads.data import BadSample, Sample, score
 from vheads.models import GeometryError, Loaded, TokenGrid
-from vheads.run_config import RunConfig
+from vheads.models.layers import attention_layer_indices
+from vheads.pipeline.config import RunConfig
 
 log = logging.getLogger("vheads.run")
 

@@ -12,9 +12,9 @@ from typing import Any
 import pandas as pd
 
 from vheads.analysis.heads import head_table
-from vheads.pipeline import RunSummary
+from vheads.pipeline.config import RunConfig
+from vheads.pipeline.run import RunSummary
 from vheads.report.build import build_report
-from vheads.run_config import RunConfig
 from vheads.store import Store
 
 STORE_NAME = "vheads-demo.duckdb"
@@ -77,7 +77,7 @@ def run_demo(settings: DemoSettings, say: Callable[[str], None] = print,
     from vheads.analysis.ablation import sweep
     from vheads.data import load_dataset
     from vheads.models import load
-    from vheads.pipeline import run
+    from vheads.pipeline.run import run
 
     seconds: dict[str, float] = {}
     began = time.time()

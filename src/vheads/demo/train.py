@@ -20,7 +20,7 @@ from transformers import LlavaForConditionalGeneration, LlavaProcessor
 
 from vheads.data.sample import Sample
 from vheads.data.shapes import COLORS, SHAPES, scene_for, shapes_sample, shapes_samples
-from vheads.models.demo_build import build_demo
+from vheads.demo.build import build_demo
 
 QUESTION_TYPES = ("general", "obj", "super")
 STYLE_MIX = (("visual", 0.75), ("plain", 0.1), ("none", 0.15))

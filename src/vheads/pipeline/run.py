@@ -19,7 +19,8 @@ from typing import Any
 from vheads.data import Dataset
 from vheads.data.skips import SkipLog
 from vheads.models import Loaded
-from vheads.run_config import (
+from vheads.pipeline.batches import Computed, Runner, compute, head_grid, sample_row, skip_reason
+from vheads.pipeline.config import (
     RunConfig,
     ablation_label,
     base_name,
@@ -33,9 +34,8 @@ from vheads.run_config import (
     stored_run_settings,
     with_stages,
 )
-from vheads.runner import Computed, Runner, compute, head_grid, sample_row, skip_reason
+from vheads.pipeline.writer import BatchWriter
 from vheads.store import RunHandle, Store, StoreError
-from vheads.writer import BatchWriter
 
 log = logging.getLogger("vheads.run")
 

@@ -22,13 +22,13 @@ from typing import Any
 
 import pandas as pd
 
-from vheads.pipeline import Interrupted, RunSummary, summarize
-from vheads.run_config import RunConfig, ablation_label, base_name, check_same_run, stored_run_settings
-from vheads.runner import Computed, skip_reason
+from vheads.pipeline.batches import Computed, skip_reason
+from vheads.pipeline.config import RunConfig, ablation_label, base_name, check_same_run, stored_run_settings
+from vheads.pipeline.run import Interrupted, RunSummary, summarize
+from vheads.pipeline.writer import BatchWriter
 from vheads.store import RunHandle, Store, StoreError
-from vheads.study import parse_dataset
-from vheads.sweep_workers import Failure, LocalPool, Opened, RayPool, first_line
-from vheads.writer import BatchWriter
+from vheads.sweep.study import parse_dataset
+from vheads.sweep.workers import Failure, LocalPool, Opened, RayPool, first_line
 
 log = logging.getLogger("vheads.sweep")
 

@@ -10,10 +10,10 @@ from pathlib import Path
 from typing import Any
 
 from vheads import metrics
-from vheads import settings as run_settings
 from vheads.data import Dataset, Sample, load_dataset
 from vheads.data.images import DEFAULT_MAX_PIXELS
 from vheads.models import Loaded, load
+from vheads.pipeline import settings as run_settings
 from vheads.store import Store, StoreError, shard_path
 
 

@@ -19,9 +19,9 @@ from typing import Any
 from vheads.capture import CaptureError
 from vheads.data import DataError
 from vheads.models import Loaded, ModelError
-from vheads.pipeline import is_yesno
-from vheads.run_config import RunConfig, shard_samples
-from vheads.runner import Computed, Runner, compute, head_grid
+from vheads.pipeline.batches import Computed, Runner, compute, head_grid
+from vheads.pipeline.config import RunConfig, shard_samples
+from vheads.pipeline.run import is_yesno
 from vheads.store import StoreError
 
 BAD_INPUT = (DataError, ModelError, StoreError, CaptureError, ValueError, FileNotFoundError)

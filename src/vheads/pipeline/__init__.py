@@ -1,0 +1,6 @@
+"""A run: its config (`config`, `settings`), batches through the model (`batches`), the store writer (`writer`)
+and the run from the store to its summary (`run`).
+
+Import from the module that holds a name (`vheads.pipeline.run.run`); this package imports nothing itself, so a
+command that only reads run settings does not load torch.
+"""

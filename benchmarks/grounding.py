@@ -24,7 +24,8 @@ import torch
 
 from vheads.analysis.ground import ground
 from vheads.models import load
-from vheads.pipeline.run import RunConfig, run
+from vheads.pipeline.config import RunConfig
+from vheads.pipeline.run import run
 
 
 def fmt(value: float | None) -> str:

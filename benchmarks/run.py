@@ -26,7 +26,8 @@ import torch
 
 from vheads.data import load_dataset
 from vheads.models import load
-from vheads.pipeline.run import RunConfig, run
+from vheads.pipeline.config import RunConfig
+from vheads.pipeline.run import run
 
 
 def plain_generate(loaded, samples, batch_size: int, max_new_tokens: int) -> float:

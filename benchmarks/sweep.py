@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from vheads.pipeline.run import RunConfig
+from vheads.pipeline.config import RunConfig
 from vheads.sweep.driver import plan, run_sweep
 
 VARIANTS = [{"readout": r, "prompt_style": p} for r in ("prompt", "generated") for p in ("visual", "plain")]

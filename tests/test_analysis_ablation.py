@@ -14,7 +14,7 @@ from vheads.analysis.selectors import random_heads, resolve_heads
 from vheads.cli import app
 from vheads.models import load
 from vheads.pipeline import run as pipeline
-from vheads.pipeline.run import RunConfig
+from vheads.pipeline.config import RunConfig
 from vheads.store import Store
 
 LAYERS, HEADS = 6, 2

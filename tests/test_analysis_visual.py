@@ -21,7 +21,8 @@ from vheads.analysis.visual import (
     visual_heads,
 )
 from vheads.models import load
-from vheads.pipeline.run import RunConfig, run
+from vheads.pipeline.config import RunConfig
+from vheads.pipeline.run import run
 from vheads.store import Store
 
 FLAG, CONSTANT = 0, 1  # hidden dimensions: "this token is an image token", and 1 on every token

@@ -13,7 +13,8 @@ from typer.testing import CliRunner
 
 from vheads.cli import app
 from vheads.models import load
-from vheads.pipeline.run import RunConfig, run
+from vheads.pipeline.config import RunConfig
+from vheads.pipeline.run import run
 
 NARROW = {"COLUMNS": "80"}
 runner = CliRunner(env=NARROW)

@@ -111,3 +111,12 @@ def test_a_file_with_no_records_or_no_match_is_fatal(tmp_path: Path) -> None:
         load_dataset("pope", data=path, split="popular")
     with pytest.raises(DataError, match="seed"):
         load_dataset("pope", data=path, seed=-1, limit=1)
+
+
+def test_the_run_help_lists_every_registered_loader() -> None:
+    from typer.testing import CliRunner
+
+    from vheads.cli import app
+
+    text = " ".join(CliRunner().invoke(app, ["run", "--help"], terminal_width=200).output.split())
+    assert all(name in text for name in list_datasets()), text

@@ -167,7 +167,8 @@ def test_hybrid_layers_are_recorded_and_kept_out_of_ranking_selectors_and_ablati
     from vheads.analysis.heads import head_table, weights_array
     from vheads.analysis.selectors import resolve_heads, run_option_heads
     from vheads.capture import ablate, attention_layer_indices, config_attention_layers
-    from vheads.pipeline.run import RunConfig, run
+    from vheads.pipeline.config import RunConfig
+    from vheads.pipeline.run import run
     from vheads.store import Store
 
     hybrid = loaded("qwen3_5")

@@ -19,7 +19,8 @@ from vheads.analysis.selectors import canonical, resolve_heads
 from vheads.cli import app
 from vheads.models import TokenGrid
 from vheads.models.geometry import Affine, frame_grid
-from vheads.pipeline.run import RunConfig, run
+from vheads.pipeline.config import RunConfig
+from vheads.pipeline.run import run
 from vheads.store import Store
 
 FAMILIES = sorted(BUILDERS)

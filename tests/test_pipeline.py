@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -16,8 +17,10 @@ from typer.testing import CliRunner
 
 from vheads.cli import app
 from vheads.data import Dataset, load_dataset
+from vheads.heads import parse_heads
 from vheads.models import load
-from vheads.pipeline.run import Interrupted, RunConfig, parse_heads, parse_shard, run, shard_samples
+from vheads.pipeline.config import RunConfig, parse_shard, shard_samples
+from vheads.pipeline.run import Interrupted, run
 from vheads.store import Store, merge
 
 VHEADS = [sys.executable, "-m", "vheads"]
@@ -205,3 +208,32 @@ def test_progress_counts_the_whole_run_and_scores_only_the_scored_samples(tmp_pa
     assert [(done, total) for done, total, *_ in calls[2:]] == [(4, 6), (6, 6)]
     done, total, correct, scored = calls[-1]
     assert scored == 3 and correct / scored == summary.accuracy == 1.0
+
+
+def test_a_benchmark_reports_the_run_metrics_its_loader_names(tmp_path, llava):
+    """POPE's loader names its F1 figures; the run computes them without knowing which benchmark it ran."""
+    from test_data_formats import write_pope
+
+    from vheads.data.scoring import pope_metrics
+
+    data = write_pope(tmp_path)
+    assert load_dataset("pope", data=data, images=tmp_path / "val2014").metrics == ("pope",)
+    assert load_dataset("shapes", limit=2).metrics == ()
+    store = str(tmp_path / "s.duckdb")
+    summary = run(RunConfig(dataset="pope", data=str(data), images=str(tmp_path / "val2014"), store=store, name="p"),
+                  loaded=llava)
+    with Store(store, read_only=True) as db:
+        answered = db.samples("p").sort_values("sample_id")
+    assert summary.extra == {"pope": pope_metrics(list(answered["prediction"]), list(answered["answer"]))}
+    shapes = run(RunConfig(limit=2, store=store, name="s"), loaded=llava)
+    assert shapes.extra == {}
+
+
+def test_no_module_outside_data_names_a_benchmark_metric():
+    """A loader owns its metrics (as an lm-eval task owns its metric list): the run path reads `Dataset.metrics`."""
+    import vheads
+
+    root = Path(vheads.__file__).parent
+    outside = [path for path in root.rglob("*.py") if root / "data" not in path.parents]
+    leaks = [str(path.relative_to(root)) for path in outside if re.search(r"pope_metrics|yesno", path.read_text())]
+    assert leaks == []

@@ -14,7 +14,8 @@ from vheads.capture import HeadRecorder, attention_layer_indices, language_layer
 from vheads.data import Dataset
 from vheads.data.shapes import shapes_sample
 from vheads.models import TokenGrid, load
-from vheads.pipeline.run import RunConfig, run
+from vheads.pipeline.config import RunConfig
+from vheads.pipeline.run import run
 from vheads.store import Store
 
 FAMILIES = ["llava", "llava_next", "internvl", "qwen2_vl"]

@@ -229,7 +229,8 @@ def test_gemma3_pan_and_scan_is_refused_by_name(model_dirs):
 def test_a_run_whose_layout_cannot_be_mapped_says_so_once_in_its_summary(tmp_path, model_dirs, capsys):
     from vheads.cli.run import print_summary
     from vheads.models import Adapter, Loaded
-    from vheads.pipeline.run import RunConfig, run
+    from vheads.pipeline.config import RunConfig
+    from vheads.pipeline.run import run
 
     known = load(model_dirs("llava"))
     generic = Loaded(known.model, known.processor, Adapter(known.model, known.processor), known.name)

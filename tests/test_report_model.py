@@ -12,7 +12,8 @@ from vheads.capture import HeadRecorder
 from vheads.data import shapes_samples
 from vheads.demo.study import DemoSettings, run_demo
 from vheads.models import load
-from vheads.pipeline.run import RunConfig, run
+from vheads.pipeline.config import RunConfig
+from vheads.pipeline.run import run
 from vheads.report.build import build_report
 from vheads.store import Store
 

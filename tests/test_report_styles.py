@@ -6,7 +6,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from vheads.pipeline.run import RunConfig, run
+from vheads.pipeline.config import RunConfig
+from vheads.pipeline.run import run
 from vheads.report.styles import StyleView, region_of, style_heatmaps, style_section, style_view, summary_table
 from vheads.store import Store
 

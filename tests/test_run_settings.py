@@ -15,7 +15,8 @@ from vheads.analysis.heads import head_table
 from vheads.cli import app
 from vheads.data import write_shapes
 from vheads.models import load
-from vheads.pipeline.run import RunConfig, run
+from vheads.pipeline.config import RunConfig
+from vheads.pipeline.run import run
 from vheads.store import Store
 
 runner = CliRunner()

@@ -13,7 +13,8 @@ from typer.testing import CliRunner
 from vheads.cli import app
 from vheads.cli.sweep import option_spellings, run_config
 from vheads.data import write_shapes
-from vheads.pipeline.run import Interrupted, RunConfig, run
+from vheads.pipeline.config import RunConfig
+from vheads.pipeline.run import Interrupted, run
 from vheads.store import Store
 from vheads.sweep.driver import SweepError, absolute, plan, run_sweep
 from vheads.sweep.study import expand, read_study

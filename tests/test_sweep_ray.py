@@ -19,7 +19,7 @@ from typer.testing import CliRunner
 
 from vheads.cli import app
 from vheads.data import write_shapes
-from vheads.pipeline.run import RunConfig
+from vheads.pipeline.config import RunConfig
 from vheads.store import Store
 from vheads.sweep.driver import plan, run_sweep
 

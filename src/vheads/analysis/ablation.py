@@ -23,12 +23,12 @@ from vheads.analysis.heads import head_table
 from vheads.analysis.selectors import SWEEP_SELECTORS, check_ranked, resolve_heads, select_heads
 from vheads.analysis.stats import bootstrap_mean_ci, t_interval
 from vheads.analysis.visual import head_label, stage_counts
+from vheads.heads import Head, parse_heads
 from vheads.pipeline import run as pipeline
 from vheads.pipeline import settings as run_settings
-from vheads.pipeline.config import RunConfig, parse_heads
+from vheads.pipeline.config import RunConfig
 from vheads.store import Store
 
-Head = tuple[int, int]
 BASELINE = "none"
 POINT_COLUMNS = ["selector", "k", "seed", "accuracy", "low", "high", "n", "seeds", "heads", "stages", "sweep",
                  "from_run", "run"]

@@ -25,9 +25,9 @@ from vheads.capture import CaptureSession, ablate
 from vheads.capture.observer import Observer, is_prefill, prompt_layout
 from vheads.capture.session import AttentionCall, CaptureError
 from vheads.data import Sample, load_dataset
+from vheads.heads import Head
 from vheads.models import Loaded, TokenGrid, image_token_id, load
 
-Head = tuple[int, int]
 DATASET_FIELDS = ("data", "images", "split", "question_type", "prompt_style", "limit", "seed", "max_pixels")
 
 

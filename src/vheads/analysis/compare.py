@@ -19,9 +19,9 @@ import pandas as pd
 from vheads import metrics
 from vheads.analysis.heads import head_table
 from vheads.analysis.stats import depth_profile, pearson, spearman
+from vheads.heads import Head
 from vheads.store import Store
 
-Head = tuple[int, int]
 FIGURES = ("mean_w", "score")
 PAIR_COLUMNS = ["run_a", "run_b", "basis", "figure", "pearson", "spearman", "n"]
 CONSISTENCY_COLUMNS = ["model", "runs", "datasets", "mean_w_pearson", "mean_w_spearman", "score_pearson",

@@ -21,7 +21,8 @@ from __future__ import annotations
 
 import numpy as np
 
-Head = tuple[int, int]
+from vheads.heads import Head
+
 PER_SAMPLE = 10
 
 

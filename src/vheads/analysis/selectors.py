@@ -15,10 +15,9 @@ import pandas as pd
 from vheads import metrics
 from vheads.analysis.heads import attention_heads, head_table, no_readout_hint, weights_array
 from vheads.analysis.localization import localization_heads
-from vheads.pipeline.config import parse_heads
+from vheads.heads import Head, format_heads, missing_heads, parse_heads
 from vheads.store import Store
 
-Head = tuple[int, int]
 SWEEP_SELECTORS = ("top", "random", "late")
 NEEDS_RUN = ("top", "late", "pointing", "localization")
 SELECTORS = (*SWEEP_SELECTORS, "stage", "pointing", "localization")
@@ -41,7 +40,7 @@ def canonical(spec: str) -> str:
     if not is_selector(text):
         if ":" in text:
             raise ValueError(f"unknown selector {text!r}; expected {EXPECTED}")
-        return ",".join(f"{layer}.{head}" for layer, head in sorted(set(parse_heads(text))))
+        return format_heads(sorted(set(parse_heads(text))))
     kind, *args = (part.strip() for part in text.split(":"))
     if kind == "stage":
         return ":".join((kind, *args))
@@ -202,7 +201,7 @@ def _int(spec: str, text: str, what: str) -> int:
 def _explicit(text: str, layers: int | None, heads: int | None) -> list[Head]:
     chosen = parse_heads(text)
     if layers is not None and heads is not None:
-        bad = [f"{layer}.{head}" for layer, head in chosen if not (0 <= layer < layers and 0 <= head < heads)]
+        bad = missing_heads(chosen, layers, heads)
         if bad:
             raise ValueError(f"heads {', '.join(bad)} do not exist ({layers} layers x {heads} heads)")
     return chosen

@@ -15,9 +15,9 @@ import pandas as pd
 from vheads import metrics
 from vheads.analysis.heads import head_table, weights_array
 from vheads.analysis.stats import bootstrap_mean_ci
+from vheads.heads import Head, format_head
 from vheads.store import Store
 
-Head = tuple[int, int]
 BREAKDOWN_COLUMNS = ("question_type", "prompt_style")
 
 
@@ -37,7 +37,7 @@ def head_set(table: pd.DataFrame) -> set[Head]:
 
 def head_label(heads: Iterable[Head]) -> list[str]:
     """Heads as sorted `L.H` strings, the spelling `--ablate` takes."""
-    return [f"{layer}.{head}" for layer, head in sorted(heads)]
+    return [format_head(head) for head in sorted(heads)]
 
 
 def stage_counts(heads: Iterable[Head], layers: int, stages: tuple[int, int] | None = None) -> dict[str, int]:

@@ -8,6 +8,7 @@ from typing import Any
 from torch import nn
 
 from vheads.capture.session import CaptureSession
+from vheads.heads import missing_heads
 
 MODES = ("zero", "uniform")
 
@@ -34,8 +35,7 @@ class ablate:  # noqa: N801 - used as a context manager, like torch.no_grad
 
     def __enter__(self) -> ablate:
         session = CaptureSession.attach(self.model)
-        bad = [f"{layer}.{head}" for layer, head in self.heads
-               if not (0 <= layer < session.num_layers and 0 <= head < session.num_heads)]
+        bad = missing_heads(self.heads, session.num_layers, session.num_heads)
         if bad:
             session.detach()
             raise ValueError(f"heads {', '.join(bad)} do not exist: the language model has "

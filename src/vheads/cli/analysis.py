@@ -68,7 +68,7 @@ def ablate(
     """
     setup_logging(verbose)
     from vheads.analysis.ablation import sweep
-    from vheads.pipeline.run import RunConfig
+    from vheads.pipeline.config import RunConfig
 
     with errors():
         check_format(fmt)

@@ -20,13 +20,15 @@ from vheads.cli.common import (
     setup_logging,
 )
 from vheads.cli.output import ProgressView, say
+from vheads.data.registry import list_datasets
+
+DATASET_HELP = f"Dataset loader: {', '.join(list_datasets())} (see `vheads data list`)."
 
 
 def run(
     ctx: typer.Context,
     model: str = typer.Option(None, "--model", "-m", help=MODEL_HELP),
-    dataset: str = typer.Option("shapes", "--dataset", "-d", help="Dataset loader: shapes, pointqa, pope, mmbench, "
-                                "seedbench, qbench, jsonl, hf (see `vheads data list`)."),
+    dataset: str = typer.Option("shapes", "--dataset", "-d", help=DATASET_HELP),
     data: str = typer.Option(None, "--data", help="The benchmark file or folder (default: none; not needed for "
                              "shapes)."),
     images: str = typer.Option(None, "--images", help="Folder that relative image paths start from (default: the "
@@ -71,7 +73,7 @@ def run(
     setup_logging(verbose)
     from vheads.analysis.selectors import run_option_heads
     from vheads.models import check_device
-    from vheads.pipeline.run import RunConfig, parse_shard
+    from vheads.pipeline.config import RunConfig, parse_shard
     from vheads.pipeline.run import run as run_pipeline
 
     with errors():
@@ -127,12 +129,12 @@ def print_summary(summary: Any) -> None:
     say(f"\nrun {summary.name}  samples {summary.samples}  accuracy {acc}  ({summary.seconds:.1f} s)")
     if summary.by_type:
         say("  by question type: " + ", ".join(f"{k} {v:.3f}" for k, v in sorted(summary.by_type.items())))
-    if "pope" in summary.extra:
-        pope = dict(summary.extra["pope"])
-        counted, left_out = int(pope.pop("n")), int(pope.pop("left_out"))
-        note = f", {left_out} left out (label neither yes nor no)" if left_out else ""
-        figures = ", ".join(f"{k} {v:.3f}" for k, v in pope.items())
-        say(f"  POPE over {counted} yes/no items{note}: {figures}")
+    for metric, values in summary.extra.items():
+        values = dict(values)
+        counted, left_out = values.pop("n", None), int(values.pop("left_out", 0))
+        over = f" over {int(counted)} items" if counted is not None else ""
+        note = f", {left_out} left out (no label it counts)" if left_out else ""
+        say(f"  {metric}{over}{note}: " + ", ".join(f"{k} {v:.3f}" for k, v in values.items()))
     if summary.long_prompts:
         say(f"  {summary.long_prompts} prompt(s) longer than the model's {summary.max_positions} positions "
             "(processed; marked over_max_positions in samples.meta)")

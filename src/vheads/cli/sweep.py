@@ -145,7 +145,7 @@ def run_config(options: dict[str, Any], store: str, given: set[str] | None = Non
     options the user set (on the command line or in the study file), which a preset does not override."""
     from vheads.analysis.selectors import run_option_heads
     from vheads.pipeline import settings as run_settings
-    from vheads.pipeline.run import RunConfig, check_config
+    from vheads.pipeline.config import RunConfig, check_config
 
     known = {f.name for f in fields(RunConfig)}
     values = {k: v for k, v in options.items() if k in known and k not in ("ablate", "shard", "store", "explicit")}

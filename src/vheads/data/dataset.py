@@ -69,6 +69,7 @@ class Dataset:
     samples: list[Sample]
     split: str | None = None
     skipped: list[Skip] = field(default_factory=list)
+    metrics: tuple[str, ...] = ()  # the loader's run metrics (`scoring.RUN_METRICS`)
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -142,13 +143,16 @@ def select(items: Iterable[Entry | Skip], limit: int | None, seed: int) -> tuple
 class Loader:
     """One benchmark behind the common interface: a name, a help line, and the function that parses it.
 
-    `options` names the extra keyword arguments `load_dataset` passes through to this loader.
+    `options` names the extra keyword arguments `load_dataset` passes through to this loader; `metrics` names the
+    benchmark's own run metrics (`scoring.RUN_METRICS`) a run reports beside its accuracy, so nothing outside
+    `data/` needs to know which benchmark has which.
     """
 
     name: str
     describe: str
     parse: Callable[[Request], Parsed]
     options: tuple[str, ...] = ()
+    metrics: tuple[str, ...] = ()
 
 
 def choice(value: str | None, allowed: Iterable[str], what: str, default: str | None,

@@ -82,4 +82,4 @@ def load_dataset(name: str, data: str | Path | None = None, images: str | Path |
             raise DataError(f"{parsed.source}: no valid record ({counts})")
         wanted = ", ".join(f"{k}={v}" for k, v in (("split", split), ("question_type", question_type)) if v)
         raise DataError(f"{parsed.source}: no record" + (f" matches {wanted}" if wanted else "s"))
-    return Dataset(name=loader.name, samples=samples, split=parsed.split, skipped=skipped)
+    return Dataset(name=loader.name, samples=samples, split=parsed.split, skipped=skipped, metrics=loader.metrics)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 import re
 from collections import defaultdict
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 from vheads.data.prompts import LETTERS
@@ -199,3 +199,15 @@ def accuracy_by(records: Iterable[Mapping[str, Any]], key: str = "question_type"
         bucket[0] += bool(record["correct"])
         bucket[1] += 1
     return {value: right / n for value, (right, n) in totals.items()}
+
+
+RUN_METRICS: dict[str, Callable[[Sequence[str], Sequence[str]], dict[str, float]]] = {"pope": pope_metrics}
+"""Benchmark metrics over a whole run, by the name a loader lists in `Loader.metrics`: each takes the run's
+predictions and answers and returns named figures (`n` items counted and `left_out` items, where it has them)."""
+
+
+def run_metrics(names: Sequence[str], predictions: Sequence[str],
+                answers: Sequence[str]) -> dict[str, dict[str, float]]:
+    """Each named run metric of `RUN_METRICS` over a run's scored predictions and answers."""
+    return {name: RUN_METRICS[name](predictions, answers) for name in names}
+

@@ -14,25 +14,12 @@ import torch
 
 from vheads.capture import HeadFigures, HeadRecorder, ablate
 from vheads.data import BadSample, Sample, score
+from vheads.heads import check_heads
 from vheads.models import GeometryError, Loaded, TokenGrid
 from vheads.models.layers import attention_layer_indices
 from vheads.pipeline.config import RunConfig
 
 log = logging.getLogger("vheads.run")
-
-
-def check_heads(heads: Sequence[tuple[int, int]], layers: int, per_layer: int,
-                attention_layers: Sequence[int] | None = None) -> None:
-    """Raise ValueError naming the `--ablate` heads that the model does not have (or that sit in a layer
-    without softmax attention)."""
-    bad = [f"{layer}.{head}" for layer, head in heads if not (0 <= layer < layers and 0 <= head < per_layer)]
-    if bad:
-        raise ValueError(f"--ablate: heads {', '.join(bad)} do not exist ({layers} layers x {per_layer} heads)")
-    linear = [f"{layer}.{head}" for layer, head in heads
-              if attention_layers is not None and layer not in attention_layers]
-    if linear:
-        raise ValueError(f"--ablate: heads {', '.join(linear)} are in layers without softmax attention "
-                         f"(attention layers: {', '.join(map(str, attention_layers))})")
 
 
 def head_grid(loaded: Loaded, ablated: Sequence[tuple[int, int]]) -> tuple[int, int, list[int]]:

@@ -12,6 +12,7 @@ from typing import Any
 from vheads import metrics
 from vheads.data import Dataset, Sample, load_dataset
 from vheads.data.images import DEFAULT_MAX_PIXELS
+from vheads.heads import format_heads
 from vheads.models import Loaded, load
 from vheads.pipeline import settings as run_settings
 from vheads.store import Store, StoreError, shard_path
@@ -156,19 +157,6 @@ def resume_target(store: Store, config: RunConfig) -> dict[str, Any] | None:
     return None if matches.empty else store.run(str(matches.sort_values("run_id").iloc[-1]["name"]))
 
 
-def parse_heads(text: str | None) -> list[tuple[int, int]]:
-    """'3.1,4.7' -> [(3, 1), (4, 7)]; raises ValueError naming the bad item."""
-    heads = []
-    for item in (text or "").replace(" ", "").split(","):
-        if not item:
-            continue
-        parts = item.split(".")
-        if len(parts) != 2 or not all(p.isdigit() for p in parts):
-            raise ValueError(f"--ablate: {item!r} is not LAYER.HEAD (e.g. 3.1)")
-        heads.append((int(parts[0]), int(parts[1])))
-    return heads
-
-
 def parse_shard(text: str | None) -> tuple[int, int] | None:
     """'2/4' -> (2, 4), the second of four contiguous shards."""
     if not text:
@@ -231,4 +219,4 @@ def ablation_label(config: RunConfig) -> str:
     """The run's `ablation` column: 'none', or 'MODE:L.H,L.H'."""
     if not config.ablate:
         return "none"
-    return f"{config.ablation}:" + ",".join(f"{layer}.{head}" for layer, head in config.ablate)
+    return f"{config.ablation}:" + format_heads(config.ablate)

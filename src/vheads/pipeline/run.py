@@ -1,7 +1,6 @@
 """`vheads run`: generate answers over a dataset, score them, and store every sample's head figures.
 
-The run's options are prepared in `run_config`, its batches computed in `runner` and stored by `writer`; the
-public names of those modules are importable from here too.
+The run's options are prepared in `config`, its batches computed in `batches` and stored by `writer`.
 """
 
 from __future__ import annotations
@@ -19,17 +18,12 @@ from typing import Any
 from vheads.data import Dataset
 from vheads.data.skips import SkipLog
 from vheads.models import Loaded
-from vheads.pipeline.batches import Computed, Runner, compute, head_grid, sample_row, skip_reason
+from vheads.pipeline.batches import Runner, compute, head_grid, skip_reason
 from vheads.pipeline.config import (
     RunConfig,
     ablation_label,
-    base_name,
-    check_config,
     default_name,
-    parse_heads,
-    parse_shard,
     prepared,
-    resume_target,
     shard_samples,
     stored_run_settings,
     with_stages,
@@ -145,7 +139,7 @@ def _run_samples(store: Store, handle: RunHandle, config: RunConfig, loaded: Loa
         store.finish_run(handle, status="failed", skipped=_skips(dataset, runtime_skips))
         raise
     skip_log.close()
-    summary = summarize(store, handle, store_path, _skips(dataset, runtime_skips), is_yesno(dataset),
+    summary = summarize(store, handle, store_path, _skips(dataset, runtime_skips), dataset.metrics,
                         time.time() - began, runner.max_positions)
     if runner.no_regions:
         summary.notes.append(runner.no_regions)
@@ -197,14 +191,10 @@ def _skips(dataset: Dataset, runtime: Counter[str]) -> dict[str, int]:
     return dict(counts)
 
 
-def is_yesno(dataset: Dataset) -> bool:
-    """Whether the dataset is scored yes/no (POPE), so its runs report POPE's metrics."""
-    return bool(dataset.samples) and dataset.samples[0].scoring == "yesno"
-
-
-def summarize(store: Store, handle: RunHandle, store_path: Path, skipped: dict[str, int], yesno: bool,
+def summarize(store: Store, handle: RunHandle, store_path: Path, skipped: dict[str, int], metrics: Sequence[str],
               seconds: float, max_positions: int | None = None) -> RunSummary:
-    """The run's totals, computed in the store (a resumed run counts its earlier batches too)."""
+    """The run's totals, computed in the store (a resumed run counts its earlier batches too), with the dataset's
+    own run `metrics` (`Dataset.metrics`, e.g. POPE's F1) in `extra`."""
     counts = store.query(
         "SELECT coalesce(question_type, 'all') AS question_type, count(*) AS n, count(correct) AS scored, "
         "count(*) FILTER (WHERE correct) AS correct FROM samples WHERE run_id = ? GROUP BY 1 ORDER BY 1",
@@ -213,12 +203,12 @@ def summarize(store: Store, handle: RunHandle, store_path: Path, skipped: dict[s
     n, scored, correct = (int(counts[c].sum()) for c in ("n", "scored", "correct"))
     by_type = {str(row.question_type): row.correct / row.scored for row in counts.itertuples() if row.scored}
     extra: dict[str, Any] = {}
-    if scored and yesno:
-        from vheads.data import pope_metrics
+    if scored and metrics:
+        from vheads.data.scoring import run_metrics
 
         answered = store.query("SELECT prediction, answer FROM samples WHERE run_id = ? AND correct IS NOT NULL "
                                "ORDER BY sample_id", [handle.run_id])
-        extra["pope"] = pope_metrics(list(answered["prediction"]), list(answered["answer"]))
+        extra.update(run_metrics(metrics, list(answered["prediction"]), list(answered["answer"])))
     long_prompts = int(store.query(
         "SELECT count(*) AS n FROM samples WHERE run_id = ? AND "
         "coalesce(json_extract(meta, '$.over_max_positions')::BOOLEAN, false)", [handle.run_id])["n"].iloc[0])
@@ -226,9 +216,3 @@ def summarize(store: Store, handle: RunHandle, store_path: Path, skipped: dict[s
                       accuracy=correct / scored if scored else None, by_type=by_type,
                       skipped=skipped, status="done", seconds=seconds, extra=extra,
                       long_prompts=long_prompts, max_positions=max_positions)
-
-
-__all__ = ["Computed", "Interrupted", "RunConfig", "RunSummary", "Runner", "StoreError", "ablation_label", "base_name",
-           "check_config", "compute", "default_name", "head_grid", "is_yesno", "parse_heads", "parse_shard",
-           "prepared", "resume_target", "run", "sample_row", "shard_samples", "skip_reason", "stored_run_settings",
-           "summarize", "with_stages"]

@@ -14,6 +14,7 @@ from vheads.analysis.attention import Head, attention_maps, reload_samples, run_
 from vheads.analysis.ground import head_set_label
 from vheads.capture import CaptureError
 from vheads.data import DataError
+from vheads.heads import format_heads
 from vheads.models import GeometryError, Loaded, ModelError
 from vheads.report import figures
 from vheads.report import html as h
@@ -78,7 +79,7 @@ def overlay_block(store: Any, view: Any, out: Path, n: int, device: str,
             + f'<p class="qa"><b>answer</b> {h.esc(_text(row["answer"]) or "-")}</p>'
             + f'<p class="qa"><b>prediction</b> {h.esc(_text(row["prediction"]) or "-")}</p></div>'
         )
-    label = ", ".join(f"{layer}.{head}" for layer, head in heads)
+    label = format_heads(heads, ", ")
     note = (f"Attention of the best-ranked heads {label} from {READOUT_ROWS.get(readout, readout)} to each image "
             "token, spread over the token's patch in the original image (anyres tiles and the base grid add up). "
             "Colour: attention per pixel against an even spread over the image (clear: no more than even; "

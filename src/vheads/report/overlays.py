@@ -28,6 +28,7 @@ from matplotlib.patches import Rectangle  # noqa: E402
 
 from vheads.analysis.attention import Head, SampleAttention  # noqa: E402
 from vheads.analysis.grounding import attention_density  # noqa: E402
+from vheads.heads import format_heads
 
 MAX_HEAD_PANELS = 3
 PANEL_INCHES = 2.8
@@ -100,7 +101,7 @@ def overlay_figure(item: SampleAttention, box: Sequence[float] | None, question:
     width = max(4.4, PANEL_INCHES * panels + 0.8)
     fig, axes = plt.subplots(1, panels, figsize=(width, PANEL_INCHES + 1.0), layout="constrained", squeeze=False)
     if combined:
-        label = ", ".join(f"{layer}.{head}" for layer, head in heads)
+        label = format_heads(heads, ", ")
         _draw(axes[0][0], item, np.nansum(item.maps[: len(heads)], axis=0), f"heads {label} together", box,
               grounded)
     for i, (layer, head) in enumerate(heads):

@@ -136,7 +136,7 @@ class _Run:
     dataset_skips: dict[str, int] = field(default_factory=dict)
     ids: set[str] = field(default_factory=set)
     total: int | None = None
-    yesno: bool = False
+    metrics: tuple[str, ...] = ()
     began: float = field(default_factory=time.time)
     new: int = 0
     summary: RunSummary | None = None
@@ -284,7 +284,7 @@ class _Driver:
                     self._settle(other, "failed", first_line(exc))
                 self._release(job)
                 return
-            state.stored, state.dataset_skips, state.yesno = stored, opened.skipped, opened.yesno
+            state.stored, state.dataset_skips, state.metrics = stored, opened.skipped, opened.metrics
             state.total = opened.total
         if not job.opened:
             job.opened, job.ids = True, list(opened.ids)
@@ -408,7 +408,7 @@ def _finish(db: Store, state: _Run, skipped: dict[str, int], expected: set[str],
     if not ok or missing:
         db.finish_run(handle, status="failed", skipped=skipped)
         return None, missing
-    summary = summarize(db, handle, db.path, skipped, state.yesno, time.time() - state.began)
+    summary = summarize(db, handle, db.path, skipped, state.metrics, time.time() - state.began)
     db.finish_run(handle, status="done", accuracy=summary.accuracy, skipped=skipped)
     for job in state.jobs:
         job.accuracy = _accuracy(db, handle, job.ids)

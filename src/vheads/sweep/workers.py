@@ -21,7 +21,6 @@ from vheads.data import DataError
 from vheads.models import Loaded, ModelError
 from vheads.pipeline.batches import Computed, Runner, compute, head_grid
 from vheads.pipeline.config import RunConfig, shard_samples
-from vheads.pipeline.run import is_yesno
 from vheads.store import StoreError
 
 BAD_INPUT = (DataError, ModelError, StoreError, CaptureError, ValueError, FileNotFoundError)
@@ -50,7 +49,7 @@ class Opened:
     attention_layers: list[int]
     ids: list[str]
     skipped: dict[str, int]
-    yesno: bool
+    metrics: tuple[str, ...]
     where: str
     seconds: float
     total: int
@@ -96,7 +95,7 @@ class Worker:
             samples = shard_samples(dataset.samples, piece)
             self.jobs[key] = (Runner(loaded, config), {s.id: s for s in samples}, config.batch_size)
             return Opened(loaded.name, loaded.family, dataset.name, dataset.split, layers, heads,
-                          attention_layers, [s.id for s in samples], dict(dataset.skip_summary()), is_yesno(dataset),
+                          attention_layers, [s.id for s in samples], dict(dataset.skip_summary()), dataset.metrics,
                           f"{socket.gethostname()}:{os.getpid()}", time.perf_counter() - began, len(dataset.samples))
         except Exception as exc:  # noqa: BLE001 - reported to the driver as a failure
             return failure(exc)

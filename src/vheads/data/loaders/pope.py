@@ -85,4 +85,5 @@ LOADER = Loader(
         "filters by category (default: all). Images: COCO val2014 (--images). Scored yes/no (POPE F1)."
     ),
     parse=_parse,
+    metrics=("pope",),
 )

@@ -16,7 +16,7 @@ EXTERNAL = re.compile(r"""(?:src|href)\s*=\s*["']?\s*(?:https?:)?//|url\(\s*["']
 
 
 def synthetic_run(store: Store, name: str, layers: int, heads: int, planted: Sequence[tuple[int, int]],
-                  n: int = 12, seed: int = 0, model: str = "/nonexistent/vheads-test-model", sweep: str | None = None,
+                  n: int = 12, seed: int = 0, model: str = "/nonexistent/vheads-test-model", curve: str | None = None,
                   tags: dict | None = None, correct: Sequence[bool] | None = None) -> str:
     """A finished run whose planted heads look at the image in every sample; questions carry a script tag."""
     rng = np.random.default_rng(seed)
@@ -27,7 +27,7 @@ def synthetic_run(store: Store, name: str, layers: int, heads: int, planted: Seq
     correct = [i % 3 != 0 for i in range(n)] if correct is None else list(correct)
     handle = store.start_run(name, model=model, family="llava", dataset="shapes", split="test", layers=layers,
                              heads=heads, readout="prompt", ablation="none", config={"dataset": "shapes"},
-                             sweep=sweep, tags=tags)
+                             curve=curve, tags=tags)
     rows = [{"sample_id": f"s{i:03d}", "question": f"How many {HOSTILE} are there?", "answer": "3",
              "prediction": "<b>3</b>", "correct": ok, "meta": {"box": [4, 4, 20, 20]}}
             for i, ok in enumerate(correct)]
@@ -36,8 +36,8 @@ def synthetic_run(store: Store, name: str, layers: int, heads: int, planted: Seq
     return name
 
 
-def synthetic_sweep(store: Store, from_run: str, layers: int, heads: int, n: int = 12) -> str:
-    """Sweep points ablating `from_run`: a baseline, top and late at K = 4, random at K = 4 with two seeds."""
+def synthetic_curve(store: Store, from_run: str, layers: int, heads: int, n: int = 12) -> str:
+    """Curve points ablating `from_run`: a baseline, top and late at K = 4, random at K = 4 with two seeds."""
     tag = f"ablate-{from_run}-zero-test"
     points = [("none", 0, None, 0.9), ("top", 4, None, 0.3), ("late", 4, None, 0.85), ("random", 4, 0, 0.8),
               ("random", 4, 1, 0.7)]
@@ -45,7 +45,7 @@ def synthetic_sweep(store: Store, from_run: str, layers: int, heads: int, n: int
         correct = [j < round(accuracy * n) for j in range(n)]
         tags = {"selector": selector, "k": k, "seed": seed, "from_run": from_run,
                 "heads": [f"{layers - 1}.{h}" for h in range(k)]}
-        synthetic_run(store, f"{tag}-{i}", layers, heads, [], n=n, seed=10 + i, sweep=tag, tags=tags,
+        synthetic_run(store, f"{tag}-{i}", layers, heads, [], n=n, seed=10 + i, curve=tag, tags=tags,
                       correct=correct)
     return tag
 

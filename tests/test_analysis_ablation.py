@@ -1,4 +1,4 @@
-"""Head selectors on a known ranking, and pruning sweeps on a tiny LLaVA: tagged runs, resume, the CLI's JSON."""
+"""Head selectors on a known ranking, and pruning curves on a tiny LLaVA: tagged runs, resume, the CLI's JSON."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 from analysis_helpers import synthetic_run
 from typer.testing import CliRunner
 
-from vheads.analysis.ablation import POINT_COLUMNS, sweep, sweep_points
+from vheads.analysis.ablation import POINT_COLUMNS, curve, curve_points
 from vheads.analysis.selectors import random_heads, resolve_heads
 from vheads.cli import app
 from vheads.models import load
@@ -79,22 +79,22 @@ def test_a_model_of_another_size_is_refused(ranked):
 
 @pytest.fixture(scope="module")
 def swept(tmp_path_factory, model_dirs):
-    """A source run of 6 shapes questions on the tiny LLaVA, and a sweep of top / random / late at K = 0, 1."""
+    """A source run of 6 shapes questions on the tiny LLaVA, and a curve of top / random / late at K = 0, 1."""
     loaded = load(model_dirs("llava"))
-    store = str(tmp_path_factory.mktemp("sweep") / "s.duckdb")
+    store = str(tmp_path_factory.mktemp("curve") / "s.duckdb")
     config = RunConfig(limit=6, max_new_tokens=2, batch_size=6)
     pipeline.run(RunConfig(limit=6, max_new_tokens=2, batch_size=6, store=store, name="source"), loaded=loaded)
-    points = sweep(store, "source", ks=(0, 1), seeds=2, config=config, loaded=loaded)
+    points = curve(store, "source", ks=(0, 1), seeds=2, config=config, loaded=loaded)
     return store, config, loaded, points
 
 
-def test_a_sweep_stores_each_point_as_a_tagged_run(swept):
+def test_a_curve_stores_each_point_as_a_tagged_run(swept):
     store, _, _, points = swept
     with Store(store, read_only=True) as db:
         runs = db.runs()
-        frame = sweep_points(db, from_run="source")
-    tagged = runs[runs["sweep"].notna()]
-    assert len(tagged) == 5 and tagged["sweep"].nunique() == 1  # K = 0 once, top, late, random x 2 seeds
+        frame = curve_points(db, from_run="source")
+    tagged = runs[runs["curve"].notna()]
+    assert len(tagged) == 5 and tagged["curve"].nunique() == 1  # K = 0 once, top, late, random x 2 seeds
     assert (tagged["n_samples"] == 6).all() and (tagged["status"] == "done").all()
     by_name = {name: tags for name, tags in zip(tagged["name"], tagged["tags"], strict=True)}
     base = next(tags for name, tags in by_name.items() if name.endswith("-k0"))
@@ -107,7 +107,7 @@ def test_a_sweep_stores_each_point_as_a_tagged_run(swept):
         ("random", 1, 1), ("late", 0, None), ("late", 1, None)]
 
 
-def test_sweep_points_carry_intervals_heads_and_stages(swept):
+def test_curve_points_carry_intervals_heads_and_stages(swept):
     store, _, _, points = swept
     with Store(store, read_only=True) as db:
         top_heads = [f"{layer}.{head}" for layer, head in resolve_heads("top:1", db, "source")]
@@ -123,16 +123,16 @@ def test_sweep_points_carry_intervals_heads_and_stages(swept):
     assert point[("top", 0, None)]["run"] == point[("late", 0, None)]["run"]
 
 
-def test_running_the_sweep_again_reuses_finished_points(swept, monkeypatch):
+def test_running_the_curve_again_reuses_finished_points(swept, monkeypatch):
     store, config, loaded, points = swept
 
     def must_not_run(*args, **kwargs):
         raise AssertionError("a finished point was run again")
 
     monkeypatch.setattr(pipeline, "run", must_not_run)
-    again = sweep(store, "source", ks=(0, 1), seeds=2, config=config, loaded=loaded)
+    again = curve(store, "source", ks=(0, 1), seeds=2, config=config, loaded=loaded)
     assert json.dumps(again, sort_keys=True) == json.dumps(points, sort_keys=True)
-    fewer = sweep(store, "source", selectors=("random",), ks=(1,), seeds=1, config=config, loaded=loaded)
+    fewer = curve(store, "source", selectors=("random",), ks=(1,), seeds=1, config=config, loaded=loaded)
     assert [(p["k"], p["seed"], p["seeds"]) for p in fewer] == [(1, None, 1), (1, 0, 1)]
 
 
@@ -153,7 +153,7 @@ def test_an_interrupted_point_is_resumed_and_only_it(swept, monkeypatch):
         return real_run(config, **kwargs)
 
     monkeypatch.setattr(pipeline, "run", recording_run)
-    sweep(store, "source", ks=(0, 1), seeds=2, config=config, loaded=loaded)
+    curve(store, "source", ks=(0, 1), seeds=2, config=config, loaded=loaded)
     with Store(store, read_only=True) as db:
         assert db.run(late)["status"] == "done" and db.run(late)["n_samples"] == 6
     assert ran == [late]
@@ -183,7 +183,7 @@ def test_cli_ablate_table_and_clear_errors(swept):
     table = runner.invoke(app, args)
     assert table.exit_code == 0 and "pruning curve" in table.stdout and "top" in table.stdout
     bad = runner.invoke(app, [*args[:4], "best", *args[5:]])
-    assert bad.exit_code == 2 and "unknown selector 'best' for a sweep" in bad.output
+    assert bad.exit_code == 2 and "unknown selector 'best' for a curve" in bad.output
     missing = runner.invoke(app, ["ablate", "--from", "nope", "--store", store])
     assert missing.exit_code == 2 and "nope" in missing.output
 
@@ -202,10 +202,10 @@ def test_cli_run_ablates_the_heads_a_selector_names(swept):
     assert no_from.exit_code == 2 and "pass --from RUN" in no_from.output
 
 
-def test_sweep_points_of_a_store_without_sweeps_is_empty(tmp_path):
+def test_curve_points_of_a_store_without_curves_is_empty(tmp_path):
     import numpy as np
 
-    from vheads.analysis.ablation import sweep_points
+    from vheads.analysis.ablation import curve_points
     from vheads.store import Store
 
     with Store(tmp_path / "s.duckdb") as store:
@@ -214,5 +214,5 @@ def test_sweep_points_of_a_store_without_sweeps_is_empty(tmp_path):
         store.add_batch(run, [{"sample_id": "x", "meta": {"box": [1, 2, 3, 4]}}],
                         *[np.zeros((1, 1, 2), np.float32)] * 5)
         store.finish_run(run)
-        assert sweep_points(store).empty
+        assert curve_points(store).empty
         assert store.samples("plain")["meta"].iloc[0] == {"box": [1, 2, 3, 4]}

@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 import pytest
 from PIL import Image
-from report_helpers import EXTERNAL, HOSTILE, spread, synthetic_run, synthetic_sweep
+from report_helpers import EXTERNAL, HOSTILE, spread, synthetic_curve, synthetic_run
 from typer.testing import CliRunner
 
 from vheads.cli import app
@@ -26,13 +26,13 @@ NAMED = f"big {HOSTILE}"
 
 @pytest.fixture(scope="module")
 def big_store(tmp_path_factory: pytest.TempPathFactory):
-    """Three runs (32 x 32 twice, 40 x 40) with planted visual heads, and a pruning sweep of the first."""
+    """Three runs (32 x 32 twice, 40 x 40) with planted visual heads, and a pruning curve of the first."""
     path = tmp_path_factory.mktemp("report") / "big.duckdb"
     with Store(path) as store:
         synthetic_run(store, NAMED, 32, 32, [(3, 5), (20, 31)])
         synthetic_run(store, "wide", 40, 40, [(0, 0), (39, 39), (12, 20)], seed=1)
         synthetic_run(store, "again", 32, 32, [(3, 5)], seed=2)
-        synthetic_sweep(store, NAMED, 32, 32)
+        synthetic_curve(store, NAMED, 32, 32)
     return path
 
 
@@ -42,7 +42,7 @@ def big_report(big_store, tmp_path_factory: pytest.TempPathFactory):
     return build_report(big_store, tmp_path_factory.mktemp("out") / "report", overlays=2)
 
 
-def test_report_covers_finished_runs_but_not_sweep_points(big_store):
+def test_report_covers_finished_runs_but_not_curve_points(big_store):
     with Store(big_store, read_only=True) as store:
         assert report_runs(store) == [NAMED, "wide", "again"]
         assert report_runs(store, ["wide"]) == ["wide"]
@@ -143,7 +143,7 @@ def test_pruning_curves_draw_every_selector():
     points = pd.DataFrame({"selector": ["top", "top", "random", "random", "random"], "k": [0, 4, 4, 4, 0],
                            "seed": [None, None, 0, None, None], "accuracy": [0.9, 0.3, 0.8, 0.75, 0.9],
                            "low": [0.8, 0.2, 0.7, 0.6, 0.8], "high": [1.0, 0.4, 0.9, 0.9, 1.0]})
-    fig = figures.pruning_curves(points, "sweep $x$")
+    fig = figures.pruning_curves(points, "curve $x$")
     assert [t.get_text() for t in fig.axes[0].get_legend().get_texts()] == ["top", "random"]
 
 

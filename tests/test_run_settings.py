@@ -58,7 +58,7 @@ def test_ablate_from_a_run_reuses_its_data_and_options(source):
     result = runner.invoke(app, ["ablate", "--from", "src", "--select", "top", "--k", "0,1", "--store", store])
     assert result.exit_code == 0, result.output
     with Store(store, read_only=True) as db:
-        points = db.runs()[db.runs()["sweep"].notna()]
+        points = db.runs()[db.runs()["curve"].notna()]
         assert len(points) == 2
         for point in points.itertuples():
             assert point.dataset == "pointqa" and point.n_samples == 4
@@ -312,7 +312,7 @@ def test_ablate_from_a_paper_preset_run_keeps_the_options_given_at_their_default
     assert point.exit_code == 0, point.output
     with Store(store, read_only=True) as db:
         runs = db.runs()
-    config = runs[runs["sweep"].notna()].iloc[0]["config"]
+    config = runs[runs["curve"].notna()].iloc[0]["config"]
     assert config["readout"] == "prompt" and config["max_new_tokens"] == 8 and config["preset"] == "paper"
 
 

@@ -634,3 +634,19 @@ def test_a_store_from_before_grounding_sources_keeps_its_boxes_and_gains_the_key
         assert store.samples("r")["digest"].isna().all()
     assert sorted(kept.index) == ["", "picked", "r"], "one selector chosen on three runs: three head sets"
     assert kept.loc["", "iou"] == 1.0 and kept.loc["picked", "heads"] == ["2.2"] and pd.isna(kept.loc["r", "iou"])
+
+
+def test_a_store_from_before_curves_keeps_its_curve_tags(tmp_path):
+    """`runs.sweep` (the tag of an ablation curve's points) is `runs.curve` now: read-only opens and merges map the
+    old name, and opening the store for writing renames the column."""
+    path = tmp_path / "old.duckdb"
+    with Store(path) as store:
+        store.finish_run(start(store, "point", curve="curve-1"))
+        store.query("ALTER TABLE runs RENAME COLUMN curve TO sweep")
+    with Store(path, read_only=True) as store:
+        assert list(store.runs()["curve"]) == ["curve-1"] and store.run("point")["curve"] == "curve-1"
+    merge([path], tmp_path / "merged.duckdb")
+    with Store(tmp_path / "merged.duckdb", read_only=True) as merged:
+        assert merged.run("point")["curve"] == "curve-1"
+    with Store(path) as store:
+        assert list(store.query("SELECT curve FROM runs")["curve"]) == ["curve-1"]

@@ -1,8 +1,8 @@
-"""Pruning sweeps: ablate the top visual heads, random heads or the weakest late heads, K at a time, and record
+"""Pruning curves: ablate the top visual heads, random heads or the weakest late heads, K at a time, and record
 accuracy with a 95% interval (DESIGN.md, Ablation).
 
-Every point is an ordinary run in the store, tagged with the sweep (runs.sweep) and with its selector, K, seed,
-source run and heads (runs.tags). Point names are derived from the sweep, so running the same sweep again
+Every point is an ordinary run in the store, tagged with the curve (runs.curve) and with its selector, K, seed,
+source run and heads (runs.tags). Point names are derived from the curve, so running the same curve again
 reuses the finished points and resumes an interrupted one. K = 0 is one unablated run shared by every selector.
 """
 
@@ -20,7 +20,7 @@ import numpy as np
 import pandas as pd
 
 from vheads.analysis.heads import head_table
-from vheads.analysis.selectors import SWEEP_SELECTORS, check_ranked, resolve_heads, select_heads
+from vheads.analysis.selectors import CURVE_SELECTORS, check_ranked, resolve_heads, select_heads
 from vheads.analysis.stats import bootstrap_mean_ci, t_interval
 from vheads.analysis.visual import head_label, stage_counts
 from vheads.heads import Head, parse_heads
@@ -30,17 +30,17 @@ from vheads.pipeline.config import RunConfig
 from vheads.store import Store
 
 BASELINE = "none"
-POINT_COLUMNS = ["selector", "k", "seed", "accuracy", "low", "high", "n", "seeds", "heads", "stages", "sweep",
+POINT_COLUMNS = ["selector", "k", "seed", "accuracy", "low", "high", "n", "seeds", "heads", "stages", "curve",
                  "from_run", "run"]
 _DIGEST_FIELDS = ("model", "dataset", "data", "images", "split", "question_type", "prompt_style", "limit", "seed",
                   "readout", "max_new_tokens", "ablation")
 
-__all__ = ["POINT_COLUMNS", "Point", "plan", "resolve_heads", "sweep", "sweep_points", "sweep_tag"]
+__all__ = ["POINT_COLUMNS", "Point", "plan", "resolve_heads", "curve", "curve_points", "curve_tag"]
 
 
 @dataclass(frozen=True)
 class Point:
-    """One point of a sweep: the heads removed and the run that measures it."""
+    """One point of a curve: the heads removed and the run that measures it."""
 
     selector: str
     k: int
@@ -54,21 +54,21 @@ class Point:
                 "heads": head_label(self.heads)}
 
 
-def sweep_tag(from_run: str, config: RunConfig) -> str:
+def curve_tag(from_run: str, config: RunConfig) -> str:
     """`ablate-<source run>-<mode>-<digest of model, data and readout options>`: equal settings, equal tag."""
     settings = {name: getattr(config, name) for name in _DIGEST_FIELDS}
     digest = hashlib.sha1(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:8]
     return f"ablate-{from_run}-{config.ablation}-{digest}"
 
 
-def plan(ranking: pd.DataFrame, tag: str, selectors: Sequence[str] = SWEEP_SELECTORS,
+def plan(ranking: pd.DataFrame, tag: str, selectors: Sequence[str] = CURVE_SELECTORS,
          ks: Sequence[int] = (0, 4, 8, 16), seeds: int = 5) -> list[Point]:
-    """The points of a sweep over a ranking (`head_table` of the source run); K = 0 once, random once per seed."""
-    unknown = [s for s in selectors if s not in SWEEP_SELECTORS]
+    """The points of a curve over a ranking (`head_table` of the source run); K = 0 once, random once per seed."""
+    unknown = [s for s in selectors if s not in CURVE_SELECTORS]
     if unknown:
-        raise ValueError(f"unknown selector {unknown[0]!r} for a sweep; expected {', '.join(SWEEP_SELECTORS)}")
+        raise ValueError(f"unknown selector {unknown[0]!r} for a curve; expected {', '.join(CURVE_SELECTORS)}")
     if not selectors or not ks:
-        raise ValueError("a sweep needs at least one selector and one K")
+        raise ValueError("a curve needs at least one selector and one K")
     if any(k < 0 for k in ks):
         raise ValueError(f"K must be 0 or more, got {min(ks)}")
     if seeds < 1:
@@ -86,11 +86,11 @@ def plan(ranking: pd.DataFrame, tag: str, selectors: Sequence[str] = SWEEP_SELEC
     return points
 
 
-def sweep(store_path: str | Path, from_run: str | int, selectors: Sequence[str] = SWEEP_SELECTORS,
+def curve(store_path: str | Path, from_run: str | int, selectors: Sequence[str] = CURVE_SELECTORS,
           ks: Sequence[int] = (0, 4, 8, 16), seeds: int = 5, ablation: str = "zero", config: RunConfig | None = None,
           loaded: Any = None, dataset: Any = None, progress: Callable[[str, int, int, int, int], None] | None = None,
           n_boot: int = 1000) -> list[dict[str, Any]]:
-    """Run (or reuse) every point of a pruning sweep and return its points, as `sweep_points` rows.
+    """Run (or reuse) every point of a pruning curve and return its points, as `curve_points` rows.
 
     The points reuse the source run's stored settings (model, data, images, split, question type, prompt style,
     limit, seed, readout, max-new-tokens, dtype, attention kernel, stages, ...); an option `config` gives explicitly
@@ -107,37 +107,37 @@ def sweep(store_path: str | Path, from_run: str | int, selectors: Sequence[str] 
         ranking = head_table(store, from_run, stages=base.stages)
         check_ranked(ranking, source["name"])
         base = replace(base, model=base.model or source["model"])
-        tag = base.sweep or sweep_tag(source["name"], base)
+        tag = base.curve or curve_tag(source["name"], base)
         points = plan(ranking, tag, selectors, ks, seeds)
-        status = dict(store.query("SELECT name, status FROM runs WHERE sweep = ?", [tag]).itertuples(index=False))
+        status = dict(store.query("SELECT name, status FROM runs WHERE curve = ?", [tag]).itertuples(index=False))
     finished = {name for name, state in status.items() if state == "done"}
     todo = [p for p in points if p.name not in finished]
     if todo:
         loaded, dataset = _prepare(base, loaded, dataset, (int(source["layers"]), int(source["heads"])))
     for point in todo:
-        pipeline.run(replace(base, name=point.name, ablate=point.heads, sweep=tag, tags=point.tags(source["name"]),
+        pipeline.run(replace(base, name=point.name, ablate=point.heads, curve=tag, tags=point.tags(source["name"]),
                              resume=point.name in status),
                      loaded=loaded, dataset=dataset, progress=partial(progress, point.name) if progress else None,
                      start=partial(_started, progress, point.name) if progress else None)
     with Store(store_path, read_only=True) as store:
-        runs = _sweep_runs(store, tag, None)
+        runs = _curve_runs(store, tag, None)
         frame = _points(store, runs[runs["name"].isin({p.name for p in points})], list(dict.fromkeys(selectors)),
                         n_boot)
     return frame.to_dict("records")
 
 
-def sweep_points(store: Store, sweep: str | None = None, from_run: str | int | None = None,
+def curve_points(store: Store, curve: str | None = None, from_run: str | int | None = None,
                  n_boot: int = 1000) -> pd.DataFrame:
-    """The pruning-curve points of the sweeps in a store (one sweep, or those ablating `from_run`, or all).
+    """The pruning-curve points of the curves in a store (one curve, or those ablating `from_run`, or all).
 
     Columns: selector, k, seed, accuracy, low, high, n (scored samples per run), seeds, heads (`L.H` list),
-    stages ({early, mid, late} counts of the heads), sweep, from_run, run. top / late and single runs carry a
+    stages ({early, mid, late} counts of the heads), curve, from_run, run. top / late and single runs carry a
     bootstrap 95% interval over samples; random K has one row per seed plus a row with seed None: the mean over
-    seeds with a t interval (heads and stages None there). K = 0 appears once per selector of its sweep.
+    seeds with a t interval (heads and stages None there). K = 0 appears once per selector of its curve.
     """
     source = store.run(from_run)["name"] if from_run is not None else None
     frames = []
-    for _, runs in _sweep_runs(store, sweep, source).groupby("sweep", sort=True):
+    for _, runs in _curve_runs(store, curve, source).groupby("curve", sort=True):
         present = [s for s in dict.fromkeys(t["selector"] for t in runs["tags"]) if s != BASELINE]
         frames.append(_points(store, runs, present, n_boot))
     frames = [f for f in frames if len(f)]
@@ -160,20 +160,20 @@ def _prepare(config: RunConfig, loaded: Any, dataset: Any, grid: tuple[int, int]
     return loaded, dataset
 
 
-def _sweep_runs(store: Store, sweep: str | None, from_run: str | None) -> pd.DataFrame:
-    """Finished runs that are sweep points, with their tags decoded."""
+def _curve_runs(store: Store, curve: str | None, from_run: str | None) -> pd.DataFrame:
+    """Finished runs that are curve points, with their tags decoded."""
     runs = store.runs()
-    runs = runs[runs["sweep"].notna() & (runs["status"] == "done")]
+    runs = runs[runs["curve"].notna() & (runs["status"] == "done")]
     runs = runs[runs["tags"].map(lambda t: isinstance(t, dict) and "selector" in t).astype(bool)]
-    if sweep is not None:
-        runs = runs[runs["sweep"] == sweep]
+    if curve is not None:
+        runs = runs[runs["curve"] == curve]
     if from_run is not None:
         runs = runs[runs["tags"].map(lambda t: t.get("from_run") == from_run).astype(bool)]
     return runs
 
 
 def _points(store: Store, runs: pd.DataFrame, selectors: list[str], n_boot: int) -> pd.DataFrame:
-    """Rows of one sweep's runs; the baseline is repeated for each selector (or kept as `none` if there is none)."""
+    """Rows of one curve's runs; the baseline is repeated for each selector (or kept as `none` if there is none)."""
     if runs.empty:
         return pd.DataFrame(columns=POINT_COLUMNS)
     correct = _correct(store, list(runs["run_id"]))
@@ -186,13 +186,13 @@ def _points(store: Store, runs: pd.DataFrame, selectors: list[str], n_boot: int)
                        "accuracy": float(values.mean()) if len(values) else float("nan"), "low": float(low),
                        "high": float(high), "n": len(values), "seeds": 1, "heads": run.tags["heads"],
                        "stages": stage_counts(heads, int(run.layers), (run.config or {}).get("stages")),
-                       "sweep": run.sweep,
+                       "curve": run.curve,
                        "from_run": run.tags["from_run"], "run": run.name})
     rows = [r for r in single if r["selector"] != BASELINE]
     for base in (r for r in single if r["selector"] == BASELINE):
         rows += [{**base, "selector": s} for s in selectors] or [base]
     rows += _random_means([r for r in single if r["selector"] == "random"])
-    order = {s: i for i, s in enumerate((*SWEEP_SELECTORS, BASELINE))}
+    order = {s: i for i, s in enumerate((*CURVE_SELECTORS, BASELINE))}
     rows.sort(key=lambda r: (order.get(r["selector"], len(order)), r["selector"], r["k"],
                              -1 if r["seed"] is None else r["seed"]))
     frame = pd.DataFrame(rows, columns=POINT_COLUMNS)

@@ -1,4 +1,4 @@
-"""Head selectors of DESIGN.md, turned into the (layer, head) lists that `--ablate` and a sweep remove.
+"""Head selectors of DESIGN.md, turned into the (layer, head) lists that `--ablate` and a curve remove.
 
 `top:K` the K best heads of a run's ranking; `random:K[:seed]` K heads drawn from all heads with the seed;
 `late:K` the K lowest-scoring heads of the late stage; `stage:early|mid|late` every head of a stage;
@@ -18,9 +18,9 @@ from vheads.analysis.localization import localization_heads
 from vheads.heads import Head, format_heads, missing_heads, parse_heads
 from vheads.store import Store
 
-SWEEP_SELECTORS = ("top", "random", "late")
+CURVE_SELECTORS = ("top", "random", "late")
 NEEDS_RUN = ("top", "late", "pointing", "localization")
-SELECTORS = (*SWEEP_SELECTORS, "stage", "pointing", "localization")
+SELECTORS = (*CURVE_SELECTORS, "stage", "pointing", "localization")
 EXPECTED = "top:K, random:K[:seed], late:K, stage:NAME, pointing:K, localization:K or L.H,..."
 
 
@@ -105,7 +105,7 @@ def check_ranked(table: pd.DataFrame, run: str | int) -> None:
 
 def select_heads(spec: str, ranking: pd.DataFrame | None, layers: int | None, heads: int | None,
                  stages: tuple[int, int] | None = None, attention_layers: list[int] | None = None) -> list[Head]:
-    """`resolve_heads` on a ranking already at hand (a `head_table`), so a sweep ranks its source run once.
+    """`resolve_heads` on a ranking already at hand (a `head_table`), so a curve ranks its source run once.
 
     Stages: `stages`, else the ranking's, else thirds."""
     text = spec.strip()

@@ -64,10 +64,10 @@ def ablate(
     """Pruning curve: accuracy as the top visual heads, random heads or weak late heads are ablated, K at a time.
 
     The points run on the data and options of --from unless given here. Every point is a stored run; running the
-    same sweep again reuses finished points.
+    same curve again reuses finished points.
     """
     setup_logging(verbose)
-    from vheads.analysis.ablation import sweep
+    from vheads.analysis.ablation import curve
     from vheads.pipeline.config import RunConfig
 
     with errors():
@@ -80,7 +80,7 @@ def ablate(
                            readout=check_choice(readout, "readout"), seed=seed, stages=parse_stages_option(stages),
                            explicit=explicit_options(ctx))
         with ProgressView() as view:
-            points = sweep(existing_store(store), from_run, selectors=_items(select, "--select", str),
+            points = curve(existing_store(store), from_run, selectors=_items(select, "--select", str),
                            ks=_items(ks, "--k", int), seeds=seeds, ablation=check_choice(ablation, "ablation"),
                            config=config, progress=lambda label, done, total, correct, scored: view.update(
                                label, done, total, f"acc {correct / scored:.3f}" if scored else ""))
@@ -96,7 +96,7 @@ def ablate(
         console.print(frame_table(curve_table(points), title=f"pruning curve ({ablation} ablation, heads of "
                                   f"{from_run})"))
         if points:
-            say(f"points stored as runs of sweep {points[0]['sweep']} in {store}")
+            say(f"points stored as runs of curve {points[0]['curve']} in {store}")
 
 
 def compare(

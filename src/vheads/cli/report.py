@@ -22,7 +22,7 @@ from vheads.cli.output import ProgressView, console, err, frame_table, say
 
 def report(
     runs: list[str] = typer.Option(None, "--run", "-r", help=RUN_HELP + " Repeat for several (default: "
-                                   "every finished run that is not a sweep point, with its sweeps)."),
+                                   "every finished run that is not a curve point, with its curves)."),
     store: str = typer.Option("vheads.duckdb", "--store", help=STORE_HELP),
     out: Path = typer.Option(Path("vheads-report"), "--out", "-o", help="Folder for index.html and the PNGs."),
     overlays: int = typer.Option(3, "--overlays", min=0, help="Correct and wrong samples drawn per run with the top "
@@ -52,8 +52,9 @@ def demo(
     store: Path = typer.Option(None, "--store", help="Store to write (default: a fresh vheads-demo.duckdb in --out, "
                                "replaced on every demo)."),
     limit: int = typer.Option(300, "--limit", "-n", min=1, help="Held-out ShapesQA questions to rank heads on."),
-    sweep_limit: int = typer.Option(None, "--sweep-limit", min=1, help="Questions each ablation point is run on "
-                                    "(default: the same questions as --limit)."),
+    curve_limit: int = typer.Option(None, "--curve-limit", "--sweep-limit", min=1,
+                                    help="Questions each point of the pruning curve is run on (default: the same "
+                                    "questions as --limit; --sweep-limit is its old name)."),
     model: str = typer.Option(None, "--model", "-m", help="Model folder or hub id (default: the embedded demo LLaVA)."),
     threads: int = typer.Option(1, "--threads", min=0, help="CPU threads for torch (0: torch's default). One is "
                                 "fastest for the small demo model, above all on a busy machine."),
@@ -67,7 +68,7 @@ def demo(
 
     if threads:
         torch.set_num_threads(threads)
-    settings = DemoSettings(out=out, store=store, limit=limit, sweep_limit=sweep_limit, model=model)
+    settings = DemoSettings(out=out, store=store, limit=limit, curve_limit=curve_limit, model=model)
 
     def show(ranking: object) -> None:
         print_heads(ranking.head(10), f"top-10 heads (K = {ranking.attrs['k']})")

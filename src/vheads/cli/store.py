@@ -30,7 +30,7 @@ def runs(store: str = typer.Option("vheads.duckdb", "--store", help=STORE_HELP),
         check_format(fmt)
         frame = db.runs()
         cols = [c for c in ("run_id", "name", "model", "dataset", "split", "readout", "ablation", "status",
-                            "n_samples", "accuracy", "sweep") if c in frame.columns]
+                            "n_samples", "accuracy", "curve") if c in frame.columns]
         frame = frame[cols].copy()
         if fmt == "table":
             frame = runs_table(frame)
@@ -40,7 +40,7 @@ def runs(store: str = typer.Option("vheads.duckdb", "--store", help=STORE_HELP),
 
 def runs_table(frame: Any) -> Any:
     """The runs listing for an 80-column terminal: model folders by their last part, dataset and split together,
-    the readout and sweep only when some run has one other than the default."""
+    the readout and curve only when some run has one other than the default."""
     import pandas as pd
 
     table = pd.DataFrame({"id": frame["run_id"], "name": frame["name"],
@@ -55,8 +55,8 @@ def runs_table(frame: Any) -> Any:
     table["status"] = frame["status"]
     table["n"] = frame["n_samples"]
     table["acc"] = frame["accuracy"]
-    if "sweep" in frame and frame["sweep"].notna().any():
-        table["sweep"] = frame["sweep"]
+    if "curve" in frame and frame["curve"].notna().any():
+        table["curve"] = frame["curve"]
     return table
 
 

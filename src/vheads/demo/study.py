@@ -30,7 +30,7 @@ class DemoSettings:
     out: Path = Path("vheads-demo")
     store: Path | None = None
     limit: int = 300
-    sweep_limit: int | None = None
+    curve_limit: int | None = None
     ks: tuple[int, ...] = (0, 4, 8)
     seeds: int = 3
     overlays: int = 3
@@ -69,12 +69,12 @@ def fresh_store(settings: DemoSettings) -> Path:
 def run_demo(settings: DemoSettings, say: Callable[[str], None] = print,
              on_ranking: Callable[[pd.DataFrame], None] | None = None) -> DemoResult:
     """Run the study: held-out ShapesQA through the model, the same questions in the other prompt styles, head
-    ranking, a small pruning sweep, the report.
+    ranking, a small pruning curve, the report.
 
-    The sweep ablates the top visual heads, random heads (several seeds) and the weakest late heads, K at a
-    time, each point a stored run, on the same questions (or `sweep_limit` questions drawn with the same seed).
+    The curve ablates the top visual heads, random heads (several seeds) and the weakest late heads, K at a
+    time, each point a stored run, on the same questions (or `curve_limit` questions drawn with the same seed).
     """
-    from vheads.analysis.ablation import sweep
+    from vheads.analysis.ablation import curve
     from vheads.data import load_dataset
     from vheads.models import load
     from vheads.pipeline.run import run
@@ -110,15 +110,15 @@ def run_demo(settings: DemoSettings, say: Callable[[str], None] = print,
     if on_ranking:
         on_ranking(ranking)
     step = time.time()
-    sweep_config, sweep_data = config, dataset
-    if settings.sweep_limit is not None and settings.sweep_limit != settings.limit:
-        sweep_config = replace(config, limit=settings.sweep_limit)
-        sweep_data = load_dataset(config.dataset, limit=settings.sweep_limit, seed=config.seed)
+    curve_config, curve_data = config, dataset
+    if settings.curve_limit is not None and settings.curve_limit != settings.limit:
+        curve_config = replace(config, limit=settings.curve_limit)
+        curve_data = load_dataset(config.dataset, limit=settings.curve_limit, seed=config.seed)
     say(f"4/5 ablating K = {', '.join(map(str, settings.ks))} heads (top, {settings.seeds} random seeds, late) "
-        f"on {len(sweep_data.samples)} questions")
-    points = sweep(store, summary.name, selectors=SELECTORS, ks=settings.ks, seeds=settings.seeds,
-                   config=sweep_config, loaded=loaded, dataset=sweep_data)
-    seconds["sweep"] = time.time() - step
+        f"on {len(curve_data.samples)} questions")
+    points = curve(store, summary.name, selectors=SELECTORS, ks=settings.ks, seeds=settings.seeds,
+                   config=curve_config, loaded=loaded, dataset=curve_data)
+    seconds["curve"] = time.time() - step
     step = time.time()
     say("5/5 writing the report")
     index = build_report(store, settings.out, runs=[summary.name], overlays=settings.overlays,

@@ -49,7 +49,7 @@ class RunConfig:
     resume: bool = False
     seed: int = 0
     trust_remote_code: bool = False
-    sweep: str | None = None
+    curve: str | None = None
     tags: dict[str, Any] = field(default_factory=dict)
     max_pixels: int | None = DEFAULT_MAX_PIXELS
     stages: tuple[int, int] | None = None

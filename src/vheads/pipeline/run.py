@@ -88,7 +88,7 @@ def run(config: RunConfig, loaded: Loaded | None = None, dataset: Dataset | None
             handle = store.start_run(
                 name, model=loaded.name, family=loaded.family, dataset=dataset.name, split=dataset.split or "",
                 layers=layers, heads=heads, readout=config.readout, ablation=ablation_label(config),
-                config=stored_run_settings(config, layers, attention_layers), resume=config.resume, sweep=config.sweep,
+                config=stored_run_settings(config, layers, attention_layers), resume=config.resume, curve=config.curve,
                 shard=config.shard, tags=config.tags or None,
             )
             return _run_samples(store, handle, config, loaded, dataset, store_path, progress, start)

@@ -20,13 +20,13 @@ from typing import Any, TypeVar
 DEFINING = ("model", "dataset", "data", "images", "split", "question_type", "prompt_style", "limit", "seed",
             "max_pixels", "max_new_tokens", "readout", "ablate", "ablation", "dtype", "attn", "trust_remote_code",
             "stages", "preset")
-# How it is computed: free to change on --resume, between shards and sweep tasks.
-EXECUTION = ("batch_size", "device", "shard", "sweep")
+# How it is computed: free to change on --resume, between shards.
+EXECUTION = ("batch_size", "device", "shard", "curve")
 NOT_STORED = ("store", "name", "resume", "tags", "explicit")
 # Read off the model when a run starts, not chosen by the user.
 DERIVED = ("attention_layers",)
-# What `ablate --from RUN` does not take from RUN: the sweep sets its own heads, mode and tag.
-NOT_INHERITED = ("ablate", "ablation", "shard", "sweep", *DERIVED)
+# What `ablate --from RUN` does not take from RUN: the curve sets its own heads, mode and tag.
+NOT_INHERITED = ("ablate", "ablation", "shard", "curve", *DERIVED)
 # `--preset paper`: the reference code's choices (stages are set from the model's depth when the run starts).
 PRESETS: dict[str, dict[str, Any]] = {"paper": {"readout": "first-generated", "max_new_tokens": 128}}
 _TUPLES = ("stages", "shard")

@@ -61,13 +61,13 @@ class RunView:
 
 
 def report_runs(store: Store, names: Sequence[str] | None = None) -> list[str]:
-    """The runs a report covers: those named, else every finished run that is not a sweep point."""
+    """The runs a report covers: those named, else every finished run that is not a curve point."""
     if names:
         return [str(store.run(name)["name"]) for name in names]
     runs = store.runs()
     if runs.empty:
         return []
-    keep = (runs["status"] == "done") & runs["sweep"].isna() & (runs["n_samples"] > 0)
+    keep = (runs["status"] == "done") & runs["curve"].isna() & (runs["n_samples"] > 0)
     return [str(n) for n in runs.loc[keep, "name"]]
 
 
@@ -276,21 +276,21 @@ def _seed_label(seed: Any, seeds: Any) -> str:
 
 
 def _ablation_section(store: Store, views: Sequence[RunView], out: Path) -> h.Section | None:
-    from vheads.analysis.ablation import sweep_points
+    from vheads.analysis.ablation import curve_points
 
     runs = store.runs()
-    if runs.empty or not runs["sweep"].notna().any():
+    if runs.empty or not runs["curve"].notna().any():
         return None
     section = h.Section("ablation", "Ablation")
     for view in views:
-        points = sweep_points(store, from_run=view.name)
+        points = curve_points(store, from_run=view.name)
         if points.empty:
             continue
-        for tag, group in points.groupby("sweep", sort=True):
+        for tag, group in points.groupby("curve", sort=True):
             stem = f"{view.stem}-{len(section.body):02d}"
             fig = figures.pruning_curves(group, f"pruning curve of {view.name}")
             path = figures.save(fig, out / f"pruning-{stem}.png")
-            section.body.append(f"<h3>{h.esc(view.name)}: sweep {h.esc(tag)}</h3>")
+            section.body.append(f"<h3>{h.esc(view.name)}: curve {h.esc(tag)}</h3>")
             section.body.append(h.figure(path, f"pruning curves of {view.name}",
                                          "Accuracy as K heads are ablated: the top visual heads, random heads "
                                          "(mean over seeds, dots: single seeds) and the weakest late heads; "

@@ -171,7 +171,7 @@ def correlation_matrices(matrices: Sequence[tuple[str, pd.DataFrame]], label: st
 def pruning_curves(points: pd.DataFrame, title: str) -> Figure:
     """Accuracy against the number of ablated heads, one line per selector with its 95% interval band.
 
-    `points` are `sweep_points` rows: a row with seed None is a selector's value at K (for random sets, the
+    `points` are `curve_points` rows: a row with seed None is a selector's value at K (for random sets, the
     mean over seeds with its t interval); rows with a seed are single random sets, drawn as dots.
     """
     fig, ax = plt.subplots(figsize=(6.4, 4.4), layout="constrained")

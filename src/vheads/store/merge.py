@@ -23,6 +23,7 @@ from vheads.store.schema import (
     iso,
     prepare,
     quote,
+    renamed,
     sql_str,
     table_names,
     translate,
@@ -142,25 +143,27 @@ def _fold(con: duckdb.DuckDBPyConnection, into: Path, sources: Sequence[Path], s
             con.execute(f"DETACH {alias}")
 
 
-def _shared_tables(con: duckdb.DuckDBPyConnection, alias: str, src: Path, target: str) -> dict[str, dict[str, bool]]:
+def _shared_tables(con: duckdb.DuckDBPyConnection, alias: str, src: Path,
+                   target: str) -> dict[str, dict[str, str | None]]:
     """The tables to copy from one source: for each table of the target the source has, its target columns, each
-    marked whether the source has it. A source table or column the target lacks is refused: it would be lost."""
+    with the source's name for it (an older name where it was renamed since, `schema.RENAMED_COLUMNS`), None where
+    the source lacks it. A source table or column the target lacks is refused: it would be lost."""
     ours = table_names(con, target)
     tables = {}
     for table in table_names(con, alias):
         if table not in ours:
             raise StoreError(f"cannot merge {src}: its table {table} is unknown to this vheads; upgrade vheads")
-        have = column_names(con, alias, table)
+        have = renamed(table, {c: c for c in column_names(con, alias, table)})
         columns = column_names(con, target, table)
-        unknown = [c for c in have if c not in columns]
+        unknown = [old for new, old in have.items() if new not in columns]
         if unknown:
             raise StoreError(f"cannot merge {src}: its column {table}.{unknown[0]} is unknown to this vheads; "
                              "upgrade vheads")
-        tables[table] = {c: c in have for c in columns}
+        tables[table] = {c: have.get(c) for c in columns}
     return tables
 
 
-def _copy_rows(con: duckdb.DuckDBPyConnection, alias: str, table: str, columns: Mapping[str, bool],
+def _copy_rows(con: duckdb.DuckDBPyConnection, alias: str, table: str, columns: Mapping[str, str | None],
                run_ids: tuple[int, int] | None = None) -> int:
     """Copy the rows of `alias.table` whose key (`ROW_KEYS`, else the whole row) the target lacks; returns how many.
 
@@ -168,7 +171,7 @@ def _copy_rows(con: duckdb.DuckDBPyConnection, alias: str, table: str, columns: 
     lacks is NULL.
     """
     names = [c for c in columns if c != "run_id"]
-    value = {c: f"s.{quote(c)}" if columns[c] else "NULL" for c in names}
+    value = {c: f"s.{quote(columns[c])}" if columns[c] else "NULL" for c in names}
     key = ROW_KEYS.get(table, tuple(names))
     same = " AND ".join(f"t.{quote(c)} IS NOT DISTINCT FROM {value[c]}" for c in key) or "TRUE"
     into, picked = ", ".join(quote(c) for c in names), ", ".join(value[c] for c in names)
@@ -188,7 +191,8 @@ def _count(summary: MergeSummary, table: str, added: int) -> None:
 
 
 def _merge_run(con: duckdb.DuckDBPyConnection, alias: str, src: Path, source: dict[str, Any],
-               tables: Mapping[str, Mapping[str, bool]], summary: MergeSummary, conflicts: Conflicts | None) -> None:
+               tables: Mapping[str, Mapping[str, str | None]], summary: MergeSummary,
+               conflicts: Conflicts | None) -> None:
     """Copy one attached run's missing rows of every table keyed by run_id, then recompute the run's status from its
     shards."""
     name = source["name"]
@@ -196,10 +200,11 @@ def _merge_run(con: duckdb.DuckDBPyConnection, alias: str, src: Path, source: di
     source_parts = _parts(source, stale_running=True)
     if target is None:
         run_id = con.execute("SELECT coalesce(max(run_id), 0) + 1 FROM runs").fetchone()[0]
-        copied = [c for c, present in tables["runs"].items() if present and c not in _RECOMPUTED]
+        copied = {c: old for c, old in tables["runs"].items() if old and c not in _RECOMPUTED}
         con.execute(
             f"INSERT INTO runs (run_id, status, {', '.join(quote(c) for c in copied)}) "
-            f"SELECT ?, 'running', {', '.join(quote(c) for c in copied)} FROM {alias}.runs WHERE run_id = ?",
+            f"SELECT ?, 'running', {', '.join(quote(old) for old in copied.values())} FROM {alias}.runs "
+            "WHERE run_id = ?",
             [run_id, source["run_id"]],
         )
         target = run_row_by_id(con, run_id)

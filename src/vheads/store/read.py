@@ -20,6 +20,8 @@ from vheads.store.schema import (
     first_line,
     loads,
     quote,
+    renamed,
+    renames,
     sql_str,
     table_names,
 )
@@ -69,6 +71,8 @@ def records(cursor: duckdb.DuckDBPyConnection) -> list[dict[str, Any]]:
 
 
 def decode_run(row: dict[str, Any]) -> dict[str, Any]:
+    """A runs row with its JSON columns decoded and renamed columns under their current names."""
+    row = renamed("runs", row)
     for column in JSON_RUN_COLUMNS:
         row[column] = loads(row[column])
     return row
@@ -77,6 +81,7 @@ def decode_run(row: dict[str, Any]) -> dict[str, Any]:
 def runs(con: duckdb.DuckDBPyConnection) -> pd.DataFrame:
     """Every run, oldest first, with config / skipped / tags decoded from JSON."""
     frame = con.execute("SELECT * EXCLUDE (writer_pid) FROM runs ORDER BY run_id").df()
+    frame = frame.rename(columns=renames("runs"))
     for column in JSON_RUN_COLUMNS:
         frame[column] = frame[column].map(loads)
     return frame

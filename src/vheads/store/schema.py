@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import re
+from collections.abc import Mapping
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -66,7 +67,7 @@ _DDL = (
         n_samples INTEGER NOT NULL DEFAULT 0,
         accuracy DOUBLE,
         skipped JSON,
-        sweep TEXT,
+        curve TEXT,
         tags JSON,
         writer_pid INTEGER
     )""",
@@ -129,6 +130,10 @@ _DDL = (
 # Columns added after a table first shipped: stores written before them gain them when opened for writing.
 _ADDED_COLUMNS = (("head_stats", "pointing", "REAL"), ("head_stats", "spatial_entropy", "REAL"),
                   ("samples", "digest", "TEXT"))
+# Columns renamed after they shipped, (table, old name, new name): renamed when the store is opened for writing;
+# reads of a store opened read-only (`read.runs`, `read.decode_run`) and merges from it map the old name.
+# runs.sweep -> runs.curve: "sweep" names the Ray grid of `vheads sweep`; an ablation curve's tag is its curve.
+RENAMED_COLUMNS = (("runs", "sweep", "curve"),)
 # Columns added to a table's key: DuckDB cannot change a key in place, so the table is built again (`_rekey`).
 _KEY_COLUMNS = (("groundings", "source"),)
 
@@ -157,6 +162,10 @@ def create_schema(con: duckdb.DuckDBPyConnection) -> None:
     """Create every table the store needs; idempotent, so later features extend `_DDL` and old files catch up."""
     for statement in _DDL:
         con.execute(statement)
+    have = _columns(con)
+    for table, old, new in RENAMED_COLUMNS:
+        if (table, old) in have and (table, new) not in have:
+            con.execute(f"ALTER TABLE {table} RENAME COLUMN {old} TO {new}")
     for table, column, kind in _ADDED_COLUMNS:
         con.execute(f"ALTER TABLE {table} ADD COLUMN IF NOT EXISTS {column} {kind}")
     have = _columns(con)
@@ -234,7 +243,7 @@ def _has_added_columns(con: duckdb.DuckDBPyConnection) -> bool:
     """Whether the tables already have every column added since they first shipped."""
     have = _columns(con)
     return all((table, column) in have for table, column, _ in _ADDED_COLUMNS) and \
-        all(key in have for key in _KEY_COLUMNS)
+        all(key in have for key in _KEY_COLUMNS) and all((table, new) in have for table, _, new in RENAMED_COLUMNS)
 
 
 def _rekey(con: duckdb.DuckDBPyConnection, table: str) -> None:
@@ -318,3 +327,15 @@ def first_line(error: BaseException) -> str:
 def sql_str(path: Path) -> str:
     """A path as a SQL string literal (COPY and ATTACH take no bound parameters)."""
     return "'" + str(path).replace("'", "''") + "'"
+
+
+def renames(table: str) -> dict[str, str]:
+    """Old column name -> current name, for the columns of `table` renamed after they shipped (`RENAMED_COLUMNS`)."""
+    return {old: new for t, old, new in RENAMED_COLUMNS if t == table}
+
+
+def renamed(table: str, row: Mapping[str, Any]) -> dict[str, Any]:
+    """A row of `table` read from a store of any age, its renamed columns under their current names."""
+    names = renames(table)
+    return {names.get(name, name): value for name, value in row.items()}
+

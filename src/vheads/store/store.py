@@ -45,7 +45,7 @@ class Store:
         """Create run `name`, or with `resume=True` reopen it so the pipeline skips the samples already stored.
 
         The settings are the keywords of `write.start_run`: model, family, dataset, split, layers, heads, readout,
-        ablation, config, and optionally resume, sweep, shard and tags.
+        ablation, config, and optionally resume, curve, shard and tags.
         """
         self._require_writable()
         run = write.start_run(self._con, name, **settings)

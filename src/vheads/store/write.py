@@ -77,7 +77,7 @@ def start_run(
     ablation: str | None,
     config: Mapping[str, Any],
     resume: bool = False,
-    sweep: str | None = None,
+    curve: str | None = None,
     shard: tuple[int, int] | None = None,
     tags: Mapping[str, Any] | None = None,
 ) -> RunHandle:
@@ -100,10 +100,10 @@ def start_run(
         with transaction(con):
             run_id = con.execute("SELECT coalesce(max(run_id), 0) + 1 FROM runs").fetchone()[0]
             con.execute(
-                "INSERT INTO runs (run_id, name, family, config, status, started, sweep, tags, writer_pid, "
+                "INSERT INTO runs (run_id, name, family, config, status, started, curve, tags, writer_pid, "
                 + ", ".join(COMPAT_FIELDS)
                 + ") VALUES (?, ?, ?, ?, 'running', ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                [run_id, name, family, dumps(config), now(), sweep, dumps(all_tags), os.getpid()]
+                [run_id, name, family, dumps(config), now(), curve, dumps(all_tags), os.getpid()]
                 + list(wanted.values()),
             )
         return RunHandle(run_id, name, int(layers), int(heads))
@@ -124,8 +124,8 @@ def start_run(
     new_tags = {**old_tags, **(tags or {})}
     con.execute(
         "UPDATE runs SET status = 'running', finished = NULL, writer_pid = ?, tags = ?, "
-        "sweep = coalesce(?, sweep) WHERE run_id = ?",
-        [os.getpid(), dumps(new_tags), sweep, row["run_id"]],
+        "curve = coalesce(?, curve) WHERE run_id = ?",
+        [os.getpid(), dumps(new_tags), curve, row["run_id"]],
     )
     done = con.execute("SELECT sample_id FROM samples WHERE run_id = ?", [row["run_id"]]).fetchall()
     return RunHandle(row["run_id"], name, row["layers"], row["heads"], {r[0] for r in done}, resumed=True)

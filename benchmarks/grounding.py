@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from vheads.analysis.ground import ground
+from vheads.analysis.grounding import ground
 from vheads.models import load
 from vheads.pipeline.config import RunConfig
 from vheads.pipeline.run import run

@@ -8,7 +8,7 @@ import pytest
 import torch
 from analysis_helpers import synthetic_run
 
-from vheads.analysis.heads import head_table
+from vheads.analysis.ranking import head_table
 from vheads.analysis.stats import bootstrap_mean_ci
 from vheads.analysis.visual import (
     breakdown,

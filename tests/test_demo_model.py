@@ -11,7 +11,7 @@ import pytest
 import torch
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
-from vheads.analysis.heads import head_table
+from vheads.analysis.ranking import head_table
 from vheads.analysis.selectors import resolve_heads
 from vheads.data.shapes import COLORS, SHAPES, scene_for
 from vheads.demo.build import IMAGE, IMAGE_SIZE, PATCH_SIZE, build_demo

@@ -164,7 +164,7 @@ def test_vheads_run_on_a_saved_folder_end_to_end(model_dirs, tmp_path, family):
 
 
 def test_hybrid_layers_are_recorded_and_kept_out_of_ranking_selectors_and_ablation(model_dirs, loaded, tmp_path):
-    from vheads.analysis.heads import head_table, weights_array
+    from vheads.analysis.ranking import head_table, weights_array
     from vheads.analysis.selectors import resolve_heads, run_option_heads
     from vheads.capture import ablate, attention_layer_indices, config_attention_layers
     from vheads.pipeline.config import RunConfig

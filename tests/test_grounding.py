@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 
 from vheads import metrics
 from vheads.analysis import localization
-from vheads.analysis.grounding import Grounded, box_from_map, ground_map, iou, peak_on_target, raster, scores
+from vheads.analysis.boxes import Grounded, box_from_map, ground_map, iou, peak_on_target, raster, scores
 from vheads.analysis.selectors import canonical, resolve_heads
 from vheads.cli import app
 from vheads.models import TokenGrid
@@ -213,7 +213,7 @@ def test_heads_from_another_model_are_refused_unless_asked(model_dirs, tmp_path)
 
 
 def test_one_selector_spelled_three_ways_is_one_head_set(model_dirs, tmp_path):
-    from vheads.analysis.ground import ground
+    from vheads.analysis.grounding import ground
 
     store = str(tmp_path / "s.duckdb")
     run(RunConfig(model=str(model_dirs("llava")), limit=2, max_new_tokens=1, store=store, name="r"))
@@ -240,7 +240,7 @@ def test_ground_refuses_what_it_cannot_do_in_one_line(model_dirs, tmp_path):
     ):
         result = invoke("ground", "--from", "r", "--store", store, *args)
         assert result.exit_code == 2 and message in result.output and result.output.count("error:") == 1
-    from vheads.analysis.ground import ground
+    from vheads.analysis.grounding import ground
 
     known = load(model)
     generic = Loaded(known.model, known.processor, Adapter(known.model, known.processor), known.name)
@@ -333,6 +333,6 @@ def test_ground_refuses_data_changed_since_the_run(model_dirs, tmp_path):
     with Store(store) as db:
         db.query("UPDATE samples SET digest = NULL")
     with pytest.raises(ValueError, match="2 of 4 samples"):
-        from vheads.analysis.ground import ground
+        from vheads.analysis.grounding import ground
 
         ground(store, "r", ["0.0"])

@@ -7,10 +7,10 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pytest
 
-from vheads.analysis.attention import attention_maps
 from vheads.data import shapes_samples
 from vheads.models import load
 from vheads.pipeline.config import RunConfig
+from vheads.pipeline.replay import attention_maps
 from vheads.pipeline.run import run
 from vheads.report.build import build_report
 from vheads.report.overlays import attention_density, overlay_figure

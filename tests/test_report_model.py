@@ -7,12 +7,12 @@ import pytest
 import torch
 from report_helpers import EXTERNAL, HOSTILE, spread
 
-from vheads.analysis.attention import TokenAttention, attention_maps
-from vheads.capture import HeadRecorder
+from vheads.capture import HeadRecorder, TokenAttention
 from vheads.data import shapes_samples
 from vheads.demo.study import DemoSettings, run_demo
 from vheads.models import load
 from vheads.pipeline.config import RunConfig
+from vheads.pipeline.replay import attention_maps
 from vheads.pipeline.run import run
 from vheads.report.build import build_report
 from vheads.store import Store
@@ -91,7 +91,7 @@ def test_report_draws_pointing_and_the_boxes_vheads_ground_drew_on_refcoco(model
 
     from test_data_formats import write_image, write_jsonl
 
-    from vheads.analysis.ground import ground
+    from vheads.analysis.grounding import ground
 
     for i in range(3):
         write_image(tmp_path / "coco" / f"{i}.png", (64 + 16 * i, 48))

@@ -11,7 +11,7 @@ import pytest
 from typer.testing import CliRunner
 
 from vheads.analysis.compare import compare_runs
-from vheads.analysis.heads import head_table
+from vheads.analysis.ranking import head_table
 from vheads.cli import app
 from vheads.data import write_shapes
 from vheads.models import load
@@ -73,7 +73,7 @@ def test_an_option_given_to_ablate_overrides_the_run_and_is_recorded(source):
                                  "--store", store, "--format", "json"])
     assert result.exit_code == 0, result.output
     with Store(store, read_only=True) as db:
-        point = db.runs().query("sweep.notna() and n_samples == 2").iloc[0]
+        point = db.runs().query("curve.notna() and n_samples == 2").iloc[0]
     assert point["config"]["limit"] == 2 and point["config"]["prompt_style"] == "plain"
 
 

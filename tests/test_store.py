@@ -583,7 +583,7 @@ def old_store(path: Path) -> None:
 
 
 def test_a_store_from_before_pointing_reads_and_gains_the_new_columns(tmp_path):
-    from vheads.analysis.heads import head_table
+    from vheads.analysis.ranking import head_table
 
     path = tmp_path / "old.duckdb"
     old_store(path)

@@ -146,11 +146,11 @@ def test_a_sweep_run_again_with_other_settings_is_refused_and_keeps_the_run(tmp_
     assert same.ok and list(same.tasks["shard"]) == ["kept"]
 
 
-def test_each_piece_reports_its_own_accuracy_and_progress_counts_the_whole_run(tmp_path):
+def test_each_shard_reports_its_own_accuracy_and_progress_counts_the_whole_run(tmp_path):
     data = write_shapes(tmp_path / "data", n=4, seed=1)
     records = json.loads(data.read_text())
     for record in records[2:]:
-        record["answer"] = "9"  # the demo model never counts nine: the second piece scores 0
+        record["answer"] = "9"  # the demo model never counts nine: the second shard scores 0
     data.write_text(json.dumps(records))
     events = []
     result = run_sweep(plan([RunConfig(dataset="pointqa", data=str(data), batch_size=1)]), tmp_path / "s.duckdb",

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from vheads.analysis.heads import head_table
+from vheads.analysis.ranking import head_table
 from vheads.analysis.selectors import CURVE_SELECTORS, check_ranked, resolve_heads, select_heads
 from vheads.analysis.stats import bootstrap_mean_ci, t_interval
 from vheads.analysis.visual import head_label, stage_counts

@@ -17,7 +17,7 @@ import numpy as np
 import pandas as pd
 
 from vheads import metrics
-from vheads.analysis.heads import head_table
+from vheads.analysis.ranking import head_table
 from vheads.analysis.stats import depth_profile, pearson, spearman
 from vheads.heads import Head
 from vheads.store import Store

@@ -13,8 +13,8 @@ import numpy as np
 import pandas as pd
 
 from vheads import metrics
-from vheads.analysis.heads import attention_heads, head_table, no_readout_hint, weights_array
 from vheads.analysis.localization import localization_heads
+from vheads.analysis.ranking import attention_heads, head_table, no_readout_hint, weights_array
 from vheads.heads import Head, format_heads, missing_heads, parse_heads
 from vheads.store import Store
 

@@ -13,7 +13,7 @@ import numpy as np
 import pandas as pd
 
 from vheads import metrics
-from vheads.analysis.heads import head_table, weights_array
+from vheads.analysis.ranking import head_table, weights_array
 from vheads.analysis.stats import bootstrap_mean_ci
 from vheads.heads import Head, format_head
 from vheads.store import Store

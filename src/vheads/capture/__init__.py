@@ -5,6 +5,7 @@ from vheads.capture.ablation import ablate
 from vheads.capture.observer import Observer
 from vheads.capture.recorder import FIGURES, READOUTS, HeadFigures, HeadRecorder
 from vheads.capture.session import CaptureError, CaptureSession
+from vheads.capture.tokens import TokenAttention
 from vheads.models.layers import attention_layer_indices, config_attention_layers, language_layers
 
 __all__ = [
@@ -16,6 +17,7 @@ __all__ = [
     "HeadFigures",
     "HeadRecorder",
     "Observer",
+    "TokenAttention",
     "ablate",
     "attention_layer_indices",
     "config_attention_layers",

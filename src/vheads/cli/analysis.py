@@ -168,8 +168,8 @@ def ground(
     overlays.
     """
     setup_logging(verbose)
-    from vheads.analysis.ground import ground as ground_run
-    from vheads.analysis.grounding import check_sigma
+    from vheads.analysis.boxes import check_sigma
+    from vheads.analysis.grounding import ground as ground_run
     from vheads.models import GeometryError, check_device
 
     with errors():

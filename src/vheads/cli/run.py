@@ -122,7 +122,7 @@ def run_progress(view: ProgressView, label: str = "run") -> tuple[Callable[[int,
 
 def print_summary(summary: Any) -> None:
     """The end-of-run summary: accuracy per question type, skipped samples, top-10 heads, where it is stored."""
-    from vheads.analysis.heads import head_table, no_readout_hint
+    from vheads.analysis.ranking import head_table, no_readout_hint
     from vheads.store import Store
 
     acc = "n/a" if summary.accuracy is None else f"{summary.accuracy:.3f}"

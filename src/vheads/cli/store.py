@@ -72,7 +72,7 @@ def heads(
     """Rank the heads of a run: score (share of the samples with the readout row that have the head in the top K
     by W; undefined when none has it), mean W, mean C, pointing (share of samples whose most-attended image token
     lies on a target), stage."""
-    from vheads.analysis.heads import head_table, no_readout_hint
+    from vheads.analysis.ranking import head_table, no_readout_hint
     from vheads.store import Store
 
     with errors(), Store(existing_store(store), read_only=True) as db:

@@ -62,9 +62,9 @@ def sweep(
                                "embedded demo LLaVA). Distinct folder names: they name the runs. Default: demo."),
     datasets: str = typer.Option(None, "--datasets", "-d", help="Comma list of datasets, NAME or NAME:PATH "
                                  "(e.g. shapes,pope:/data/pope.jsonl). Default: shapes."),
-    shards: int = typer.Option(None, "--shards", min=1, help="Cut each run into N pieces computed side by side "
+    shards: int = typer.Option(None, "--shards", min=1, help="Cut each run into N shards computed side by side "
                                "(default 1)."),
-    retries: int = typer.Option(None, "--retries", min=0, help="Try a failed piece again this many times "
+    retries: int = typer.Option(None, "--retries", min=0, help="Try a failed shard again this many times "
                                 "(default 1; bad input is not retried)."),
     address: str = typer.Option(None, "--address", help="Ray cluster address (auto, ray://HOST:10001); default: "
                                 "start a local Ray."),
@@ -73,7 +73,7 @@ def sweep(
     cpus_per_task: float = typer.Option(None, "--cpus-per-task", min=0.1, help="CPUs per worker, and its torch "
                                         "threads on CPU (default 1)."),
     no_ray: bool = typer.Option(False, "--no-ray", help="One worker in this process (no Ray needed)."),
-    fmt: str = typer.Option("table", "--format", help="table, csv or json (the piece rows, errors included)."),
+    fmt: str = typer.Option("table", "--format", help="table, csv or json (the shard rows, errors included)."),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="More log lines."),
     **options: Any,
 ) -> None:
@@ -117,7 +117,7 @@ def sweep(
         store = str(base["store"])
         runs = plan([run_config(combo, store, keys) for combo, keys in combos])
         where = "in this process" if no_ray else f"on Ray ({settings.get('address') or 'local'})"
-        say(f"{len(runs)} run(s) x {settings.get('shards', 1)} piece(s) {where}, into {store}", err)
+        say(f"{len(runs)} run(s) x {settings.get('shards', 1)} shard(s) {where}, into {store}", err)
         view = SweepView(err)
         try:
             with view:
@@ -135,7 +135,7 @@ def sweep(
         failed = result.tasks[result.tasks["status"] != "done"]
         for row in failed.itertuples():
             say(f"failed {row.run} {row.shard}: {row.error}", err)
-        say(f"{len(failed)} of {len(result.tasks)} piece(s) did not finish; run the same command again to retry "
+        say(f"{len(failed)} of {len(result.tasks)} shard(s) did not finish; run the same command again to retry "
             "them", err)
         raise typer.Exit(1)
 
@@ -229,7 +229,7 @@ class SweepView:
 
 
 def _print_table(result: Any) -> None:
-    """The pieces as a narrow table, then the time taken."""
+    """The shards as a narrow table, then the time taken."""
     import pandas as pd
 
     tasks = result.tasks

@@ -11,7 +11,7 @@ from typing import Any
 
 import pandas as pd
 
-from vheads.analysis.heads import head_table
+from vheads.analysis.ranking import head_table
 from vheads.pipeline.config import RunConfig
 from vheads.pipeline.run import RunSummary
 from vheads.report.build import build_report

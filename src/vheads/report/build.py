@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from vheads.analysis.heads import head_table
+from vheads.analysis.ranking import head_table
 from vheads.report import figures
 from vheads.report import html as h
 from vheads.store import Store
@@ -217,7 +217,7 @@ def _grounding_table(store: Store, view: RunView) -> list[str] | None:
     kept = store.groundings(view.name)
     if kept.empty:
         return None
-    from vheads.analysis.ground import head_set_label
+    from vheads.analysis.grounding import head_set_label
 
     kept["hit"] = kept["pointing"].astype(float)
     kept["iou"] = kept["iou"].astype(float)

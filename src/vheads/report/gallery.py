@@ -10,12 +10,12 @@ from typing import Any
 
 import pandas as pd
 
-from vheads.analysis.attention import Head, attention_maps, reload_samples, run_ablation, run_model
-from vheads.analysis.ground import head_set_label
+from vheads.analysis.grounding import head_set_label
 from vheads.capture import CaptureError
 from vheads.data import DataError
-from vheads.heads import format_heads
+from vheads.heads import Head, format_heads
 from vheads.models import GeometryError, Loaded, ModelError
+from vheads.pipeline.replay import attention_maps, reload_samples, run_ablation, run_model
 from vheads.report import figures
 from vheads.report import html as h
 from vheads.report.overlays import MAX_HEAD_PANELS, DrawnBoxes, overlay_figure

@@ -26,9 +26,12 @@ from matplotlib.colors import LogNorm  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 from matplotlib.patches import Rectangle  # noqa: E402
 
-from vheads.analysis.attention import Head, SampleAttention  # noqa: E402
-from vheads.analysis.grounding import attention_density  # noqa: E402
-from vheads.heads import format_heads
+from vheads.analysis.boxes import attention_density  # noqa: E402
+from vheads.heads import (
+    Head,  # noqa: E402
+    format_heads,
+)
+from vheads.pipeline.replay import SampleAttention  # noqa: E402
 
 MAX_HEAD_PANELS = 3
 PANEL_INCHES = 2.8

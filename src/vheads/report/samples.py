@@ -1,4 +1,4 @@
-"""Which stored samples the report draws (`analysis.attention.reload_samples` gets them back)."""
+"""Which stored samples the report draws (`pipeline.replay.reload_samples` gets them back)."""
 
 from __future__ import annotations
 

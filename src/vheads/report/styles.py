@@ -14,7 +14,7 @@ import matplotlib
 import numpy as np
 import pandas as pd
 
-from vheads.analysis.heads import head_table
+from vheads.analysis.ranking import head_table
 from vheads.analysis.stats import pearson
 from vheads.report import figures
 from vheads.report import html as h

@@ -1,4 +1,4 @@
-"""`vheads sweep`: many runs (models x datasets x options), each cut into pieces, computed by workers and stored
+"""`vheads sweep`: many runs (models x datasets x options), each cut into shards, computed by workers and stored
 by the driver.
 
 The driver is the store's one writer: workers (Ray actors, or one worker in this process) load a model once,
@@ -56,14 +56,14 @@ class Event:
 
 @dataclass
 class SweepResult:
-    """A sweep's pieces (one row each, see `COLUMNS`) and where its time went (seconds)."""
+    """A sweep's shards (one row each, see `COLUMNS`) and where its time went (seconds)."""
 
     tasks: pd.DataFrame
     timing: dict[str, float] = field(default_factory=dict)
 
     @property
     def ok(self) -> bool:
-        """Every piece of every run finished and is stored."""
+        """Every shard of every run finished and is stored."""
         return bool((self.tasks["status"] == "done").all())
 
 
@@ -125,10 +125,10 @@ def plan(configs: Sequence[RunConfig], base: str | Path | None = None) -> list[R
 
 @dataclass
 class _Run:
-    """The driver's state of one run: its store handle, the samples stored or skipped, its pieces."""
+    """The driver's state of one run: its store handle, the samples stored or skipped, its shards."""
 
     config: RunConfig
-    jobs: list[_Job] = field(default_factory=list)
+    shards: list[_Shard] = field(default_factory=list)
     handle: RunHandle | None = None
     stored: set[str] = field(default_factory=set)
     skipped_ids: set[str] = field(default_factory=set)
@@ -147,11 +147,11 @@ class _Run:
 
 
 @dataclass
-class _Job:
-    """One piece of a run, computed by one worker at a time."""
+class _Shard:
+    """One shard of a run, computed by one worker at a time."""
 
     run: _Run
-    piece: tuple[int, int] | None
+    k_of_n: tuple[int, int] | None  # the k-th of n shards; None: the whole run
     status: str = "pending"
     attempts: int = 0
     slot: int | None = None
@@ -171,21 +171,21 @@ class _Job:
 
     @property
     def shard(self) -> str:
-        return "{}/{}".format(*(self.piece or (1, 1)))
+        return "{}/{}".format(*(self.k_of_n or (1, 1)))
 
 
 def run_sweep(runs: Sequence[RunConfig], store: str | Path, shards: int = 1, address: str | None = None,
               gpus_per_task: float | None = None, cpus_per_task: float = 1, num_cpus: int | None = None,
               local: bool = False, retries: int = 1, on_event: Callable[[Event], None] | None = None
               ) -> SweepResult:
-    """Compute every run of `plan(...)`, cut into `shards` pieces, on workers, and store it all in `store`.
+    """Compute every run of `plan(...)`, cut into `shards` shards, on workers, and store it all in `store`.
 
     `local`: one worker in this process; else Ray: the cluster at `address` ("auto", "ray://host:10001") or a
     local Ray on `num_cpus` CPUs. `gpus_per_task` None: one GPU per worker when the cluster has GPUs when the
-    worker starts, else none. A piece that fails is tried again `retries` times (bad input is not retried);
-    a piece whose results do not all arrive is failed, never done. Runs already done with the same settings are
+    worker starts, else none. A shard that fails is tried again `retries` times (bad input is not retried);
+    a shard whose results do not all arrive is failed, never done. Runs already done with the same settings are
     kept without loading their model; a stored run whose defining settings differ from the planned ones is never
-    added to: its pieces fail, naming the differences.
+    added to: its shards fail, naming the differences.
     """
     if shards < 1:
         raise ValueError(f"--shards must be at least 1, got {shards}")
@@ -194,10 +194,10 @@ def run_sweep(runs: Sequence[RunConfig], store: str | Path, shards: int = 1, add
     kept, refused = _stored(runs, Path(store))
     states = [_Run(config) for config in runs if config.name not in kept]
     for state in states:
-        state.jobs = [_Job(state, (k, shards) if shards > 1 else None) for k in range(1, shards + 1)]
-        for job in state.jobs if state.name in refused else ():
-            job.status, job.error = "failed", refused[state.name]
-            emit(Event("failure", state.name, job.shard, text=job.error))
+        state.shards = [_Shard(state, (k, shards) if shards > 1 else None) for k in range(1, shards + 1)]
+        for shard in state.shards if state.name in refused else ():
+            shard.status, shard.error = "failed", refused[state.name]
+            emit(Event("failure", state.name, shard.shard, text=shard.error))
     todo = [state for state in states if state.name not in refused]
     timing = {"start": 0.0, "load": 0.0}
     if todo:
@@ -214,27 +214,27 @@ def run_sweep(runs: Sequence[RunConfig], store: str | Path, shards: int = 1, add
             stop()
     timing["wall"] = time.perf_counter() - began
     rows = [_kept_row(config, kept[config.name]) for config in runs if config.name in kept]
-    rows += [_row(job) for state in states for job in state.jobs]
+    rows += [_row(shard) for state in states for shard in state.shards]
     order = {config.name: i for i, config in enumerate(runs)}
     rows.sort(key=lambda row: order[row["run"]])
     return SweepResult(pd.DataFrame(rows, columns=list(COLUMNS)), timing)
 
 
 class _Driver:
-    """Hands pieces to free workers, sends them batches, and writes what comes back; the store's one writer."""
+    """Hands shards to free workers, sends them batches, and writes what comes back; the store's one writer."""
 
     def __init__(self, pool: Any, writer: BatchWriter, retries: int, emit: Callable[[Event], None],
                  timing: dict[str, float]) -> None:
         self.pool, self.writer, self.retries, self.emit, self.timing = pool, writer, retries, emit, timing
-        self.pending: deque[_Job] = deque()
+        self.pending: deque[_Shard] = deque()
         self.free: list[int] = []
         self.models: dict[int, Any] = {}
-        self.calls: dict[Any, tuple[_Job, int, str, list[str]]] = {}
+        self.calls: dict[Any, tuple[_Shard, int, str, list[str]]] = {}
         self.workers = 0
 
     def run(self, runs: Sequence[_Run]) -> None:
-        """Compute and store every piece of `runs`; returns when each is done or failed."""
-        self.pending.extend(job for state in runs for job in state.jobs)
+        """Compute and store every shard of `runs`; returns when each is done or failed."""
+        self.pending.extend(shard for state in runs for shard in state.shards)
         unsettled = len(self.pending)
         while self.pending or self.calls:
             while self.pending and not self.free and self.workers < min(self.pool.capacity(), unsettled):
@@ -245,60 +245,60 @@ class _Driver:
             while self.pending and self.free:
                 self._assign(self.pending.popleft())
             for handle, outcome in self.pool.wait(list(self.calls), timeout=1.0):
-                job, attempt, kind, ids = self.calls.pop(handle)
-                job.in_flight.discard(handle)
-                if attempt != job.attempts or job.status != "running":
+                shard, attempt, kind, ids = self.calls.pop(handle)
+                shard.in_flight.discard(handle)
+                if attempt != shard.attempts or shard.status != "running":
                     continue
                 if isinstance(outcome, Failure):
-                    self._fail(job, outcome)
+                    self._fail(shard, outcome)
                 elif kind == "open":
-                    self._opened(job, outcome)
+                    self._opened(shard, outcome)
                 else:
-                    self._computed(job, outcome, ids)
-            unsettled = sum(1 for state in runs for job in state.jobs if job.status in ("pending", "running"))
+                    self._computed(shard, outcome, ids)
+            unsettled = sum(1 for state in runs for shard in state.shards if shard.status in ("pending", "running"))
 
-    def _assign(self, job: _Job) -> None:
-        """Open `job` on a free worker, preferring one that holds its model already."""
-        model = (job.run.config.model, job.run.config.dtype, job.run.config.device)
+    def _assign(self, shard: _Shard) -> None:
+        """Open `shard` on a free worker, preferring one that holds its model already."""
+        model = (shard.run.config.model, shard.run.config.dtype, shard.run.config.device)
         slot = next((s for s in self.free if self.models.get(s) == model), self.free[0])
         self.free.remove(slot)
         self.models[slot] = model
-        job.slot, job.status, job.attempts = slot, "running", job.attempts + 1
-        job.began = job.began or time.time()
-        self._call(job, "open", [], job.key, job.run.config, job.piece)
+        shard.slot, shard.status, shard.attempts = slot, "running", shard.attempts + 1
+        shard.began = shard.began or time.time()
+        self._call(shard, "open", [], shard.key, shard.run.config, shard.k_of_n)
 
-    def _call(self, job: _Job, method: str, ids: list[str], *args: Any) -> None:
-        handle = self.pool.call(job.slot, method, *args)
-        self.calls[handle] = (job, job.attempts, method, ids)
-        job.in_flight.add(handle)
+    def _call(self, shard: _Shard, method: str, ids: list[str], *args: Any) -> None:
+        handle = self.pool.call(shard.slot, method, *args)
+        self.calls[handle] = (shard, shard.attempts, method, ids)
+        shard.in_flight.add(handle)
 
-    def _opened(self, job: _Job, opened: Opened) -> None:
-        """Start (or resume) the run in the store on its first piece, then send the piece's unstored samples."""
-        state = job.run
+    def _opened(self, shard: _Shard, opened: Opened) -> None:
+        """Start (or resume) the run in the store on its first shard, then send the shard's unstored samples."""
+        state = shard.run
         self.timing["load"] += opened.seconds
         if state.handle is None:
             try:
                 state.handle, stored = self.writer.call(lambda db: _start(db, state.config, opened)).result()
             except StoreError as exc:
-                for other in state.jobs:
+                for other in state.shards:
                     self._settle(other, "failed", first_line(exc))
-                self._release(job)
+                self._release(shard)
                 return
             state.stored, state.dataset_skips, state.metrics = stored, opened.skipped, opened.metrics
             state.total = opened.total
-        if not job.opened:
-            job.opened, job.ids = True, list(opened.ids)
+        if not shard.opened:
+            shard.opened, shard.ids = True, list(opened.ids)
             state.ids.update(opened.ids)
         todo = [i for i in opened.ids if i not in state.stored and i not in state.skipped_ids]
         size = state.config.batch_size
-        job.batches = [todo[i:i + size] for i in range(0, len(todo), size)]
-        self.emit(Event("open", state.name, job.shard, *self._count(state),
+        shard.batches = [todo[i:i + size] for i in range(0, len(todo), size)]
+        self.emit(Event("open", state.name, shard.shard, *self._count(state),
                         text=f"{opened.where}, {len(todo)} to compute"))
-        self._feed(job)
+        self._feed(shard)
 
-    def _computed(self, job: _Job, batches: list[Computed], ids: list[str]) -> None:
-        """Hand one batch's results to the writer; a sample that did not come back fails the piece."""
-        state = job.run
+    def _computed(self, shard: _Shard, batches: list[Computed], ids: list[str]) -> None:
+        """Hand one batch's results to the writer; a sample that did not come back fails the shard."""
+        state = shard.run
         returned = set()
         for batch in batches:
             for sample_id, reason in batch.skipped:
@@ -312,66 +312,66 @@ class _Driver:
                 new = [row["sample_id"] for row in batch.rows]
                 returned.update(new)
                 state.stored.update(new)
-                job.samples += len(new)
+                shard.samples += len(new)
                 state.new += len(new)
         missing = set(ids) - returned
         if missing:
-            self._fail(job, Failure(f"{len(missing)} sample(s) of a batch did not come back from the worker"))
+            self._fail(shard, Failure(f"{len(missing)} sample(s) of a batch did not come back from the worker"))
             return
-        self.emit(Event("progress", state.name, job.shard, *self._count(state)))
-        self._feed(job)
+        self.emit(Event("progress", state.name, shard.shard, *self._count(state)))
+        self._feed(shard)
 
-    def _feed(self, job: _Job) -> None:
-        """Keep two batches queued at the piece's worker; when none is left, the piece is done."""
-        while job.batches and len(job.in_flight) < IN_FLIGHT:
-            ids = job.batches.pop(0)
-            self._call(job, "compute", ids, job.key, ids)
-        if not job.batches and not job.in_flight:
-            self.pool.call(job.slot, "close", job.key)
-            self._release(job)
-            self._settle(job, "done")
+    def _feed(self, shard: _Shard) -> None:
+        """Keep two batches queued at the shard's worker; when none is left, the shard is done."""
+        while shard.batches and len(shard.in_flight) < IN_FLIGHT:
+            ids = shard.batches.pop(0)
+            self._call(shard, "compute", ids, shard.key, ids)
+        if not shard.batches and not shard.in_flight:
+            self.pool.call(shard.slot, "close", shard.key)
+            self._release(shard)
+            self._settle(shard, "done")
 
-    def _fail(self, job: _Job, failure: Failure) -> None:
-        """Try the piece again on a worker (it resumes after what is stored) or, out of tries, fail it."""
-        slot = job.slot
+    def _fail(self, shard: _Shard, failure: Failure) -> None:
+        """Try the shard again on a worker (it resumes after what is stored) or, out of tries, fail it."""
+        slot = shard.slot
         if failure.lost and slot is not None:
             what = self.pool.replace(slot)
             self.emit(Event("worker", text=f"worker {slot + 1} replaced: {what}"))
-        self._release(job)
-        job.in_flight.clear()
-        if failure.retry and job.attempts <= self.retries:
-            job.status = "pending"
-            self.pending.appendleft(job)
-            self.emit(Event("failure", job.run.name, job.shard, text=f"{failure.reason} (trying again, "
-                            f"{job.attempts} of {self.retries} retries)"))
+        self._release(shard)
+        shard.in_flight.clear()
+        if failure.retry and shard.attempts <= self.retries:
+            shard.status = "pending"
+            self.pending.appendleft(shard)
+            self.emit(Event("failure", shard.run.name, shard.shard, text=f"{failure.reason} (trying again, "
+                            f"{shard.attempts} of {self.retries} retries)"))
             return
-        self._settle(job, "failed", failure.reason)
+        self._settle(shard, "failed", failure.reason)
 
-    def _release(self, job: _Job) -> None:
-        if job.slot is not None and job.slot not in self.free:
-            self.free.append(job.slot)
-        job.slot = None
+    def _release(self, shard: _Shard) -> None:
+        if shard.slot is not None and shard.slot not in self.free:
+            self.free.append(shard.slot)
+        shard.slot = None
 
-    def _settle(self, job: _Job, status: str, error: str = "") -> None:
-        """Close a piece; when it was its run's last, finish the run in the store."""
-        if job.status in ("done", "failed"):
+    def _settle(self, shard: _Shard, status: str, error: str = "") -> None:
+        """Close a shard; when it was its run's last, finish the run in the store."""
+        if shard.status in ("done", "failed"):
             return
-        if job in self.pending:
-            self.pending.remove(job)
-        job.status, job.error, job.seconds = status, error, time.time() - (job.began or time.time())
-        self._release(job)
+        if shard in self.pending:
+            self.pending.remove(shard)
+        shard.status, shard.error, shard.seconds = status, error, time.time() - (shard.began or time.time())
+        self._release(shard)
         if error:
-            self.emit(Event("failure", job.run.name, job.shard, text=error))
-        state = job.run
-        if state.handle is None or any(j.status in ("pending", "running") for j in state.jobs):
+            self.emit(Event("failure", shard.run.name, shard.shard, text=error))
+        state = shard.run
+        if state.handle is None or any(j.status in ("pending", "running") for j in state.shards):
             return
-        ok = all(j.status == "done" for j in state.jobs)
+        ok = all(j.status == "done" for j in state.shards)
         skipped = _add(state.dataset_skips, state.skipped)
         expected = state.ids - state.skipped_ids
         state.summary, missing = self.writer.call(
             lambda db: _finish(db, state, skipped, expected, ok)).result()
         if missing:
-            for j in state.jobs:
+            for j in state.shards:
                 j.status, j.error = "failed", f"{missing} sample(s) never reached the store"
         status = "done" if ok and not missing else "failed"
         accuracy = state.summary.accuracy if state.summary else None
@@ -410,13 +410,13 @@ def _finish(db: Store, state: _Run, skipped: dict[str, int], expected: set[str],
         return None, missing
     summary = summarize(db, handle, db.path, skipped, state.metrics, time.time() - state.began)
     db.finish_run(handle, status="done", accuracy=summary.accuracy, skipped=skipped)
-    for job in state.jobs:
-        job.accuracy = _accuracy(db, handle, job.ids)
+    for shard in state.shards:
+        shard.accuracy = _accuracy(db, handle, shard.ids)
     return summary, 0
 
 
 def _accuracy(db: Store, handle: RunHandle, ids: Sequence[str]) -> float | None:
-    """The accuracy over the scored samples among `ids` of a run (one piece's own; None when none is scored)."""
+    """The accuracy over the scored samples among `ids` of a run (one shard's own; None when none is scored)."""
     row = db.query("SELECT count(correct) AS scored, count(*) FILTER (WHERE correct) AS correct FROM samples "
                    "WHERE run_id = ? AND list_contains(?::TEXT[], sample_id)", [handle.run_id, list(ids)]).iloc[0]
     return int(row["correct"]) / int(row["scored"]) if row["scored"] else None
@@ -495,10 +495,10 @@ def _log_event(event: Event) -> None:
     (log.warning if event.kind == "failure" else log.info)(text)
 
 
-def _row(job: _Job) -> dict[str, Any]:
-    return {"run": job.run.name, "model": model_label(job.run.config.model), "dataset": job.run.config.dataset,
-            "shard": job.shard, "status": job.status, "samples": job.samples, "accuracy": job.accuracy,
-            "seconds": round(job.seconds, 1), "error": job.error}
+def _row(shard: _Shard) -> dict[str, Any]:
+    return {"run": shard.run.name, "model": model_label(shard.run.config.model), "dataset": shard.run.config.dataset,
+            "shard": shard.shard, "status": shard.status, "samples": shard.samples, "accuracy": shard.accuracy,
+            "seconds": round(shard.seconds, 1), "error": shard.error}
 
 
 def _kept_row(config: RunConfig, info: dict[str, Any]) -> dict[str, Any]:

@@ -37,7 +37,7 @@ class Failure:
 
 @dataclass
 class Opened:
-    """What a worker reports about a piece of a run it opened: the model, the dataset, the piece's sample ids and
+    """What a worker reports about a shard of a run it opened: the model, the dataset, the shard's sample ids and
     how many samples the whole run has (`total`)."""
 
     model: str
@@ -56,7 +56,7 @@ class Opened:
 
 
 class ModelCache:
-    """The last loaded model, reused by the following pieces of work on that model."""
+    """The last loaded model, reused by the following shards of work on that model."""
 
     def __init__(self) -> None:
         self.key: tuple[Any, ...] | None = None
@@ -73,7 +73,7 @@ class ModelCache:
 
 
 class Worker:
-    """Computes batches for the driver, loading each model once for all the batches and pieces it serves."""
+    """Computes batches for the driver, loading each model once for all the batches and shards it serves."""
 
     def __init__(self, threads: int | None = None) -> None:
         if threads:
@@ -83,17 +83,17 @@ class Worker:
         self.models = ModelCache()
         self.dataset_key: tuple[Any, ...] | None = None
         self.dataset: Any = None
-        self.jobs: dict[Hashable, tuple[Runner, dict[str, Any], int]] = {}
+        self.shards: dict[Hashable, tuple[Runner, dict[str, Any], int]] = {}
 
-    def open(self, key: Hashable, config: RunConfig, piece: tuple[int, int] | None) -> Opened | Failure:
-        """Load the model and dataset of `config` (kept from the last call when the same) and its piece's samples."""
+    def open(self, key: Hashable, config: RunConfig, shard: tuple[int, int] | None) -> Opened | Failure:
+        """Load the model and dataset of `config` (kept from the last call when the same) and its shard's samples."""
         try:
             began = time.perf_counter()
             loaded = self.models.get(config)
             dataset = self._dataset(config)
             layers, heads, attention_layers = head_grid(loaded, config.ablate)
-            samples = shard_samples(dataset.samples, piece)
-            self.jobs[key] = (Runner(loaded, config), {s.id: s for s in samples}, config.batch_size)
+            samples = shard_samples(dataset.samples, shard)
+            self.shards[key] = (Runner(loaded, config), {s.id: s for s in samples}, config.batch_size)
             return Opened(loaded.name, loaded.family, dataset.name, dataset.split, layers, heads,
                           attention_layers, [s.id for s in samples], dict(dataset.skip_summary()), dataset.metrics,
                           f"{socket.gethostname()}:{os.getpid()}", time.perf_counter() - began, len(dataset.samples))
@@ -101,16 +101,16 @@ class Worker:
             return failure(exc)
 
     def compute(self, key: Hashable, ids: Sequence[str]) -> list[Computed] | Failure:
-        """Answer and measure the samples `ids` of an opened piece (one batch, halved on out-of-memory)."""
+        """Answer and measure the samples `ids` of an opened shard (one batch, halved on out-of-memory)."""
         try:
-            runner, samples, batch_size = self.jobs[key]
+            runner, samples, batch_size = self.shards[key]
             return list(compute(runner, [samples[i] for i in ids], batch_size))
         except Exception as exc:  # noqa: BLE001 - reported to the driver as a failure
             return failure(exc)
 
     def close(self, key: Hashable) -> None:
-        """Forget an opened piece (its model stays loaded for the next piece)."""
-        self.jobs.pop(key, None)
+        """Forget an opened shard (its model stays loaded for the next shard)."""
+        self.shards.pop(key, None)
 
     def _dataset(self, config: RunConfig) -> Any:
         key = (config.dataset, config.data, config.images, config.split, config.question_type, config.prompt_style,
@@ -211,7 +211,7 @@ class RayPool:
         for ref in ready:
             try:
                 outcomes.append((ref, self.ray.get(ref)))
-            except Exception as exc:  # noqa: BLE001 - a worker that died fails its piece only
+            except Exception as exc:  # noqa: BLE001 - a worker that died fails its shard only
                 outcomes.append((ref, failure(exc, lost=True)))
         return outcomes
 

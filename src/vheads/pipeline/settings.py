@@ -118,11 +118,24 @@ def with_preset(config: Config) -> Config:
     return replace(config, **values, explicit=tuple(sorted(given | set(values))))
 
 
+def resolve(path: str, base: str | Path | None = None) -> str:
+    """`path` (`~` expanded) made absolute against `base` (default: this folder); the one rule for every path option."""
+    return str((Path(base or Path.cwd()) / Path(path).expanduser()).resolve())
+
+
+def is_model_folder(model: str | None, base: str | Path | None = None) -> bool:
+    """Whether `--model` names a folder rather than a hub id or the embedded demo: it exists against `base`, or it
+    is written as a path ('.', '/', '~')."""
+    if not model or model == "demo":
+        return False
+    return model.startswith((".", "/", "~")) or (Path(base or Path.cwd()) / Path(model).expanduser()).exists()
+
+
 def absolute(path: str | None) -> str | None:
     """A data, image or model path made absolute when it names something on this machine (hub ids stay)."""
     if path is None or not Path(path).expanduser().exists():
         return path
-    return str(Path(path).expanduser().resolve())
+    return resolve(path)
 
 
 def _show(value: Any) -> str:

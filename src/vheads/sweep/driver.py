@@ -22,6 +22,7 @@ from typing import Any
 
 import pandas as pd
 
+from vheads.pipeline import settings as run_settings
 from vheads.pipeline.batches import Computed, skip_reason
 from vheads.pipeline.config import RunConfig, ablation_label, base_name, check_same_run, stored_run_settings
 from vheads.pipeline.run import Interrupted, RunSummary, summarize
@@ -91,16 +92,10 @@ def absolute(config: RunConfig, base: str | Path | None = None) -> RunConfig:
 
     A model is taken as a folder when it exists there or starts with '.', '/' or '~'; otherwise it is a hub id.
     """
-    base = Path(base or os.getcwd())
-
-    def resolve(path: str) -> str:
-        return str((base / Path(path).expanduser()).resolve())
-
-    model = config.model
-    if model and model != DEMO and (model.startswith((".", "/", "~")) or (base / model).exists()):
-        model = resolve(model)
-    return replace(config, model=model, data=config.data and resolve(config.data),
-                   images=config.images and resolve(config.images))
+    model = run_settings.resolve(config.model, base) if run_settings.is_model_folder(config.model, base) \
+        else config.model
+    return replace(config, model=model, data=config.data and run_settings.resolve(config.data, base),
+                   images=config.images and run_settings.resolve(config.images, base))
 
 
 def plan(configs: Sequence[RunConfig], base: str | Path | None = None) -> list[RunConfig]:
@@ -396,7 +391,7 @@ def _start(db: Store, config: RunConfig, opened: Opened) -> tuple[RunHandle, set
     handle = db.start_run(str(config.name), model=opened.model, family=opened.family, dataset=opened.dataset,
                           split=opened.split or "", layers=opened.layers, heads=opened.heads,
                           readout=config.readout, ablation=ablation_label(config), config=settings,
-                          resume=True, sweep=config.sweep, tags=config.tags or None)
+                          resume=True, curve=config.curve, tags=config.tags or None)
     return handle, set(handle.done_ids)
 
 

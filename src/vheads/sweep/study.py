@@ -25,6 +25,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from vheads.pipeline.settings import is_model_folder, resolve
+
 AXES = {"models": "model", "datasets": "dataset", "prompt_styles": "prompt_style", "readouts": "readout",
         "ablations": "ablate_heads"}
 SETTINGS = ("shards", "retries", "address", "gpus_per_task", "cpus_per_task")
@@ -196,10 +198,10 @@ def _relative_to(options: Mapping[str, Any], folder: Path) -> dict[str, Any]:
     out = dict(options)
     for key in PATHS:
         if isinstance(out.get(key), str):
-            out[key] = str((folder / Path(out[key]).expanduser()).resolve())
+            out[key] = resolve(out[key], folder)
     model = out.get("model")
-    if isinstance(model, str) and (folder / model).exists() and model != "demo":
-        out["model"] = str((folder / model).resolve())
+    if isinstance(model, str) and is_model_folder(model, folder):
+        out["model"] = resolve(model, folder)
     return out
 
 

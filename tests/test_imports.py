@@ -28,7 +28,7 @@ DATA_COMMANDS = ("shapes", "list")
 TERMINAL_PACKAGES = {"typer", "rich", "click"}
 # The layers of the package, lowest first (DESIGN.md): a module imports only modules of its own layer or below.
 LAYERS = (
-    ("vheads.metrics", "vheads.heads", "vheads.compat"),
+    ("vheads.metrics", "vheads.figures", "vheads.heads", "vheads.compat"),
     ("vheads.models", "vheads.data", "vheads.store"),
     ("vheads.capture",),
     ("vheads.pipeline",),

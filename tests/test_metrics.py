@@ -72,7 +72,7 @@ def test_figures_from_masked_sums_equal_the_five_figures_one_by_one():
                                          torch.tensor(image.sum(-1)[:, None]))
     for figures in (on_numpy, on_torch.numpy()):
         assert figures.shape == (4, 3, 5)
-        for i, name in enumerate(metrics.FIGURES):
+        for i, name in enumerate(metrics.SUM_FIGURES):
             np.testing.assert_allclose(figures[..., i], expected[name], atol=1e-12, equal_nan=True, err_msg=name)
     assert np.isnan(on_numpy[0, 0, 1]), "no image attention: C undefined"
     assert np.isnan(on_numpy[2:, :, 1]).all(), "one or no image token: C undefined"

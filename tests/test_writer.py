@@ -15,7 +15,8 @@ from vheads.store import Store, StoreError
 
 def figures_of(*arrays: np.ndarray) -> HeadFigures:
     n = len(arrays[0])
-    return HeadFigures(*arrays, image_token_count=np.full(n, 16), readout_steps=np.ones(n, dtype=np.int64))
+    names = ("visual_weight", "concentration", "region_weight", "text_weight", "sink_weight")
+    return HeadFigures(np.full(n, 16), np.ones(n, dtype=np.int64), **dict(zip(names, arrays, strict=False)))
 
 
 def test_every_submitted_batch_is_stored_in_order_before_close_returns(tmp_path):

@@ -78,7 +78,8 @@ def attention_figures(
     }
 
 
-FIGURES = ("visual_weight", "concentration", "region_weight", "text_weight", "sink_weight")
+# The figures `figures_from_sums` returns, in the order of its last axis (their declarations: `vheads.figures`).
+SUM_FIGURES = ("visual_weight", "concentration", "region_weight", "text_weight", "sink_weight")
 
 
 def pointing(attn: Any, image_mask: Any, target_mask: Any) -> Any:
@@ -158,7 +159,7 @@ def masked_sums(attn: Any, key_masks: Any) -> Any:
 
 
 def figures_from_sums(sums: Any, image_tokens: Any) -> Any:
-    """The five figures [..., 5] (order of FIGURES) from `masked_sums` and the image-token count N [...].
+    """The five figures [..., 5] (order of SUM_FIGURES) from `masked_sums` and the image-token count N [...].
 
     C uses H(p) = log W - sum(a log a) / W with a the attention on image tokens, which equals the entropy
     of a renormalised over them; C is NaN where W = 0 or N < 2, as in `concentration`.

@@ -6,10 +6,14 @@ import numpy as np
 import pandas as pd
 
 from vheads import metrics
+from vheads.figures import listed
 from vheads.store import Store
 
-HEAD_COLUMNS = ["rank", "layer", "head", "score", "mean_w", "mean_c", "pointing", "mean_region_share", "stage",
-                "visual"]
+
+def head_columns() -> list[str]:
+    """The columns of a head ranking: rank, layer, head, score, one per listed figure (`vheads.figures`), stage and
+    the visual-head flag."""
+    return ["rank", "layer", "head", "score", *(f.listed for f in listed()), "stage", "visual"]
 
 
 def weights_array(store: Store, run: str | int, figure: str = "visual_weight",
@@ -63,8 +67,9 @@ def attention_heads(info: dict, w: np.ndarray, layers: int, heads: int) -> np.nd
 def head_table(store: Store, run: str | int, k: int | None = None, threshold: float = 0.5,
                where: str | None = None, stages: tuple[int, int] | None = None) -> pd.DataFrame:
     """The ranking of DESIGN.md: score (share of the samples with the readout row that have the head in the top K
-    by W), then mean W; beside them mean C, pointing (the share of samples with a target whose most-attended
-    image token lies on one) and region share. Stages follow `stages`, else the run's stored `--stages`, else thirds.
+    by W), then mean W; beside them the per-head mean of every listed figure (`vheads.figures`: mean W, mean C,
+    region share, pointing: the share of samples with a target whose most-attended image token lies on one).
+    Stages follow `stages`, else the run's stored `--stages`, else thirds.
 
     Heads of layers without softmax attention (a hybrid decoder's, as the run recorded them, else those never
     measured in a sample that has the readout) are left out.
@@ -74,32 +79,35 @@ def head_table(store: Store, run: str | int, k: int | None = None, threshold: fl
     info = store.run(run)
     bounds = run_stages(info, stages)
     w, _ = weights_array(store, run, "visual_weight", where)
-    c, _ = weights_array(store, run, "concentration", where)
-    rw, _ = weights_array(store, run, "region_weight", where)
-    point, _ = weights_array(store, run, "pointing", where)
     layers, heads = w.shape[1], w.shape[2]
     k = metrics.default_top_k(layers, heads) if k is None else k
     if not 1 <= k <= layers * heads:
         raise ValueError(f"--k {k}: must be between 1 and {layers * heads} (the run's {layers} layers x {heads} "
                          "heads)")
     scores = metrics.head_scores(w, k)
-    mean_w, mean_c, pointing = metrics.nanmean(w), metrics.nanmean(c), metrics.nanmean(point)
-    share = metrics.nanmean(metrics.region_share(rw, w))
+    means = store.head_means(run, where)
+    shown = {f.listed: _grid(means, f.name, layers, heads) for f in listed()}
+    mean_w = _grid(means, "visual_weight", layers, heads)
     flags = metrics.visual_head_flags(scores, threshold)
     measured = attention_heads(info, w, layers, heads)
     rows = []
     ranked = [(layer, head) for layer, head in metrics.rank_heads(scores, mean_w) if measured[layer, head]]
     for rank, (layer, head) in enumerate(ranked, start=1):
         rows.append({"rank": rank, "layer": layer, "head": head, "score": float(scores[layer, head]),
-                     "mean_w": float(mean_w[layer, head]), "mean_c": float(mean_c[layer, head]),
-                     "pointing": float(pointing[layer, head]),
-                     "mean_region_share": float(share[layer, head]),
+                     **{column: float(grid[layer, head]) for column, grid in shown.items()},
                      "stage": metrics.stage_of(layer, layers, bounds), "visual": bool(flags[layer, head])})
-    table = pd.DataFrame(rows, columns=HEAD_COLUMNS)
+    table = pd.DataFrame(rows, columns=head_columns())
     table.attrs.update(layers=layers, heads=heads, k=k, samples=w.shape[0], scored=metrics.readout_samples(w),
                        stages=bounds or metrics.thirds(layers), readout=info.get("readout"),
                        attention_layers=[int(i) for i in np.flatnonzero(measured.any(axis=1))])
     return table
+
+
+def _grid(means: pd.DataFrame, column: str, layers: int, heads: int) -> np.ndarray:
+    """One column of `Store.head_means` as [layers, heads] (NaN where undefined or never measured)."""
+    grid = np.full((layers, heads), np.nan)
+    grid[means["layer"].to_numpy(), means["head"].to_numpy()] = means[column].astype(float).to_numpy()
+    return grid
 
 
 def no_readout_hint(table: pd.DataFrame) -> str | None:

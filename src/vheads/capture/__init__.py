@@ -3,15 +3,15 @@
 from vheads.capture.ablation import MODES as ABLATION_MODES
 from vheads.capture.ablation import ablate
 from vheads.capture.observer import Observer
-from vheads.capture.recorder import FIGURES, READOUTS, HeadFigures, HeadRecorder
+from vheads.capture.recorder import READOUTS, RECORDED, HeadFigures, HeadRecorder
 from vheads.capture.session import CaptureError, CaptureSession
 from vheads.capture.tokens import TokenAttention
 from vheads.models.layers import attention_layer_indices, config_attention_layers, language_layers
 
 __all__ = [
     "ABLATION_MODES",
-    "FIGURES",
     "READOUTS",
+    "RECORDED",
     "CaptureError",
     "CaptureSession",
     "HeadFigures",

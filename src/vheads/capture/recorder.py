@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -13,18 +12,18 @@ from vheads import metrics
 from vheads.capture.maps import MAP_FIGURES, TokenMaps
 from vheads.capture.observer import Observer, is_prefill, prompt_layout
 from vheads.capture.session import AttentionCall, CaptureError, CaptureSession
+from vheads.figures import stored_names
 from vheads.models.families import image_token_id
 from vheads.models.geometry import TokenGrid
 
 READOUTS = ("prompt", "first-generated", "generated")
-FIGURES = metrics.FIGURES
-REGION = FIGURES.index("region_weight")
-RECORDED = (*FIGURES, *MAP_FIGURES)
+REGION = metrics.SUM_FIGURES.index("region_weight")
+RECORDED = (*metrics.SUM_FIGURES, *MAP_FIGURES)
 
 
-@dataclass
 class HeadFigures:
-    """Per-sample, per-head figures: float32 arrays [batch, layers, heads], NaN where undefined.
+    """Per-sample, per-head figures: float32 arrays [batch, layers, heads], NaN where undefined, one attribute per
+    stored figure of `vheads.figures.FIGURES` (None: not measured, stored as NULL).
 
     `image_token_count` [batch] counts the image tokens of each sample; `readout_steps` [batch] counts the
     query rows averaged into each sample (1 for `prompt`, the generated tokens for `generated`, 0 where the
@@ -33,20 +32,26 @@ class HeadFigures:
     the recorder had no target mask or no token grids.
     """
 
-    visual_weight: np.ndarray
-    concentration: np.ndarray
-    region_weight: np.ndarray
-    text_weight: np.ndarray
-    sink_weight: np.ndarray
-    image_token_count: np.ndarray
-    readout_steps: np.ndarray
-    pointing: np.ndarray | None = None
-    spatial_entropy: np.ndarray | None = None
+    def __init__(self, image_token_count: np.ndarray, readout_steps: np.ndarray,
+                 **values: np.ndarray | None) -> None:
+        declared = stored_names()
+        unknown = sorted(set(values) - set(declared))
+        if unknown:
+            raise TypeError(f"HeadFigures: {', '.join(unknown)} not declared in vheads.figures.FIGURES")
+        self.values: dict[str, np.ndarray | None] = {name: values.get(name) for name in declared}
+        self.image_token_count = image_token_count
+        self.readout_steps = readout_steps
+
+    def __getattr__(self, name: str) -> np.ndarray | None:
+        values = self.__dict__.get("values", {})
+        if name in values:
+            return values[name]
+        raise AttributeError(f"HeadFigures has no figure {name!r}")
 
     @property
     def batch(self) -> int:
         """Samples recorded."""
-        return int(self.visual_weight.shape[0])
+        return len(self.image_token_count)
 
     def region_share(self) -> np.ndarray:
         """Rw / W per sample and head."""

@@ -18,6 +18,7 @@ try:  # typer >= 0.20 carries its own copy of click
 except ImportError:  # pragma: no cover - older typer on click
     from click.exceptions import ClickException, UsageError
 
+from vheads import figures
 from vheads.cli.output import emit, err
 
 STORE_HELP = "DuckDB results store."
@@ -29,11 +30,6 @@ LIMIT_HELP = ("At most this many questions, drawn with --seed (default: 1,000 fo
               "other datasets).")
 MAX_PIXELS_HELP = ("Skip images with more pixels than this, read from the file header before decoding (0: no cap); "
                    "counted as 'image too large'.")
-HEAD_HEADERS = {"rank": "#", "layer": "layer", "head": "head", "score": "score", "mean_w": "W", "mean_c": "C",
-                "pointing": "point", "mean_region_share": "region", "stage": "stage", "visual": "visual"}
-HEAD_LEGEND = ("score: share of the scored samples with the head in the top K by W; W: mean visual weight; C: mean "
-               "concentration; point: share of the samples whose most-attended image token lies on a target; "
-               "region: mean share of the image attention on the asked-about box; —: undefined")
 RUN_FIELDS = {"ablate_heads": "ablate"}
 
 
@@ -146,6 +142,17 @@ def check_choice(value: str, what: str) -> str:
     return value
 
 
+def head_headers() -> dict[str, str]:
+    """The short table headers of a head ranking's columns, the listed figures' labels among them."""
+    return {"rank": "#", "layer": "layer", "head": "head", "score": "score",
+            **{f.listed: f.label for f in figures.listed()}, "stage": "stage", "visual": "visual"}
+
+
+def head_legend() -> str:
+    """The notes under a head ranking: the score, then each listed figure's label and help."""
+    return f"score: share of the scored samples with the head in the top K by W; {figures.legend()}; —: undefined"
+
+
 def print_heads(table: Any, title: str, fmt: str = "table") -> None:
     """A head ranking: short headers and a legend in a table, the full column names in CSV and JSON."""
-    emit(table, fmt, title=title, headers=HEAD_HEADERS, legend=HEAD_LEGEND)
+    emit(table, fmt, title=title, headers=head_headers(), legend=head_legend())

@@ -114,9 +114,7 @@ class BatchWriter:
                 continue
             run, rows, figures = item
             try:
-                self.store.add_batch(run, rows, figures.visual_weight, figures.concentration,
-                                     figures.region_weight, figures.text_weight, figures.sink_weight,
-                                     pointing=figures.pointing, spatial_entropy=figures.spatial_entropy)
+                self.store.add_batch(run, rows, **figures.values)
                 if self.on_stored is not None:
                     self.on_stored(rows)
             except BaseException as error:  # noqa: BLE001 - handed to the caller's thread

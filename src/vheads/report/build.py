@@ -15,6 +15,7 @@ import numpy as np
 import pandas as pd
 
 from vheads.analysis.ranking import head_table
+from vheads.figures import legend, listed
 from vheads.report import figures
 from vheads.report import html as h
 from vheads.store import Store
@@ -22,8 +23,6 @@ from vheads.store import Store
 log = logging.getLogger("vheads.report")
 
 OWN_PNGS = ("heatmap-", "overlay-", "pruning-", "wc-scatter", "correlation")
-HEAD_COLUMNS = {"rank": "rank", "layer": "layer", "head": "head", "score": "score", "mean_w": "mean W",
-                "mean_c": "mean C", "pointing": "pointing", "mean_region_share": "region share", "stage": "stage"}
 DEFINITIONS = (
     "W: share of the readout row's attention on image tokens. C = 1 - H / log N: how concentrated the image "
     "attention is (1 = one token, 0 = spread evenly). Head score: share of the samples with the readout row in "
@@ -189,9 +188,17 @@ def _heads_table(view: RunView) -> list[str]:
     if shown.empty:
         shown = table.head(10)
         note = "No head reaches score 0.5; the 10 best-ranked heads are shown."
-    frame = shown[list(HEAD_COLUMNS)].rename(columns=HEAD_COLUMNS)
+    headers = _head_headers()
+    frame = shown[list(headers)].rename(columns=headers)
     rows = h.table(frame, row_attrs=lambda r: {"class": "head-row", "data-head": f"{r.layer}.{r.head}"})
-    return [h.paragraph(note), rows]
+    return [h.paragraph(f"{note} {legend()}."), rows]
+
+
+def _head_headers() -> dict[str, str]:
+    """The columns of the report's head table and their headers: each listed figure (`vheads.figures`) under its
+    label."""
+    return {"rank": "rank", "layer": "layer", "head": "head", "score": "score",
+            **{f.listed: f.label for f in listed()}, "stage": "stage"}
 
 
 def _run_section(store: Store, view: RunView, out: Path, overlays: int, device: str,

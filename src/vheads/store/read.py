@@ -10,6 +10,7 @@ from typing import Any
 import duckdb
 import pandas as pd
 
+from vheads import figures
 from vheads.store.schema import (
     GROUNDING_FIELDS,
     JSON_RUN_COLUMNS,
@@ -101,20 +102,23 @@ def head_stats(con: duckdb.DuckDBPyConnection, run_id: int) -> pd.DataFrame:
     ).df()
 
 
-def head_means(con: duckdb.DuckDBPyConnection, run_id: int) -> pd.DataFrame:
-    """Per (layer, head) means over a run's samples; NULLs (undefined C, no box) are left out of each mean."""
+def head_means(con: duckdb.DuckDBPyConnection, run_id: int, where: str | None = None) -> pd.DataFrame:
+    """Per (layer, head): every figure of `vheads.figures` reduced over a run's samples (its `reduce`, NULLs such as
+    undefined C or no box left out), n (samples) and n_concentration (those with a C).
+
+    `where` (SQL over head_stats `h` and samples `s`) keeps some samples; a figure the store predates reads as NULL.
+    """
+    database = con.execute("SELECT current_database()").fetchone()[0]
+    have = set(column_names(con, database, "head_stats"))
+    columns = ", ".join(f"h.{quote(f.name)}" if f.name in have else f"NULL::{f.sql_type} AS {quote(f.name)}"
+                        for f in figures.stored())
+    reduced = ", ".join(f"{f.head_sql()} AS {quote(f.name)}" for f in figures.FIGURES)
+    joined = (" JOIN samples s ON s.run_id = h.run_id AND s.sample_id = h.sample_id" if where else "")
     return con.execute(
-        """SELECT layer, head,
-                  avg(visual_weight) AS visual_weight,
-                  avg(concentration) AS concentration,
-                  avg(region_weight) AS region_weight,
-                  avg(region_weight / nullif(visual_weight, 0)) AS region_share,
-                  avg(text_weight) AS text_weight,
-                  avg(sink_weight) AS sink_weight,
-                  avg(pointing) AS pointing,
-                  count(*) AS n,
-                  count(concentration) AS n_concentration
-           FROM head_stats WHERE run_id = ? GROUP BY layer, head ORDER BY layer, head""",
+        f"""SELECT layer, head, {reduced}, count(*) AS n, count(concentration) AS n_concentration
+            FROM (SELECT h.layer, h.head, {columns} FROM head_stats h{joined}
+                  WHERE h.run_id = ?{f" AND ({where})" if where else ""})
+            GROUP BY layer, head ORDER BY layer, head""",
         [run_id],
     ).df()
 

@@ -14,6 +14,8 @@ from typing import Any
 import duckdb
 import pyarrow as pa
 
+from vheads.figures import stored, stored_names
+
 SCHEMA_VERSION = 1
 STATUSES = ("running", "done", "interrupted", "failed")
 COMPAT_FIELDS = ("model", "dataset", "split", "readout", "ablation", "layers", "heads")
@@ -29,8 +31,9 @@ SAMPLE_FIELDS = (
     "meta",
     "digest",
 )
-HEAD_FIELDS = ("visual_weight", "concentration", "region_weight", "text_weight", "sink_weight", "pointing",
-               "spatial_entropy")
+# The head_stats figure columns as declared when vheads was imported (the store itself reads `vheads.figures` at call
+# time, so a figure declared later, e.g. in a test, gets its column too).
+HEAD_FIELDS = stored_names()
 GROUNDING_FIELDS = ("x1", "y1", "x2", "y2", "targets", "pointing", "iou")
 
 SAMPLE_TYPES = {
@@ -47,6 +50,7 @@ SAMPLE_TYPES = {
 }
 JSON_RUN_COLUMNS = ("config", "skipped", "tags")
 
+# head_stats' `{figures}` becomes one column per stored figure of `vheads.figures` (`ddl`).
 _DDL = (
     "CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT)",
     f"""CREATE TABLE IF NOT EXISTS runs (
@@ -90,14 +94,7 @@ _DDL = (
         run_id INTEGER NOT NULL,
         sample_id TEXT NOT NULL,
         layer SMALLINT NOT NULL,
-        head SMALLINT NOT NULL,
-        visual_weight REAL,
-        concentration REAL,
-        region_weight REAL,
-        text_weight REAL,
-        sink_weight REAL,
-        pointing REAL,
-        spatial_entropy REAL
+        head SMALLINT NOT NULL{figures}
     )""",
     """CREATE TABLE IF NOT EXISTS comparisons (
         created TIMESTAMP NOT NULL,
@@ -127,9 +124,9 @@ _DDL = (
         PRIMARY KEY (run_id, source, selector, sample_id)
     )""",
 )
-# Columns added after a table first shipped: stores written before them gain them when opened for writing.
-_ADDED_COLUMNS = (("head_stats", "pointing", "REAL"), ("head_stats", "spatial_entropy", "REAL"),
-                  ("samples", "digest", "TEXT"))
+# Columns added after a table first shipped: stores written before them gain them when opened for writing. Every
+# stored figure's head_stats column is one of them (`added_columns`), so a newly declared figure needs no entry here.
+_ADDED_COLUMNS = (("samples", "digest", "TEXT"),)
 # Columns renamed after they shipped, (table, old name, new name): renamed when the store is opened for writing;
 # reads of a store opened read-only (`read.runs`, `read.decode_run`) and merges from it map the old name.
 # runs.sweep -> runs.curve: "sweep" names the Ray grid of `vheads sweep`; an ablation curve's tag is its curve.
@@ -138,8 +135,8 @@ RENAMED_COLUMNS = (("runs", "sweep", "curve"),)
 _KEY_COLUMNS = (("groundings", "source"),)
 
 
-_TABLES = {re.search(r"EXISTS (\w+)", statement).group(1) for statement in _DDL}
 _ORDER = [re.search(r"EXISTS (\w+)", statement).group(1) for statement in _DDL]
+_TABLES = set(_ORDER)
 
 # The columns that identify a row within its run (tables with run_id) or within the store; merge matches runs by
 # name. Merge copies a row only when the target lacks its key, so merging twice adds nothing; export writes rows in
@@ -158,15 +155,27 @@ class StoreError(Exception):
     """A store problem the user can act on (file in use, unwritable path, unknown or clashing run)."""
 
 
+def ddl() -> tuple[str, ...]:
+    """The CREATE TABLE statements of the store, head_stats with a column for each stored figure (`vheads.figures`)."""
+    columns = "".join(f",\n        {f.name} {f.sql_type}" for f in stored())
+    return tuple(statement.replace("{figures}", columns) for statement in _DDL)
+
+
+def added_columns() -> tuple[tuple[str, str, str], ...]:
+    """(table, column, type) of the columns a store written before them gains when opened for writing: every stored
+    figure's column, and `_ADDED_COLUMNS`."""
+    return (*(("head_stats", f.name, f.sql_type) for f in stored()), *_ADDED_COLUMNS)
+
+
 def create_schema(con: duckdb.DuckDBPyConnection) -> None:
     """Create every table the store needs; idempotent, so later features extend `_DDL` and old files catch up."""
-    for statement in _DDL:
+    for statement in ddl():
         con.execute(statement)
     have = _columns(con)
     for table, old, new in RENAMED_COLUMNS:
         if (table, old) in have and (table, new) not in have:
             con.execute(f"ALTER TABLE {table} RENAME COLUMN {old} TO {new}")
-    for table, column, kind in _ADDED_COLUMNS:
+    for table, column, kind in added_columns():
         con.execute(f"ALTER TABLE {table} ADD COLUMN IF NOT EXISTS {column} {kind}")
     have = _columns(con)
     for table, column in _KEY_COLUMNS:
@@ -242,21 +251,21 @@ def _columns(con: duckdb.DuckDBPyConnection) -> set[tuple[str, str]]:
 def _has_added_columns(con: duckdb.DuckDBPyConnection) -> bool:
     """Whether the tables already have every column added since they first shipped."""
     have = _columns(con)
-    return all((table, column) in have for table, column, _ in _ADDED_COLUMNS) and \
+    return all((table, column) in have for table, column, _ in added_columns()) and \
         all(key in have for key in _KEY_COLUMNS) and all((table, new) in have for table, _, new in RENAMED_COLUMNS)
 
 
 def _rekey(con: duckdb.DuckDBPyConnection, table: str) -> None:
     """Build `table` again with its current key (`_DDL`), its rows copied over in one transaction; the columns the
     old table lacks take their defaults (groundings: source '', not recorded)."""
-    ddl = next(statement for statement in _DDL if re.search(rf"EXISTS {table} \(", statement))
+    create = next(statement for statement in ddl() if re.search(rf"EXISTS {table} \(", statement))
     names = ", ".join(r[0] for r in con.execute(
         "SELECT column_name FROM duckdb_columns() WHERE database_name = current_database() AND table_name = ? "
         "ORDER BY column_index", [table]).fetchall())
     con.begin()
     try:
         con.execute(f"ALTER TABLE {table} RENAME TO vheads_old_{table}")
-        con.execute(ddl)
+        con.execute(create)
         con.execute(f"INSERT INTO {table} ({names}) SELECT {names} FROM vheads_old_{table}")
         con.execute(f"DROP TABLE vheads_old_{table}")
     except BaseException:

@@ -52,28 +52,19 @@ class Store:
         self._open_runs[run.run_id] = run
         return run
 
-    def add_batch(
-        self,
-        run: RunHandle,
-        samples: Sequence[Mapping[str, Any]],
-        visual_weight: np.ndarray,
-        concentration: np.ndarray,
-        region_weight: np.ndarray | None,
-        text_weight: np.ndarray | None,
-        sink_weight: np.ndarray | None,
-        pointing: np.ndarray | None = None,
-        spatial_entropy: np.ndarray | None = None,
-    ) -> int:
+    def add_batch(self, run: RunHandle, samples: Sequence[Mapping[str, Any]], *arrays: np.ndarray | None,
+                  **named: np.ndarray | None) -> int:
         """Store one batch in one transaction (all rows or none), skipping stored samples; returns how many were new.
 
-        The arrays are `[batch, layers, heads]`, row i belonging to `samples[i]`; NaN is stored as NULL, and an
-        array given as None (not measured) is all NULL.
+        The figures are the stored ones of `vheads.figures.FIGURES`, by name (`pointing=...`) or, in their declared
+        order, by position (visual_weight, concentration, region_weight, text_weight, sink_weight, ...). Each is
+        `[batch, layers, heads]`, row i belonging to `samples[i]`; NaN is stored as NULL, and a figure given as None
+        or not given (not measured) is all NULL.
         """
         self._require_writable()
         if run.run_id not in self._open_runs:
             raise StoreError(f"run {run.name} is not open for writing here; start_run(..., resume=True) first")
-        figures = (visual_weight, concentration, region_weight, text_weight, sink_weight, pointing, spatial_entropy)
-        return write.add_batch(self._con, run, samples, figures)
+        return write.add_batch(self._con, run, samples, write.figure_arrays(arrays, named))
 
     def finish_run(
         self,
@@ -122,9 +113,10 @@ class Store:
         """A run's per-sample, per-head figures (layers x heads rows per sample); NULL reads as NaN."""
         return read.head_stats(self._con, self._resolve(run))
 
-    def head_means(self, run: RunRef) -> pd.DataFrame:
-        """Per (layer, head) means over a run's samples; NULLs (undefined C, no box) are left out of each mean."""
-        return read.head_means(self._con, self._resolve(run))
+    def head_means(self, run: RunRef, where: str | None = None) -> pd.DataFrame:
+        """Per (layer, head): every declared figure reduced over a run's samples (its mean; NULLs such as undefined C
+        or no box left out), n and n_concentration; `where` (SQL over head_stats h, samples s) keeps some samples."""
+        return read.head_means(self._con, self._resolve(run), where)
 
     def add_groundings(self, run: RunRef, selector: str, heads: Sequence[str],
                        rows: Sequence[Mapping[str, Any]], source: RunRef | None = None) -> None:

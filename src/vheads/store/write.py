@@ -18,10 +18,10 @@ import duckdb
 import numpy as np
 import pyarrow as pa
 
+from vheads.figures import stored_names
 from vheads.store.read import run_row
 from vheads.store.schema import (
     COMPAT_FIELDS,
-    HEAD_FIELDS,
     SAMPLE_FIELDS,
     SAMPLE_TYPES,
     STATUSES,
@@ -131,21 +131,38 @@ def start_run(
     return RunHandle(row["run_id"], name, row["layers"], row["heads"], {r[0] for r in done}, resumed=True)
 
 
+def figure_arrays(arrays: Sequence[np.ndarray | None], named: Mapping[str, np.ndarray | None]
+                  ) -> dict[str, np.ndarray | None]:
+    """Every stored figure's array (None where not given) from positional arrays, in declaration order, and named
+    ones; TypeError for an undeclared name, a figure given twice or too many arrays."""
+    names = stored_names()
+    if len(arrays) > len(names):
+        raise TypeError(f"add_batch takes at most {len(names)} figure arrays ({', '.join(names)}), got {len(arrays)}")
+    given = dict(zip(names, arrays, strict=False))
+    unknown = sorted(set(named) - set(names))
+    if unknown:
+        raise TypeError(f"add_batch: {', '.join(unknown)} not declared in vheads.figures.FIGURES")
+    twice = sorted(set(named) & set(given))
+    if twice:
+        raise TypeError(f"add_batch: {', '.join(twice)} given by position and by name")
+    return {name: {**given, **named}.get(name) for name in names}
+
+
 def add_batch(
     con: duckdb.DuckDBPyConnection,
     run: RunHandle,
     samples: Sequence[Mapping[str, Any]],
-    figures: Sequence[np.ndarray | None],
+    figures: Mapping[str, np.ndarray | None],
 ) -> int:
     """Store one batch in one transaction (all rows or none), skipping stored samples; returns how many were new.
 
-    `figures` are the `HEAD_FIELDS` arrays, each `[batch, layers, heads]`, row i belonging to `samples[i]`; NaN is
-    stored as NULL, and an array given as None (not measured) is all NULL.
+    `figures` maps the stored figures' names (`figure_arrays`) to arrays `[batch, layers, heads]`, row i belonging
+    to `samples[i]`; NaN is stored as NULL, and an array given as None (not measured) is all NULL.
     """
     ids = [_sample_id(s) for s in samples]
     shape = (len(ids), run.layers, run.heads)
     arrays: dict[str, np.ndarray | None] = {}
-    for name, values in zip(HEAD_FIELDS, figures, strict=True):
+    for name, values in figures.items():
         if values is not None:
             values = np.asarray(values, dtype=np.float32)
             if values.shape != shape:
@@ -167,7 +184,7 @@ def add_batch(
         if keep:
             _insert(con, run, "samples", ("sample_id",) + SAMPLE_FIELDS, _samples_table(samples, keep))
             heads = _head_table([ids[i] for i in keep], keep, arrays, run.layers, run.heads)
-            _insert(con, run, "head_stats", ("sample_id", "layer", "head") + HEAD_FIELDS, heads)
+            _insert(con, run, "head_stats", ("sample_id", "layer", "head", *arrays), heads)
             con.execute("UPDATE runs SET n_samples = n_samples + ? WHERE run_id = ?", [len(keep), run.run_id])
     run.done_ids.update(ids[i] for i in keep)
     return len(keep)

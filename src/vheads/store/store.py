@@ -1,16 +1,24 @@
-"""`Store`: one open store file and its verbs, each done by the module that holds its job (`write`, `read`)."""
+"""`Store`: one open store file and its verbs, each done by the module that holds its job (`write`, `read`).
+
+A reader keeps its connection for its whole life, so everything it reads comes from one state of the store. A
+writer holds the writer lock (`lock`) for its whole life and the DuckDB file only during each verb, so other
+processes can read the store between two batches of a run.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import duckdb
 import numpy as np
 import pandas as pd
 
-from vheads.store import read, write
-from vheads.store.schema import StoreError, open_store
+from vheads.store import lock, read, write
+from vheads.store.schema import WRITER_PAUSE_S, StoreError, check_path, connect, open_store
 from vheads.store.write import RunHandle
 
 RunRef = RunHandle | str | int
@@ -23,7 +31,20 @@ class Store:
         self.path = Path(path)
         self.read_only = read_only
         self._open_runs: dict[int, RunHandle] = {}
-        self._con = open_store(self.path, read_only)
+        self._threads: int | None = None
+        self._closed = False
+        self._released = 0.0
+        if not read_only:
+            check_path(self.path, read_only)
+            lock.acquire(self.path)
+        try:
+            self._con: duckdb.DuckDBPyConnection | None = open_store(self.path, read_only)
+        except BaseException:
+            if not read_only:
+                lock.release(self.path)
+            raise
+        if not read_only and lock.SUPPORTED:
+            self._release()
 
     def __enter__(self) -> Store:
         return self
@@ -33,13 +54,18 @@ class Store:
         self.close(status="failed" if crashed else "interrupted")
 
     def close(self, status: str = "interrupted") -> None:
-        """Mark runs started here but not finished with `status`, then release the file lock."""
-        if self._con is None:
+        """Mark runs started here but not finished with `status`, then release the file and the writer lock."""
+        if self._closed:
             return
-        for run_id in list(self._open_runs):
-            self.mark(run_id, status)
-        self._con.close()
-        self._con = None
+        try:
+            for run_id in list(self._open_runs):
+                self.mark(run_id, status)
+        finally:
+            self._closed = True
+            if self._con is not None:
+                self._release()
+            if not self.read_only:
+                lock.release(self.path)
 
     def start_run(self, name: str, **settings: Any) -> RunHandle:
         """Create run `name`, or with `resume=True` reopen it so the pipeline skips the samples already stored.
@@ -48,7 +74,8 @@ class Store:
         ablation, config, and optionally resume, sweep, shard and tags.
         """
         self._require_writable()
-        run = write.start_run(self._con, name, **settings)
+        with self._connection() as con:
+            run = write.start_run(con, name, **settings)
         self._open_runs[run.run_id] = run
         return run
 
@@ -73,7 +100,8 @@ class Store:
         if run.run_id not in self._open_runs:
             raise StoreError(f"run {run.name} is not open for writing here; start_run(..., resume=True) first")
         figures = (visual_weight, concentration, region_weight, text_weight, sink_weight, pointing, spatial_entropy)
-        return write.add_batch(self._con, run, samples, figures)
+        with self._connection() as con:
+            return write.add_batch(con, run, samples, figures)
 
     def finish_run(
         self,
@@ -85,12 +113,14 @@ class Store:
         """Close a run with its final status, accuracy and the samples it had to skip (reason counts or ids)."""
         self._require_writable()
         write.check_status(status)
-        run_id = self._resolve(run)
-        write.finish_run(self._con, run_id, status, accuracy, skipped)
+        with self._connection() as con:
+            run_id = self._resolve(run)
+            write.finish_run(con, run_id, status, accuracy, skipped)
         self._open_runs.pop(run_id, None)
 
     def set_threads(self, threads: int | None) -> None:
-        """Limit the threads DuckDB uses on this connection (None: back to its default, one per core)."""
+        """Limit the threads DuckDB uses on this store's connections (None: back to its default, one per core)."""
+        self._threads = threads
         if self._con is not None:
             self._con.execute("RESET threads" if threads is None else f"SET threads = {int(threads)}")
 
@@ -98,43 +128,51 @@ class Store:
         """Set a run's status by hand, e.g. to flag one as failed after the fact."""
         self._require_writable()
         write.check_status(status)
-        run_id = self._resolve(run_name)
-        write.mark(self._con, run_id, status)
+        with self._connection() as con:
+            run_id = self._resolve(run_name)
+            write.mark(con, run_id, status)
         if status != "running":
             self._open_runs.pop(run_id, None)
 
     def runs(self) -> pd.DataFrame:
         """Every run, oldest first, with config / skipped / tags decoded from JSON."""
-        return read.runs(self._con)
+        with self._connection() as con:
+            return read.runs(con)
 
     def run(self, name_or_id: RunRef) -> dict[str, Any]:
         """One run's row as a dict, by name, id, `name:TEXT` or `id:N`; an unknown or ambiguous reference raises
         StoreError (see `read.run_id`)."""
-        row = read.run_row_by_id(self._con, self._resolve(name_or_id))
+        with self._connection() as con:
+            row = read.run_row_by_id(con, self._resolve(name_or_id))
         row.pop("writer_pid")
         return row
 
     def samples(self, run: RunRef) -> pd.DataFrame:
         """A run's samples (prediction, answer, correct, token counts), ordered by sample id."""
-        return read.samples(self._con, self._resolve(run))
+        with self._connection() as con:
+            return read.samples(con, self._resolve(run))
 
     def head_stats(self, run: RunRef) -> pd.DataFrame:
         """A run's per-sample, per-head figures (layers x heads rows per sample); NULL reads as NaN."""
-        return read.head_stats(self._con, self._resolve(run))
+        with self._connection() as con:
+            return read.head_stats(con, self._resolve(run))
 
     def head_means(self, run: RunRef) -> pd.DataFrame:
         """Per (layer, head) means over a run's samples; NULLs (undefined C, no box) are left out of each mean."""
-        return read.head_means(self._con, self._resolve(run))
+        with self._connection() as con:
+            return read.head_means(con, self._resolve(run))
 
     def add_groundings(self, run: RunRef, selector: str, heads: Sequence[str],
                        rows: Sequence[Mapping[str, Any]]) -> None:
         """Keep the boxes one head set drew on a run's samples (see `write.add_groundings`)."""
         self._require_writable()
-        write.add_groundings(self._con, self._resolve(run), selector, heads, rows)
+        with self._connection() as con:
+            write.add_groundings(con, self._resolve(run), selector, heads, rows)
 
     def groundings(self, run: RunRef) -> pd.DataFrame:
         """The boxes kept for a run by `add_groundings`, newest selector first."""
-        return read.groundings(self._con, self._resolve(run))
+        with self._connection() as con:
+            return read.groundings(con, self._resolve(run))
 
     def query(self, sql: str, params: Sequence[Any] | None = None, exact: bool = False) -> pd.DataFrame:
         """Run any SQL on the store; a DuckDB error becomes a one-line StoreError.
@@ -142,22 +180,65 @@ class Store:
         `exact` keeps DuckDB's values as they are (what `vheads query` prints): object columns, NULL as None apart
         from NaN, integers beyond 2^53 exact, JSON columns parsed (`read.query_exact`).
         """
-        return (read.query_exact if exact else read.query)(self._con, sql, params)
+        with self._connection() as con:
+            return (read.query_exact if exact else read.query)(con, sql, params)
 
     def export(self, run: RunRef | None, out_dir: str | Path, overwrite: bool = False) -> list[Path]:
         """Write every table of the store as Parquet files, restricted to one run's rows unless `run` is None.
 
         Raises StoreError naming the files already there unless `overwrite`.
         """
-        run_id = None if run is None else self._resolve(run)
-        return read.export(self._con, run_id, Path(out_dir), overwrite)
+        with self._connection() as con:
+            run_id = None if run is None else self._resolve(run)
+            return read.export(con, run_id, Path(out_dir), overwrite)
+
+    @contextmanager
+    def keep_open(self) -> Iterator[None]:
+        """Open the file once for every verb inside (a writer otherwise opens and closes it per verb): for a run of
+        back-to-back batches, which readers then wait for as for one."""
+        with self._connection():
+            yield
 
     def _require_writable(self) -> None:
-        if self._con is None:
+        if self._closed:
             raise StoreError(f"store {self.path} is closed")
         if self.read_only:
             raise StoreError(f"store {self.path} was opened read-only")
 
     def _resolve(self, ref: RunRef) -> int:
         """The run_id of a handle, name, id, `name:TEXT` or `id:N`; unknown or ambiguous -> StoreError."""
-        return ref.run_id if isinstance(ref, RunHandle) else read.run_id(self._con, ref, self.path)
+        if isinstance(ref, RunHandle):
+            return ref.run_id
+        with self._connection() as con:
+            return read.run_id(con, ref, self.path)
+
+    @contextmanager
+    def _connection(self) -> Iterator[duckdb.DuckDBPyConnection]:
+        """The connection for one verb: a reader's own, or a writer's, opened for the verb (waiting as long as
+        another process reads the store) and closed after it, so other processes can read between two verbs."""
+        if self._closed:
+            raise StoreError(f"store {self.path} is closed")
+        if self._con is not None:  # a reader, or a verb inside another verb
+            yield self._con
+            return
+        pause = self._released + WRITER_PAUSE_S - time.monotonic()
+        if pause > 0:
+            time.sleep(pause)
+        self._con = connect(self.path, read_only=False, wait_forever=True)
+        try:
+            if self._threads is not None:
+                self._con.execute(f"SET threads = {int(self._threads)}")
+            yield self._con
+        finally:
+            self._release()
+
+    def _release(self) -> None:
+        """Close the connection (a writer's commits are in the file then) and note when, for `WRITER_PAUSE_S`."""
+        con, self._con = self._con, None
+        con.close()
+        self._released = time.monotonic()
+
+
+def check_writable(path: str | Path) -> None:
+    """Fail now, before a model is loaded, if the store cannot be opened for writing; creates it if absent."""
+    Store(path).close()

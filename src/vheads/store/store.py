@@ -1,7 +1,8 @@
 """`Store`: one open store file and its verbs, each done by the module that holds its job (`write`, `read`).
 
 A reader keeps its connection for its whole life, so everything it reads comes from one state of the store. A
-writer holds the writer lock (`lock`) for its whole life and the DuckDB file only during each verb, so other
+writer holds the writer lock (`lock`) for its whole life, reads through a read-only connection that other readers
+share, and opens the DuckDB file for writing only during each write (a batch, a run started or finished), so other
 processes can read the store between two batches of a run.
 """
 
@@ -33,6 +34,7 @@ class Store:
         self._open_runs: dict[int, RunHandle] = {}
         self._threads: int | None = None
         self._closed = False
+        self._writing = False  # whether `_con` is a writer's connection opened for the write in progress
         self._released = 0.0
         if not read_only:
             check_path(self.path, read_only)
@@ -43,7 +45,8 @@ class Store:
             if not read_only:
                 lock.release(self.path)
             raise
-        if not read_only and lock.SUPPORTED:
+        self._hold = read_only or not lock.SUPPORTED  # one connection for life: a reader's, or where no lock works
+        if not self._hold:
             self._release()
 
     def __enter__(self) -> Store:
@@ -74,7 +77,7 @@ class Store:
         ablation, config, and optionally resume, sweep, shard and tags.
         """
         self._require_writable()
-        with self._connection() as con:
+        with self._connection(write=True) as con:
             run = write.start_run(con, name, **settings)
         self._open_runs[run.run_id] = run
         return run
@@ -100,7 +103,7 @@ class Store:
         if run.run_id not in self._open_runs:
             raise StoreError(f"run {run.name} is not open for writing here; start_run(..., resume=True) first")
         figures = (visual_weight, concentration, region_weight, text_weight, sink_weight, pointing, spatial_entropy)
-        with self._connection() as con:
+        with self._connection(write=True) as con:
             return write.add_batch(con, run, samples, figures)
 
     def finish_run(
@@ -113,7 +116,7 @@ class Store:
         """Close a run with its final status, accuracy and the samples it had to skip (reason counts or ids)."""
         self._require_writable()
         write.check_status(status)
-        with self._connection() as con:
+        with self._connection(write=True) as con:
             run_id = self._resolve(run)
             write.finish_run(con, run_id, status, accuracy, skipped)
         self._open_runs.pop(run_id, None)
@@ -128,7 +131,7 @@ class Store:
         """Set a run's status by hand, e.g. to flag one as failed after the fact."""
         self._require_writable()
         write.check_status(status)
-        with self._connection() as con:
+        with self._connection(write=True) as con:
             run_id = self._resolve(run_name)
             write.mark(con, run_id, status)
         if status != "running":
@@ -166,7 +169,7 @@ class Store:
                        rows: Sequence[Mapping[str, Any]]) -> None:
         """Keep the boxes one head set drew on a run's samples (see `write.add_groundings`)."""
         self._require_writable()
-        with self._connection() as con:
+        with self._connection(write=True) as con:
             write.add_groundings(con, self._resolve(run), selector, heads, rows)
 
     def groundings(self, run: RunRef) -> pd.DataFrame:
@@ -180,7 +183,7 @@ class Store:
         `exact` keeps DuckDB's values as they are (what `vheads query` prints): object columns, NULL as None apart
         from NaN, integers beyond 2^53 exact, JSON columns parsed (`read.query_exact`).
         """
-        with self._connection() as con:
+        with self._connection(write=self._writes(sql)) as con:
             return (read.query_exact if exact else read.query)(con, sql, params)
 
     def export(self, run: RunRef | None, out_dir: str | Path, overwrite: bool = False) -> list[Path]:
@@ -194,9 +197,9 @@ class Store:
 
     @contextmanager
     def keep_open(self) -> Iterator[None]:
-        """Open the file once for every verb inside (a writer otherwise opens and closes it per verb): for a run of
-        back-to-back batches, which readers then wait for as for one."""
-        with self._connection():
+        """Open the file for writing once for every verb inside (a writer otherwise opens and closes it per write):
+        for back-to-back batches, which readers then wait for as for one."""
+        with self._connection(write=True):
             yield
 
     def _require_writable(self) -> None:
@@ -212,32 +215,59 @@ class Store:
         with self._connection() as con:
             return read.run_id(con, ref, self.path)
 
+    def _writes(self, sql: str) -> bool:
+        """Whether `sql` may change a writable store (holds any statement but a SELECT); a reader's never does."""
+        if self.read_only:
+            return False
+        try:
+            with self._connection() as con:
+                statements = con.extract_statements(sql)
+        except duckdb.Error:  # not SQL: `read.query` reports it
+            return False
+        return any(statement.type != duckdb.StatementType.SELECT for statement in statements)
+
     @contextmanager
-    def _connection(self) -> Iterator[duckdb.DuckDBPyConnection]:
-        """The connection for one verb: a reader's own, or a writer's, opened for the verb (waiting as long as
-        another process reads the store) and closed after it, so other processes can read between two verbs."""
+    def _connection(self, write: bool = False) -> Iterator[duckdb.DuckDBPyConnection]:
+        """The connection for one verb. A reader keeps its own for its life. A writer reads through a read-only
+        connection, which other processes' readers can share and which it keeps until its next write; for a write it
+        opens the file for writing (waiting as long as another process reads it) and closes it after the verb, so
+        that other processes can read the store between two batches."""
         if self._closed:
             raise StoreError(f"store {self.path} is closed")
-        if self._con is not None:  # a reader, or a verb inside another verb
+        if self._con is not None and (self._hold or self._writing or not write):
+            yield self._con  # a reader's, a read-only one for a read, or the one of the write in progress
+            return
+        if self._con is not None:
+            self._release()  # the read-only connection: a process writes through one connection alone
+        if not write:
+            self._con = self._connect(read_only=True)
             yield self._con
             return
         pause = self._released + WRITER_PAUSE_S - time.monotonic()
         if pause > 0:
             time.sleep(pause)
-        self._con = connect(self.path, read_only=False, wait_forever=True)
+        self._con = self._connect(read_only=False)
+        self._writing = True
         try:
-            if self._threads is not None:
-                self._con.execute(f"SET threads = {int(self._threads)}")
             yield self._con
         finally:
             self._release()
 
+    def _connect(self, read_only: bool) -> duckdb.DuckDBPyConnection:
+        """A writer's new connection, with the thread limit it was given."""
+        con = connect(self.path, read_only=read_only, wait_forever=not read_only)
+        if self._threads is not None:
+            con.execute(f"SET threads = {int(self._threads)}")
+        return con
+
     def _release(self) -> None:
-        """Close the connection (a writer's commits are in the file then) and note when, for `WRITER_PAUSE_S`."""
+        """Close the connection (a writer's commits are in the file then); after a write, note when, so that the
+        next one waits `WRITER_PAUSE_S` for readers."""
         con, self._con = self._con, None
         con.close()
-        self._released = time.monotonic()
-
+        if self._writing:
+            self._writing = False
+            self._released = time.monotonic()
 
 def check_writable(path: str | Path) -> None:
     """Fail now, before a model is loaded, if the store cannot be opened for writing; creates it if absent."""

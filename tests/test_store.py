@@ -291,6 +291,7 @@ HOLDER = """
         if sys.argv[2] == "write":  # a run between two batches: the first one is committed
             run = start(store)
             store.add_batch(run, *fake_batch([0, 1]))
+            assert len(store.samples(run)) == 2  # the writer reads too, through a connection readers share
         print("holding", flush=True)
         sys.stdin.read()
 """

@@ -2,7 +2,8 @@
 
 A random Llama language model with LLaVA-1.5-7B's attention geometry (hidden 4096, 32 heads, MLP 11008;
 as many layers as you ask for) runs one prefill at about 700 and about 2,900 tokens (LLaVA-1.5 and
-LLaVA-1.6 anyres lengths), with 576 / 2,880 image tokens. Three modes:
+LLaVA-1.6 anyres lengths), with 576 / 2,880 image tokens; `--lengths` takes any others (`image_tokens`).
+Three modes:
   plain    sdpa forward, nothing recorded
   capture  sdpa forward inside `HeadRecorder` (per-head W, C, region, text, sink of the last row)
   eager    eager forward with output_attentions=True, reduced to the same figures afterwards
@@ -24,29 +25,40 @@ import subprocess
 import sys
 import time
 
-LENGTHS = {700: 576, 2900: 2880}
 IMAGE_ID = 5
+GRID = 576  # image tokens of one LLaVA picture (24 x 24 patches); LLaVA-1.6 anyres adds one grid per tile
+PREFIX, MIN_TEXT = 5, 20  # text tokens before the image; text tokens a prompt keeps at least
 
 
-def build(layers: int, device: str, dtype: str, attn: str):
-    """The random language model and one prompt of each length (image tokens after a short text prefix)."""
+def image_tokens(length: int) -> int:
+    """Image tokens in a prompt of `length`: as many whole grids as leave `MIN_TEXT` text tokens (700 -> 576,
+    LLaVA-1.5's one picture; 2,900 -> 2,880, LLaVA-1.6's picture and 4 tiles; 8,192 -> 8,064), or, below one
+    grid, all but `MIN_TEXT`."""
+    room = length - MIN_TEXT
+    if room < 1:
+        raise ValueError(f"a prompt of {length} tokens leaves no room for an image: give more than {MIN_TEXT}")
+    return GRID * (room // GRID) or room
+
+
+def build(layers: int, device: str, dtype: str, attn: str, positions: int = 4096):
+    """The random language model, for prompts of up to `positions` tokens."""
     import torch
     from transformers import LlamaConfig, LlamaModel
 
     torch.manual_seed(0)
     config = LlamaConfig(vocab_size=1024, hidden_size=4096, intermediate_size=11008, num_hidden_layers=layers,
-                         num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=4096,
+                         num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=max(4096, positions),
                          attn_implementation=attn)
     model = LlamaModel(config).to(device=device, dtype=getattr(torch, dtype)).eval()
     return model
 
 
 def inputs_for(length: int, device: str):
-    """input_ids with `LENGTHS[length]` image tokens after a 5-token prefix, the rest text."""
+    """input_ids with `image_tokens(length)` image tokens after a `PREFIX`-token prefix, the rest text."""
     import torch
 
     ids = torch.randint(10, 1000, (1, length), generator=torch.Generator().manual_seed(length))
-    ids[0, 5:5 + LENGTHS[length]] = IMAGE_ID
+    ids[0, PREFIX:PREFIX + image_tokens(length)] = IMAGE_ID
     return ids.to(device)
 
 
@@ -71,7 +83,7 @@ def measure(mode: str, length: int, layers: int, repeats: int, device: str, dtyp
     from vheads.capture import HeadRecorder
 
     torch.set_grad_enabled(False)
-    model = build(layers, device, dtype, "eager" if mode == "eager" else attn)
+    model = build(layers, device, dtype, "eager" if mode == "eager" else attn, positions=length)
     ids = inputs_for(length, device)
 
     def once():
@@ -125,8 +137,14 @@ def main() -> None:
         mode, length = args.one.split(":")
         print(json.dumps(measure(mode, int(length), args.layers, args.repeats, args.device, args.dtype, args.attn)))
         return
+    try:
+        lengths = [int(v) for v in args.lengths.split(",")]
+        for length in lengths:
+            image_tokens(length)
+    except ValueError as error:
+        parser.error(f"--lengths {args.lengths}: {error}")
     rows = []
-    for length in (int(v) for v in args.lengths.split(",")):
+    for length in lengths:
         for mode in ("plain", "capture", "eager"):
             cmd = [sys.executable, __file__, "--one", f"{mode}:{length}", "--layers", str(args.layers),
                    "--repeats", str(args.repeats), "--device", args.device, "--dtype", args.dtype,

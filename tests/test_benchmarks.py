@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import subprocess
 import sys
@@ -35,3 +36,17 @@ def test_the_grounding_benchmark_prints_its_table_and_the_issue_check():
     for row in ("`localization:2`", "`pointing:2`", "`top:2`", "`random:2:2`", "random:2, mean of 3 seeds"):
         assert row in out.stdout, row
     assert "(target >= 0.6 and >= 2x)" in out.stdout
+
+
+def test_the_capture_benchmark_takes_any_prompt_length():
+    spec = importlib.util.spec_from_file_location("capture_benchmark", BENCHMARKS / "capture.py")
+    capture = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(capture)
+    assert [capture.image_tokens(n) for n in (700, 2900, 8192, 64)] == [576, 2880, 14 * 576, 44]
+    ids = capture.inputs_for(8192, "cpu")
+    assert ids.shape == (1, 8192)
+    assert int((ids == capture.IMAGE_ID).sum()) == 14 * 576
+    assert (ids[0, capture.PREFIX:capture.PREFIX + 14 * 576] == capture.IMAGE_ID).all()
+    usage = subprocess.run([sys.executable, str(BENCHMARKS / "capture.py"), "--lengths", "700,12"],
+                           capture_output=True, text=True, timeout=300)
+    assert usage.returncode == 2 and "--lengths 700,12: a prompt of 12 tokens leaves no room" in usage.stderr

@@ -1,4 +1,5 @@
-"""The project's modules import one another without a cycle, and the command line keeps every command.
+"""The project's modules import one another without a cycle, the command line keeps every command, and the commands
+that only read the store load no model code.
 
 The import graph is read from the source (every `import` and `from ... import`, inside functions too, since a
 lazy import is still a dependency). `from a.b import c` counts as importing the module `a.b.c` when there is one,
@@ -11,16 +12,22 @@ from __future__ import annotations
 import ast
 import importlib
 import importlib.util
+import json
 import pkgutil
 import re
+import subprocess
+import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import typer
 from typer.testing import CliRunner
 
 import vheads
 from vheads.cli import app
+from vheads.cli.common import INTERRUPTED, USER_ERRORS
+from vheads.store import Store
 
 COMMANDS = ("run", "runs", "heads", "query", "export", "merge", "train-demo", "version", "ablate", "compare", "report",
             "demo", "sweep", "data")
@@ -181,3 +188,38 @@ def test_every_command_has_help(command):
     result = CliRunner().invoke(app, [*command, "--help"])
     assert result.exit_code == 0, result.output
     assert "Usage:" in result.output
+
+
+def test_the_errors_the_command_line_catches_are_where_it_looks_for_them():
+    for module, name in (*USER_ERRORS, INTERRUPTED):
+        assert issubclass(getattr(importlib.import_module(module), name), Exception), (module, name)
+
+
+READ_COMMAND = """
+import json, sys
+from vheads.cli import app
+
+try:
+    app(sys.argv[1:], prog_name="vheads")
+except SystemExit as done:
+    code = done.code
+print(json.dumps({"code": code, "loaded": [m for m in ("torch", "transformers") if m in sys.modules]}))
+"""
+
+
+@pytest.mark.parametrize("command,code", [(["query", "select 1"], 0), (["runs"], 0), (["heads"], 0),
+                                          (["heads", "--run", "nope"], 2)])
+def test_commands_that_only_read_the_store_load_no_model_code(tmp_path, command, code):
+    """`query`, `runs` and `heads` (and their one-line errors) answer without importing torch or transformers, which
+    take seconds to load: only commands that run a model import them."""
+    path = tmp_path / "vheads.duckdb"
+    with Store(path) as store:
+        run = store.start_run("r", model="tiny", family="llava", dataset="shapes", split="test", layers=2, heads=2,
+                              readout="prompt", ablation="none", config={})
+        figures = np.full((1, 2, 2), 0.25, dtype=np.float32)
+        store.add_batch(run, [{"sample_id": "s0", "correct": True}], figures, figures, None, None, None)
+        store.finish_run(run)
+    done = subprocess.run([sys.executable, "-c", READ_COMMAND, *command, "--store", str(path)],
+                          capture_output=True, text=True, timeout=120)
+    verdict = json.loads(done.stdout.strip().splitlines()[-1])
+    assert verdict == {"code": code, "loaded": []}, done.stdout + done.stderr

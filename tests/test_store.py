@@ -8,6 +8,8 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -284,42 +286,71 @@ def test_a_killed_run_resumes_with_no_duplicate_and_no_lost_row(tmp_path):
 
 HOLDER = """
     import sys
+    from test_store import fake_batch, start
     from vheads.store import Store
 
-    with Store(sys.argv[1], read_only=sys.argv[2] == "read"):
+    with Store(sys.argv[1], read_only=sys.argv[2] == "read") as store:
+        if sys.argv[2] == "write":  # a run between two batches: the first one is committed
+            run = start(store)
+            store.add_batch(run, *fake_batch([0, 1]))
+            assert len(store.samples(run)) == 2  # the writer reads too, through a connection readers share
         print("holding", flush=True)
         sys.stdin.read()
 """
 
 
-@pytest.mark.parametrize("held_for", ["write", "read"])
-def test_a_store_held_by_another_process(tmp_path, held_for):
-    """DuckDB: a writer excludes every other process, readers included; readers only exclude writers."""
+def test_a_store_is_read_between_the_batches_another_process_writes(tmp_path):
+    """A writer holds the file only while it stores a batch: between two, other processes read what it committed
+    (`vheads runs` during a `vheads run`), while a second writer is refused, naming the first."""
     path = tmp_path / "vheads.duckdb"
     Store(path).close()
-    holder = run_python(HOLDER, str(path), held_for)
+    writer = run_python(HOLDER, str(path), "write")
     try:
-        assert holder.stdout.readline().strip() == "holding"
-        with pytest.raises(
-            StoreError, match=rf"store .*vheads.duckdb is in use by another process \(pid {holder.pid}\)"
-        ):
+        assert writer.stdout.readline().strip() == "holding"
+        with Store(path, read_only=True) as store:
+            assert store.run("r")["status"] == "running"
+            assert list(store.samples("r")["sample_id"]) == ["s00000", "s00001"]
+            assert len(store.head_stats("r")) == 2 * LAYERS * HEADS
+        assert stored_counts(path)[1] == 2
+        in_use = rf"store .*vheads.duckdb is in use by another process \(pid {writer.pid}\), which is writing it"
+        with pytest.raises(StoreError, match=in_use):
             Store(path)
-        with pytest.raises(StoreError, match="in use"):
+        with pytest.raises(StoreError, match=in_use):
             check_writable(path)
-        if held_for == "write":
-            with pytest.raises(StoreError, match="in use"):
-                Store(path, read_only=True)
-            with pytest.raises(StoreError, match="in use"):
-                merge([write_shard(path, 1, 2, [0]), path], tmp_path / "main.duckdb")
-            assert not (tmp_path / "main.duckdb").exists()
-        else:
-            with Store(path, read_only=True) as store:
-                assert store.runs().empty
-            assert merge([path], tmp_path / "main.duckdb").samples_added == 0
+        with pytest.raises(StoreError, match=in_use):
+            merge([write_shard(path, 1, 2, [5])], path)
+        with pytest.raises(StoreError, match=rf"cannot merge .*vheads.duckdb: another process \(pid {writer.pid}\) "
+                                             "is writing it"):
+            merge([path], tmp_path / "main.duckdb")
+        assert not (tmp_path / "main.duckdb").exists()
     finally:
-        holder.communicate("")
-    assert holder.returncode == 0
-    check_writable(path)
+        writer.communicate("")
+    assert writer.returncode == 0
+    with Store(path, read_only=True) as store:
+        assert store.run("r")["status"] == "interrupted"
+    assert not (tmp_path / "vheads.duckdb.lock").exists()
+
+
+def test_a_reader_delays_a_writer_and_refuses_a_new_one(tmp_path, monkeypatch):
+    """While another process reads the store, a run already writing waits to store its next batch, and opening it
+    for writing is refused after `OPEN_WAIT_S`, naming the reader."""
+    monkeypatch.setattr("vheads.store.schema.OPEN_WAIT_S", 0.3)
+    path = tmp_path / "vheads.duckdb"
+    with Store(path) as store:
+        run = start(store)
+        reader = run_python(HOLDER, str(path), "read")
+        try:
+            assert reader.stdout.readline().strip() == "holding"
+            with pytest.raises(StoreError, match=rf"in use by another process \(pid {reader.pid}\)"):
+                Store(tmp_path / "vheads.duckdb", read_only=False).close()
+            threading.Timer(0.5, reader.communicate, [""]).start()
+            began = time.monotonic()
+            store.add_batch(run, *fake_batch([0, 1]))
+            assert time.monotonic() - began >= 0.4
+        finally:
+            reader.wait()
+        store.finish_run(run)
+    assert stored_counts(path)[1] == 2
 
 
 def test_paths_that_cannot_hold_a_store(tmp_path):

@@ -1,7 +1,10 @@
-"""The background batch writer: every submitted batch lands, in order, even when the run stops."""
+"""The background batch writer: every submitted batch lands, in order, even when the run stops; between batches
+other processes read what it stored."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import threading
 
 import numpy as np
@@ -61,3 +64,23 @@ def test_a_failed_write_is_raised_in_the_caller_and_stops_the_writer(tmp_path):
         with pytest.raises(StoreError):
             writer.close()
         assert list(store.samples(run)["sample_id"]) == ["s00000", "s00001"]
+
+
+def test_other_processes_read_the_batches_stored_while_the_writer_waits_for_the_next(tmp_path):
+    path = tmp_path / "s.duckdb"
+    stored = threading.Event()
+    with Store(path) as store:
+        run = start(store)
+        with BatchWriter(store, run, on_stored=lambda rows: stored.set()) as writer:
+            samples, *arrays = fake_batch([0, 1, 2])
+            writer.submit(samples, figures_of(*arrays))
+            assert stored.wait(30)
+            count = subprocess.run(
+                [sys.executable, "-c", "import sys; from vheads.store import Store\n"
+                 "with Store(sys.argv[1], read_only=True) as db:\n"
+                 "    print(len(db.samples('r')), len(db.head_stats('r')))", str(path)],
+                capture_output=True, text=True, timeout=120)
+            assert count.stdout.split() == ["3", str(3 * LAYERS * HEADS)], count.stderr
+            samples, *arrays = fake_batch([3])
+            writer.submit(samples, figures_of(*arrays))
+        assert len(store.samples(run)) == 4

@@ -184,10 +184,11 @@ def save_comparison(store: Store, comparison: Comparison) -> int:
     for r in comparison.accuracy.itertuples():
         rows.append((created, scored, "accuracy", "runs", r.figure, "spearman", r.spearman, r.n,
                      {"warnings": comparison.warnings}))
-    for row in rows:
-        store.query("INSERT INTO comparisons VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                    [row[0], json.dumps(row[1]), *row[2:6], _finite(row[6]), int(row[7]),
-                     json.dumps(row[8]) if row[8] else None])
+    with store.keep_open():  # one opening of the file for all the rows
+        for row in rows:
+            store.query("INSERT INTO comparisons VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                        [row[0], json.dumps(row[1]), *row[2:6], _finite(row[6]), int(row[7]),
+                         json.dumps(row[8]) if row[8] else None])
     return len(rows)
 
 

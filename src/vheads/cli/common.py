@@ -64,21 +64,29 @@ def fail(message: str, code: int = 2) -> None:
     raise typer.Exit(code)
 
 
+# The errors each package raises for a user's mistake, by the module that defines them. `errors` catches those of the
+# modules already imported: an error of a module never loaded cannot have been raised, and importing models and
+# capture (torch, transformers: seconds) only to name their errors would slow every command that reads the store.
+USER_ERRORS = (("vheads.store.schema", "StoreError"), ("vheads.data.sample", "DataError"),
+               ("vheads.models.families", "ModelError"), ("vheads.capture.session", "CaptureError"))
+INTERRUPTED = ("vheads.pipeline.run", "Interrupted")
+
+
+def loaded_errors(*names: tuple[str, str]) -> tuple[type[BaseException], ...]:
+    """The error classes `(module, class)` of the modules imported so far (the others cannot have been raised)."""
+    found = (getattr(sys.modules.get(module), name, None) for module, name in names)
+    return tuple(error for error in found if isinstance(error, type) and issubclass(error, BaseException))
+
+
 @contextmanager
 def errors() -> Iterator[None]:
     """Turn the documented user-facing errors into one line and exit code 2 (130 for an interrupt)."""
-    from vheads.capture import CaptureError
-    from vheads.data import DataError
-    from vheads.models import ModelError
-    from vheads.pipeline.run import Interrupted
-    from vheads.store import StoreError
-
     try:
         yield
-    except Interrupted as exc:
+    except loaded_errors(INTERRUPTED) as exc:
         err.print(Text(str(exc), style="yellow"), soft_wrap=True)
         raise typer.Exit(130) from None
-    except (DataError, ModelError, StoreError, CaptureError, ValueError, FileNotFoundError) as exc:
+    except loaded_errors(*USER_ERRORS) + (ValueError, FileNotFoundError) as exc:
         fail(str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
     except OSError as exc:
         where = f"{exc.filename}: " if exc.filename else ""

@@ -6,7 +6,9 @@ most `depth` computed batches wait in memory. Closing waits until every submitte
 interrupt too, so nothing computed is lost; a write error stops the writer and is raised in the caller.
 While it runs, DuckDB works on one thread: inserting a batch gains nothing from more, and the model
 needs the cores. One writer may store the batches of several runs of its store (`submit(..., run=)`), and
-`call` runs any other store work (starting, finishing a run) on the same thread, in order.
+`call` runs any other store work (starting, finishing a run) on the same thread, in order. The store file is
+open only while there is work: other processes read the store between batches, and batches that queue up while
+one is stored are stored in one opening of the file (for up to `HOLD_S`).
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from __future__ import annotations
 import logging
 import queue
 import threading
+import time
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future
 from typing import Any
@@ -24,6 +27,9 @@ from vheads.store import RunHandle, Store
 log = logging.getLogger("vheads.run")
 
 _STOP = object()
+# The longest the writer keeps the store file open for batches queued back to back, so that readers waiting for it
+# (`schema.OPEN_WAIT_S`) get in even while the writer is behind.
+HOLD_S = 1.0
 
 
 class BatchWriter:
@@ -103,22 +109,45 @@ class BatchWriter:
             raise self.error
 
     def _work(self) -> None:
-        while True:
-            item = self._queue.get()
-            if item is _STOP:
-                return
-            if len(item) == 2:
-                self._call(*item)
-                continue
+        item = self._queue.get()
+        while item is not _STOP:
             if self.error is not None or self._abandon:
+                self._do(item)  # skipped, or its future failed: no need for the file
+                item = self._queue.get()
                 continue
-            run, rows, figures = item
             try:
-                self.store.add_batch(run, rows, **figures.values)
-                if self.on_stored is not None:
-                    self.on_stored(rows)
-            except BaseException as error:  # noqa: BLE001 - handed to the caller's thread
+                with self.store.keep_open():  # one open of the store file for the work queued back to back
+                    opened = time.monotonic()
+                    while item is not None and item is not _STOP:
+                        self._do(item)
+                        item = self._next() if time.monotonic() - opened < HOLD_S else None
+            except BaseException as error:  # noqa: BLE001 - the file could not be opened or closed: to the caller
                 self.error = error
+            if item is None:
+                item = self._queue.get()
+
+    def _next(self) -> Any:
+        """The next queued item if there is one already, else None."""
+        try:
+            return self._queue.get_nowait()
+        except queue.Empty:
+            return None
+
+    def _do(self, item: tuple) -> None:
+        """Store one queued batch, or run one queued `call`."""
+        if len(item) == 2:
+            self._call(*item)
+            return
+        if self.error is None and not self._abandon:
+            self._store(*item)
+
+    def _store(self, run: RunHandle, rows: list[Mapping[str, Any]], figures: HeadFigures) -> None:
+        try:
+            self.store.add_batch(run, rows, **figures.values)
+            if self.on_stored is not None:
+                self.on_stored(rows)
+        except BaseException as error:  # noqa: BLE001 - handed to the caller's thread
+            self.error = error
 
     def _call(self, work: Callable[[Store], Any], future: Future) -> None:
         if self.error is not None or self._abandon:

@@ -3,14 +3,17 @@
 Each batch is committed in one transaction as it finishes, so a run killed at any moment resumes with no
 duplicate and no lost row. Shards of one run write their own files (`shard_path`) and `merge` folds them in.
 
-Concurrency, as DuckDB behaves: a file open for writing is locked to that one process, and no other
-process can open it at all, not even read-only (`StoreError` naming the holder's pid). Several processes
-may read one store at the same time, and while they do none can open it for writing. A run left `running`
-by a killed process is marked `interrupted` the next time a process opens the store for writing, because
-the lock proves nobody is writing it. Times are UTC.
+Concurrency: DuckDB locks a file open for writing to that one process, not even readers may open it beside.
+So one process at a time writes a store, holding the writer lock (`lock`, `<store>.lock`) for its whole life
+and the DuckDB file open for writing only while it stores a batch (or starts, finishes, marks a run; it reads
+through a read-only connection); other processes read the committed batches in between, each reader keeping
+the file for its whole command (one consistent state). An opener that finds the file held waits for it
+(`schema.OPEN_WAIT_S`), a writer mid-run as long as it takes. A second writer gets a `StoreError` naming the
+first's pid. A run left `running` by a killed process is marked `interrupted` the next time a process opens
+the store for writing, because the writer lock proves nobody is writing it. Times are UTC.
 
-The modules, one job each: `schema` (tables, opening and locking), `write` (runs and their batches, resume),
-`merge`, `read` (runs, samples, figures, SQL, Parquet export) and `store` (the `Store` object).
+The modules, one job each: `schema` (tables, opening a file), `lock` (the writer lock), `write` (runs and their
+batches, resume), `merge`, `read` (runs, samples, figures, SQL, Parquet export) and `store` (the `Store` object).
 """
 
 from vheads.store.merge import MergeSummary, merge
@@ -21,10 +24,9 @@ from vheads.store.schema import (
     SCHEMA_VERSION,
     STATUSES,
     StoreError,
-    check_writable,
     create_schema,
 )
-from vheads.store.store import RunRef, Store
+from vheads.store.store import RunRef, Store, check_writable
 from vheads.store.write import RunHandle, shard_path
 
 __all__ = [

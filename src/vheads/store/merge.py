@@ -10,12 +10,14 @@ from typing import Any
 
 import duckdb
 
+from vheads.store import lock
 from vheads.store.read import decode_run, records, run_row, run_row_by_id
 from vheads.store.schema import (
     COMPAT_FIELDS,
     ROW_KEYS,
     SCHEMA_VERSION,
     StoreError,
+    check_path,
     column_names,
     connect,
     dumps,
@@ -89,26 +91,35 @@ def merge(files: Sequence[str | Path], into: str | Path, conflicts: Conflicts | 
         if into.exists() and src.resolve() == into.resolve():
             raise StoreError(f"cannot merge {src} into itself")
     sources = list({src.resolve(): src for src in sources}.values())
+    for src in sources:
+        writer = lock.holder(src)
+        if writer is not None:
+            raise StoreError(f"cannot merge {src}: another process ({writer}) is writing it; merge it when it is done")
     summary = MergeSummary(into=into, files=sources)
-    existed = into.exists()
-    con = connect(into, read_only=False)
+    check_path(into, read_only=False)
+    lock.acquire(into)
     try:
-        _fold(con, into, sources, summary, conflicts)
-    except BaseException:
+        existed = into.exists()
+        con = connect(into, read_only=False)
+        try:
+            _fold(con, into, sources, summary, conflicts)
+        except BaseException:
+            con.close()
+            if not existed:
+                for path in (into, into.with_name(into.name + ".wal")):
+                    path.unlink(missing_ok=True)
+            raise
         con.close()
-        if not existed:
-            for path in (into, into.with_name(into.name + ".wal")):
-                path.unlink(missing_ok=True)
-        raise
-    con.close()
+    finally:
+        lock.release(into)
     return summary
 
 
 def _fold(con: duckdb.DuckDBPyConnection, into: Path, sources: Sequence[Path], summary: MergeSummary,
           conflicts: Conflicts | None) -> None:
     """Fold files into the store of `con` in one transaction (schema upgrade of `into` included), all or nothing;
-    each is attached read-only and checked first, so a shard still being written is refused by its own lock before
-    anything changes."""
+    each is attached read-only and checked first, so a file another process holds open is refused before anything
+    changes (`merge` has refused those another process is writing)."""
     attached: list[str] = []
     try:
         for index, src in enumerate(sources):

@@ -1,11 +1,13 @@
-"""The store's tables and how a store file is opened: schema version, DuckDB's lock errors as one-line
-StoreErrors, and runs left `running` by a dead writer marked `interrupted`."""
+"""The store's tables and how a store file is opened: schema version, waiting out another process's hold on the
+file, DuckDB's lock errors as one-line StoreErrors, and runs left `running` by a dead writer marked `interrupted`."""
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
+import time
 from collections.abc import Mapping
 from datetime import datetime, timezone
 from pathlib import Path
@@ -16,7 +18,15 @@ import pyarrow as pa
 
 from vheads.figures import stored, stored_names
 
+log = logging.getLogger("vheads.store")
+
 SCHEMA_VERSION = 1
+# How long opening a store waits for another process to close it (a writer holds the file while it stores a batch,
+# a reader for its whole command), trying every POLL_S; a writer that reopens the file right after closing it first
+# leaves it free for WRITER_PAUSE_S (longer than POLL_S), so a reader waiting for it gets in.
+OPEN_WAIT_S = 10.0
+POLL_S = 0.01
+WRITER_PAUSE_S = 0.05
 STATUSES = ("running", "done", "interrupted", "failed")
 COMPAT_FIELDS = ("model", "dataset", "split", "readout", "ablation", "layers", "heads")
 SAMPLE_FIELDS = (
@@ -195,13 +205,31 @@ def open_store(path: Path, read_only: bool) -> duckdb.DuckDBPyConnection:
     return con
 
 
-def check_writable(path: str | Path) -> None:
-    """Fail now, before a model is loaded, if the store cannot be opened for writing; creates it if absent."""
-    open_store(Path(path), read_only=False).close()
+def connect(path: Path, read_only: bool, wait_forever: bool = False) -> duckdb.DuckDBPyConnection:
+    """Connect, waiting while another process has the file open (up to OPEN_WAIT_S, or as long as it takes), and
+    turning DuckDB's errors (lock held, missing folder) into one-line StoreErrors naming the path."""
+    check_path(path, read_only)
+    began = time.monotonic()
+    delay, warned = POLL_S, False
+    while True:
+        try:
+            return duckdb.connect(str(path), read_only=read_only)
+        except duckdb.Error as error:
+            waited = time.monotonic() - began
+            if "Could not set lock" not in str(error) or (not wait_forever and waited >= OPEN_WAIT_S):
+                raise translate(error, path, waited) from error
+            if wait_forever and not warned and waited >= OPEN_WAIT_S:
+                log.warning("store %s is open in another process (%s); waiting for it to close", path,
+                            _lock_holder(str(error)))
+                warned = True
+        time.sleep(delay)
+        if wait_forever:  # a writer waiting for a reader's command to end: no need to poll fast
+            delay = min(2 * delay, 0.5)
 
 
-def connect(path: Path, read_only: bool) -> duckdb.DuckDBPyConnection:
-    """Connect, turning DuckDB's errors (lock held, missing folder) into one-line StoreErrors naming the path."""
+def check_path(path: Path, read_only: bool) -> None:
+    """StoreError unless `path` can hold a store: not a folder; existing, to be read; in a writable folder, to be
+    written."""
     if path.is_dir():
         raise StoreError(f"store {path} is a folder, expected a .duckdb file")
     if read_only and not path.exists():
@@ -212,10 +240,6 @@ def connect(path: Path, read_only: bool) -> duckdb.DuckDBPyConnection:
             raise StoreError(f"cannot create store {path}: folder {folder} does not exist")
         if not os.access(folder, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
             raise StoreError(f"cannot write store {path}: permission denied")
-    try:
-        return duckdb.connect(str(path), read_only=read_only)
-    except duckdb.Error as error:
-        raise translate(error, path) from error
 
 
 def prepare(con: duckdb.DuckDBPyConnection, path: Path, read_only: bool) -> None:
@@ -295,19 +319,24 @@ def quote(name: str) -> str:
     return '"' + name.replace('"', '""') + '"'
 
 
-def translate(error: duckdb.Error, path: Path) -> StoreError:
+def translate(error: duckdb.Error, path: Path, waited: float = 0.0) -> StoreError:
     """DuckDB's error on opening or attaching `path` as one line the user can act on."""
     message = str(error)
     if "Could not set lock" in message:
-        pid = re.search(r"PID (\d+)", message)
-        holder = f"pid {pid.group(1)}" if pid else "pid unknown"
+        held = f" for over {waited:.0f} s" if waited >= 1 else ""
         return StoreError(
-            f"store {path} is in use by another process ({holder}); DuckDB allows one writer and no reader "
-            "beside it: wait for it to finish, or use another store"
+            f"store {path} is in use by another process ({_lock_holder(message)}){held}; DuckDB opens a file to "
+            "one writer or to readers: wait for it to finish, or use another store"
         )
     if "different configuration" in message:
         return StoreError(f"store {path} is already open in this process in another mode")
     return StoreError(f"cannot open store {path}: {first_line(error)}")
+
+
+def _lock_holder(message: str) -> str:
+    """The pid named in DuckDB's lock error, as `pid 123`."""
+    pid = re.search(r"PID (\d+)", message)
+    return f"pid {pid.group(1)}" if pid else "pid unknown"
 
 
 def now() -> datetime:

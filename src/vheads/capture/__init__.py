@@ -2,9 +2,8 @@
 
 from vheads.capture.ablation import MODES as ABLATION_MODES
 from vheads.capture.ablation import ablate
-from vheads.capture.observer import Observer
 from vheads.capture.recorder import READOUTS, RECORDED, HeadFigures, HeadRecorder
-from vheads.capture.session import CaptureError, CaptureSession
+from vheads.capture.session import CaptureError, CaptureSession, Observer
 from vheads.capture.tokens import TokenAttention
 from vheads.models.layers import attention_layer_indices, config_attention_layers, language_layers
 

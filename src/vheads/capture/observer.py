@@ -1,44 +1,14 @@
-"""`Observer`: the base of context managers that watch a model's attention through its capture session."""
+"""What observers share: telling prefill from decode, and the prompt's layout (real, image and readout positions).
+
+The observer contract itself, `Observer`, lives beside the session that calls it (`capture.session`)."""
 
 from __future__ import annotations
 
 from typing import Any
 
 import torch
-from torch import nn
 
-from vheads.capture.session import AttentionCall, CaptureSession
 from vheads.compat import forward_cache
-
-
-class Observer:
-    """Attach to the model's `CaptureSession` on entry, leave it (restoring the model when last) on exit.
-
-    Subclasses implement `on_forward` (called before every forward of the model, with its keyword
-    arguments) and `observe` (called with every language-model attention call).
-    """
-
-    model: nn.Module
-    session: CaptureSession | None = None
-
-    def __enter__(self) -> Any:
-        self.session = CaptureSession.attach(self.model)
-        self.session.observers.append(self)
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        session, self.session = self.session, None
-        if session is not None:
-            session.observers.remove(self)
-            session.detach()
-
-    def on_forward(self, session: CaptureSession, kwargs: dict[str, Any]) -> None:
-        """Called before each forward of the model."""
-        raise NotImplementedError
-
-    def observe(self, call: AttentionCall) -> None:
-        """Called with each language-model attention call."""
-        raise NotImplementedError
 
 
 def is_prefill(kwargs: dict[str, Any]) -> bool:

@@ -10,8 +10,8 @@ from torch import nn
 
 from vheads import metrics
 from vheads.capture.maps import MAP_FIGURES, TokenMaps
-from vheads.capture.observer import Observer, is_prefill, prompt_layout
-from vheads.capture.session import AttentionCall, CaptureError, CaptureSession
+from vheads.capture.observer import is_prefill, prompt_layout
+from vheads.capture.session import AttentionCall, CaptureError, CaptureSession, Observer
 from vheads.figures import stored_names
 from vheads.models.families import image_token_id
 from vheads.models.geometry import TokenGrid

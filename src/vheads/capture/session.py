@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Callable
-from typing import Any, Protocol
+from typing import Any
 
 import torch
 from torch import nn
@@ -34,14 +34,6 @@ _ids = itertools.count()
 
 class CaptureError(RuntimeError):
     """The model cannot be captured (no language model found, no input ids, ...)."""
-
-
-class LayerObserver(Protocol):
-    """What a session hands each active recorder for every language-model attention call."""
-
-    def observe(self, call: AttentionCall) -> None: ...
-
-    def on_forward(self, session: CaptureSession, kwargs: dict[str, Any]) -> None: ...
 
 
 class AttentionCall:
@@ -147,6 +139,37 @@ def _language_layers(model: nn.Module) -> tuple[list[nn.Module | None], list[Any
         raise CaptureError(str(exc)) from None
 
 
+class Observer:
+    """Attach to the model's `CaptureSession` on entry, leave it (restoring the model when last) on exit.
+
+    The one observer contract: a session calls `on_forward` before every forward of the model (with its keyword
+    arguments) and `observe` with every language-model attention call; `HeadRecorder` (figures) and
+    `TokenAttention` (per-token maps) implement it.
+    """
+
+    model: nn.Module
+    session: CaptureSession | None = None
+
+    def __enter__(self) -> Any:
+        self.session = CaptureSession.attach(self.model)
+        self.session.observers.append(self)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        session, self.session = self.session, None
+        if session is not None:
+            session.observers.remove(self)
+            session.detach()
+
+    def on_forward(self, session: CaptureSession, kwargs: dict[str, Any]) -> None:
+        """Called before each forward of the model."""
+        raise NotImplementedError
+
+    def observe(self, call: AttentionCall) -> None:
+        """Called with each language-model attention call."""
+        raise NotImplementedError
+
+
 class CaptureSession:
     """The attention function registered for one model while vheads contexts are active on it."""
 
@@ -159,7 +182,7 @@ class CaptureSession:
         if self.base.startswith(PREFIX):
             raise CaptureError("the model is already routed through another vheads session")
         self.name = f"{PREFIX}{self.base}_{next(_ids)}"
-        self.observers: list[LayerObserver] = []
+        self.observers: list[Observer] = []
         self.ablations: list[Any] = []
         self.users = 0
         self._hook = None

@@ -13,8 +13,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from vheads.capture.observer import Observer, is_prefill, prompt_layout
-from vheads.capture.session import AttentionCall, CaptureError, CaptureSession
+from vheads.capture.observer import is_prefill, prompt_layout
+from vheads.capture.session import AttentionCall, CaptureError, CaptureSession, Observer
 from vheads.heads import Head
 from vheads.models.families import image_token_id
 

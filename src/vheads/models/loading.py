@@ -7,6 +7,7 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
@@ -39,6 +40,14 @@ class Loaded:
     def device(self) -> torch.device:
         """Where the inputs go (the device of the input embeddings)."""
         return self.model.get_input_embeddings().weight.device
+
+    def on_device(self, inputs: Any) -> Any:
+        """Encoded inputs (`adapter.encode`) moved to the model's device, float pixel values in the model's dtype
+        (a bf16 model would otherwise get fp32 images)."""
+        inputs = inputs.to(self.device)
+        if "pixel_values" in inputs and inputs["pixel_values"].is_floating_point():
+            inputs["pixel_values"] = inputs["pixel_values"].to(self.model.dtype)
+        return inputs
 
 
 def demo_path() -> Path:

@@ -114,9 +114,7 @@ class Runner:
                    torch.full((len(samples),), inputs["input_ids"].shape[1]))
         too_long = self.too_long(lengths.numpy())
         model = self.loaded.model
-        inputs = inputs.to(self.loaded.device)
-        if "pixel_values" in inputs and inputs["pixel_values"].is_floating_point():
-            inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)
+        inputs = self.loaded.on_device(inputs)
         with ExitStack() as stack:
             stack.enter_context(torch.inference_mode())
             if self.config.ablate:

@@ -61,9 +61,7 @@ def iter_attention_maps(loaded: Loaded, samples: Sequence[Sample], heads: Sequen
         image = sample.image()
         inputs = adapter.encode([adapter.prompt(sample.text)], [[image]])
         grid = adapter.row_grids([[image]], inputs)[0][0]
-        inputs = inputs.to(loaded.device)
-        if "pixel_values" in inputs and inputs["pixel_values"].is_floating_point():
-            inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)
+        inputs = loaded.on_device(inputs)
         with ExitStack() as stack:
             stack.enter_context(torch.inference_mode())
             if ablate_heads:

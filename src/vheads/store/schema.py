@@ -28,6 +28,8 @@ SAMPLE_FIELDS = (
     "region_tokens",
     "meta",
     "digest",
+    "first_token_prob",
+    "mean_logprob",
 )
 HEAD_FIELDS = ("visual_weight", "concentration", "region_weight", "text_weight", "sink_weight", "pointing",
                "spatial_entropy")
@@ -44,6 +46,8 @@ SAMPLE_TYPES = {
     "region_tokens": pa.int32(),
     "meta": pa.string(),
     "digest": pa.string(),
+    "first_token_prob": pa.float64(),
+    "mean_logprob": pa.float64(),
 }
 JSON_RUN_COLUMNS = ("config", "skipped", "tags")
 
@@ -129,7 +133,8 @@ _DDL = (
 )
 # Columns added after a table first shipped: stores written before them gain them when opened for writing.
 _ADDED_COLUMNS = (("head_stats", "pointing", "REAL"), ("head_stats", "spatial_entropy", "REAL"),
-                  ("samples", "digest", "TEXT"))
+                  ("samples", "digest", "TEXT"), ("samples", "first_token_prob", "DOUBLE"),
+                  ("samples", "mean_logprob", "DOUBLE"))
 # Columns renamed after they shipped, (table, old name, new name): renamed when the store is opened for writing;
 # reads of a store opened read-only (`read.runs`, `read.decode_run`) and merges from it map the old name.
 # runs.sweep -> runs.curve: "sweep" names the Ray grid of `vheads sweep`; an ablation curve's tag is its curve.

@@ -241,6 +241,8 @@ def _cell(name: str, value: Any) -> Any:
         return bool(value)
     if kind == pa.int32():
         return int(value)
+    if kind == pa.float64():
+        return None if math.isnan(float(value)) else float(value)
     return str(value)
 
 

@@ -23,7 +23,7 @@ import vheads
 from vheads.cli import app
 
 COMMANDS = ("run", "runs", "heads", "query", "export", "merge", "train-demo", "version", "ablate", "compare", "report",
-            "demo", "sweep", "data")
+            "demo", "sweep", "data", "predict")
 DATA_COMMANDS = ("shapes", "list")
 TERMINAL_PACKAGES = {"typer", "rich", "click"}
 # The layers of the package, lowest first (DESIGN.md): a module imports only modules of its own layer or below.

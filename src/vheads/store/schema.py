@@ -34,6 +34,7 @@ SAMPLE_FIELDS = (
 HEAD_FIELDS = ("visual_weight", "concentration", "region_weight", "text_weight", "sink_weight", "pointing",
                "spatial_entropy")
 GROUNDING_FIELDS = ("x1", "y1", "x2", "y2", "targets", "pointing", "iou")
+PREDICTORS = ("heads", "confidence", "both")
 
 SAMPLE_TYPES = {
     "question_type": pa.string(),
@@ -130,6 +131,27 @@ _DDL = (
         created TIMESTAMP,
         PRIMARY KEY (run_id, source, selector, sample_id)
     )""",
+    """CREATE TABLE IF NOT EXISTS predictions (
+        run_id INTEGER NOT NULL,
+        predictor TEXT NOT NULL,
+        sample_id TEXT NOT NULL,
+        p_error DOUBLE,
+        fold INTEGER,
+        heads TEXT,
+        fit JSON,
+        created TIMESTAMP,
+        PRIMARY KEY (run_id, predictor, sample_id)
+    )""",
+    """CREATE TABLE IF NOT EXISTS accuracy_estimates (
+        run_id INTEGER NOT NULL,
+        role TEXT NOT NULL,
+        estimator TEXT NOT NULL,
+        estimate DOUBLE,
+        features TEXT,
+        train JSON,
+        created TIMESTAMP,
+        PRIMARY KEY (run_id, role, estimator)
+    )""",
 )
 # Columns added after a table first shipped: stores written before them gain them when opened for writing.
 _ADDED_COLUMNS = (("head_stats", "pointing", "REAL"), ("head_stats", "spatial_entropy", "REAL"),
@@ -154,6 +176,8 @@ ROW_KEYS = {
     "samples": ("sample_id",),
     "head_stats": ("sample_id", "layer", "head"),
     "groundings": ("source", "selector", "sample_id"),
+    "predictions": ("predictor", "sample_id"),
+    "accuracy_estimates": ("role", "estimator"),
 }
 # Tables whose rows name their runs in a JSON list of run names instead of a run_id column.
 RUN_LISTS = {"comparisons": "runs"}

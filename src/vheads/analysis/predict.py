@@ -24,29 +24,29 @@ RIDGE_L2 = (0.01, 0.1, 1.0, 10.0, 100.0, 1000.0, float("inf"))
 def grouped_folds(groups: Sequence[object], k: int = 5, seed: int = 0, labels: np.ndarray | None = None) -> np.ndarray:
     """The fold (0..k-1) of every sample, all samples of one group (one image) in the same fold.
 
-    Groups are shuffled with `seed` and dealt, largest first, each to the fold it leaves most even: with `labels`
-    (0 / 1) the folds get about the same number of samples of each class (stratified), so no fold's model learns a
-    base rate that its test fold contradicts; without, about the same number of samples. ValueError when there are
-    fewer groups than folds.
+    Groups of one make-up (size, and with `labels` (0 / 1) how many of each class) are shuffled with `seed` and dealt
+    round the folds, the largest first, each deal starting at the fold with the fewest samples of those classes so
+    far: the folds get about the same number of samples, and of each class (stratified), so no fold's model learns a
+    base rate that its test fold contradicts. ValueError when there are fewer groups than folds.
     """
     _, index = np.unique(np.asarray(groups, dtype=object).astype(str), return_inverse=True)
     n_groups = int(index.max()) + 1 if len(index) else 0
     if n_groups < k:
         raise ValueError(f"{n_groups} image group(s) cannot be cut into {k} folds")
     classes = np.zeros(len(index), dtype=np.int64) if labels is None else np.asarray(labels, dtype=np.int64)
-    counts = np.zeros((n_groups, int(classes.max()) + 1))
-    np.add.at(counts, (index, classes), 1.0)
-    totals = np.maximum(counts.sum(axis=0), 1.0)
+    counts = np.zeros((n_groups, int(classes.max()) + 1), dtype=np.int64)
+    np.add.at(counts, (index, classes), 1)
     rng = np.random.default_rng(seed)
-    order = rng.permutation(n_groups)
-    order = order[np.argsort(-counts[order].sum(axis=1), kind="stable")]
+    makeups, kind = np.unique(counts, axis=0, return_inverse=True)
+    kind = kind.reshape(-1)
+    totals = np.maximum(counts.sum(axis=0), 1)
     fold_of_group = np.empty(n_groups, dtype=np.int64)
     filled = np.zeros((k, counts.shape[1]))
-    for group in order:
-        fold = int(np.argmin((((filled + counts[group]) / totals) ** 2).sum(axis=1) - ((filled / totals) ** 2).sum(
-            axis=1)))
-        fold_of_group[group] = fold
-        filled[fold] += counts[group]
+    for m in np.argsort(-makeups.sum(axis=1), kind="stable"):
+        members = rng.permutation(np.flatnonzero(kind == m))
+        order = np.argsort(filled @ (makeups[m] / totals), kind="stable")
+        fold_of_group[members] = order[np.arange(len(members)) % k]
+        filled += np.bincount(fold_of_group[members], minlength=k)[:, None] * makeups[m][None, :]
     return fold_of_group[index]
 
 
@@ -57,15 +57,15 @@ def standardize(train: np.ndarray, test: np.ndarray) -> tuple[np.ndarray, np.nda
     test = np.asarray(test, dtype=np.float64)
     seen = ~np.isnan(train)
     count = seen.sum(axis=0)
-    mean = np.where(count > 0, np.where(seen, train, 0.0).sum(axis=0) / np.maximum(count, 1), 0.0)
-    filled = np.where(seen, train, mean)
+    filled = np.where(seen, train, 0.0)
+    mean = filled.sum(axis=0) / np.maximum(count, 1)
+    filled += np.where(seen, 0.0, mean)
     std = filled.std(axis=0)
-    scale = np.where(std > 1e-12, std, np.inf)
-
-    def apply(x: np.ndarray) -> np.ndarray:
-        return np.nan_to_num((np.where(np.isnan(x), mean, x) - mean) / scale, nan=0.0, posinf=0.0, neginf=0.0)
-
-    return apply(filled), apply(test)
+    inverse = np.where(std > 1e-12, 1.0 / np.where(std > 1e-12, std, 1.0), 0.0)
+    filled -= mean
+    filled *= inverse
+    shown = np.where(np.isnan(test), 0.0, (test - mean) * inverse)
+    return filled, shown
 
 
 def fit_logistic(x: np.ndarray, y: np.ndarray, l2: float, start: np.ndarray | None = None) -> np.ndarray:
@@ -74,16 +74,15 @@ def fit_logistic(x: np.ndarray, y: np.ndarray, l2: float, start: np.ndarray | No
     `x` [n, p] (standardised), `y` [n] of 0 / 1; L-BFGS from `start` (a warm start) or zero.
     """
     n, p = x.shape
-    design = np.hstack([x, np.ones((n, 1))])
     target = np.asarray(y, dtype=np.float64)
-    penalty = np.full(p + 1, float(l2))
-    penalty[-1] = 0.0
+    l2 = float(l2)
 
     def loss(w: np.ndarray) -> tuple[float, np.ndarray]:
-        z = design @ w
-        value = float(np.logaddexp(0.0, z).sum() - target @ z + 0.5 * (penalty * w) @ w)
-        grad = design.T @ (_sigmoid(z) - target) + penalty * w
-        return value, grad
+        coef = w[:-1]
+        z = x @ coef + w[-1]
+        value = float(np.logaddexp(0.0, z).sum() - target @ z + 0.5 * l2 * coef @ coef)
+        residual = _sigmoid(z) - target
+        return value, np.append(x.T @ residual + l2 * coef, residual.sum())
 
     w0 = np.zeros(p + 1) if start is None else start
     if start is None:

@@ -143,7 +143,8 @@ class Store:
         """Keep per-sample error predictions (rows: run, predictor, sample_id, p_error, fold; run by handle, name or
         id), replacing the earlier ones of each (run, predictor); `fit` names the runs cross-validated together."""
         self._require_writable()
-        rows = [{**r, "run_id": self._resolve(r["run"])} for r in rows]
+        ids = {run: self._resolve(run) for run in {r["run"] for r in rows}}
+        rows = [{**r, "run_id": ids[r["run"]]} for r in rows]
         names = [read.run_row_by_id(self._con, self._resolve(run))["name"] for run in fit]
         write.add_predictions(self._con, rows, heads, names)
 

@@ -298,18 +298,27 @@ def add_groundings(con: duckdb.DuckDBPyConnection, run_id: int, selector: str, h
 def add_predictions(con: duckdb.DuckDBPyConnection, rows: Sequence[Mapping[str, Any]], heads: str | None,
                     fit: Sequence[str]) -> None:
     """Keep predicted error probabilities, replacing the earlier ones of each (run, predictor) they cover (one
-    transaction). Each row: run_id, predictor, sample_id, p_error, fold; `heads` names the head set, `fit` the runs
-    the model was cross-validated over."""
-    created = now()
-    values = [[int(r["run_id"]), str(r["predictor"]), str(r["sample_id"]), float(r["p_error"]),
-               None if r.get("fold") is None else int(r["fold"]), heads, dumps(list(fit)), created] for r in rows]
-    covered = sorted({(v[0], v[1]) for v in values})
+    transaction, one insert). Each row: run_id, predictor, sample_id, p_error, fold; `heads` names the head set,
+    `fit` the runs the model was cross-validated over."""
+    data = pa.table({
+        "run_id": pa.array([int(r["run_id"]) for r in rows], pa.int32()),
+        "predictor": pa.array([str(r["predictor"]) for r in rows], pa.string()),
+        "sample_id": pa.array([str(r["sample_id"]) for r in rows], pa.string()),
+        "p_error": pa.array([float(r["p_error"]) for r in rows], pa.float64()),
+        "fold": pa.array([None if r.get("fold") is None else int(r["fold"]) for r in rows], pa.int32()),
+    })
+    covered = sorted({(int(r["run_id"]), str(r["predictor"])) for r in rows})
+    view = "vheads_batch_predictions"
     with transaction(con):
         for run_id, predictor in covered:
             con.execute("DELETE FROM predictions WHERE run_id = ? AND predictor = ?", [run_id, predictor])
-        if values:
-            con.executemany("INSERT INTO predictions (run_id, predictor, sample_id, p_error, fold, heads, fit, "
-                            "created) VALUES (?, ?, ?, ?, ?, ?, ?, ?)", values)
+        con.register(view, data)
+        try:
+            con.execute("INSERT INTO predictions (run_id, predictor, sample_id, p_error, fold, heads, fit, created) "
+                        f"SELECT run_id, predictor, sample_id, p_error, fold, ?, ?, ? FROM {view}",
+                        [heads, dumps(list(fit)), now()])
+        finally:
+            con.unregister(view)
 
 
 def add_accuracy_estimates(con: duckdb.DuckDBPyConnection, rows: Sequence[Mapping[str, Any]], features: str,

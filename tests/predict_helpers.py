@@ -33,7 +33,7 @@ def add_run(db: Store, name: str, n: int, seed: int = 0, signal: float = 6.0, sh
     first = np.clip(0.5 + 0.3 * (p_right - 0.5) + rng.normal(0, 0.15, n), 0.01, 0.99)
     run = db.start_run(name, model="synthetic", family="llava", dataset="shapes", split="test", layers=LAYERS,
                        heads=HEADS, readout="prompt", ablation="none", config={})
-    rows = [{"sample_id": f"s{i:05d}", "question": f"how many <b>things</b> & co #{i}?", "prediction": "2",
+    rows = [{"sample_id": f"s{i:05d}", "question": f"how many <script>alert(1)</script> & co #{i}?", "prediction": "2",
              "answer": "2" if correct[i] else "3", "correct": bool(correct[i]), "question_type": "general",
              "prompt_style": "none", "image_tokens": 36, "region_tokens": 4,
              "meta": {"image": image_of(i)} if image_of else {},

@@ -281,5 +281,27 @@ def test_target_features_never_read_its_answers(tmp_path):
         assert estimate_accuracy(db, "r4", save=False).estimates == first
 
 
-def test_the_grid_is_the_one_the_helpers_write():
-    assert (LAYERS, HEADS) == (3, 8)
+def test_pooled_runs_keep_one_image_asked_in_both_in_one_fold(tmp_path):
+    from vheads.analysis.errors import pool, read_labelled
+
+    with Store(tmp_path / "p.duckdb") as db:
+        add_run(db, "x", 100, seed=1)
+        add_run(db, "y", 100, seed=2)
+        data = pool([read_labelled(db, "x"), read_labelled(db, "y")])
+    assert data.runs == ["x", "y"] and len(data.wrong) == 200 and data.figures.shape == (200, LAYERS * HEADS, 4)
+    folds = predict.grouped_folds(data.groups, 5, 0, labels=data.wrong)
+    assert (folds[:100] == folds[100:]).all()      # the same sample ids: the same images
+
+
+def test_the_speed_benchmark_prints_its_table(tmp_path):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).parent.parent / "benchmarks" / "predict.py"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    out = subprocess.run([sys.executable, str(script), "--n", "400", "--boot", "20"], capture_output=True, text=True,
+                         env=env, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "1 BLAS thread(s)" in out.stdout and "| visual | " in out.stdout and "| all | 384 |" in out.stdout

@@ -12,13 +12,14 @@ from vheads.cli.common import FORMAT_HELP, STORE_HELP, errors, existing_store
 from vheads.cli.output import check_format, console, emit_many, frame_table, json_text, records, say
 
 predict_app = typer.Typer(help="Predict from head figures: which answers are likely wrong, and a run's accuracy "
-                          "without its answers.", no_args_is_help=True)
+                          "without its answers. On a shared machine, OPENBLAS_NUM_THREADS=1 keeps the fits fast.",
+                          no_args_is_help=True)
 
 ERRORS_LEGEND = ("AUROC of the cross-validated error probability (1 = every wrong answer above every right one, 0.5 "
                  "= chance); low, high: 95% cluster-bootstrap interval over images; heads: figures of the chosen "
                  "heads; confidence: first-token probability and mean log-probability; labels shuffled: the heads "
                  "refitted on shuffled labels, which should give about 0.5")
-ACCURACY_LEGEND = ("estimate: the target's accuracy; loro_mae: mean absolute error over the training runs, each left "
+ACCURACY_LEGEND = ("estimate: the target's accuracy; LORO error: mean absolute error over the training runs, each left "
                    "out and estimated from the others; heads: ridge on head figures; baseline: mean accuracy of the "
                    "training runs; confidence: mean first-token probability; accuracies shuffled: the heads refitted "
                    "on shuffled accuracies, which should be no better than the baseline")
@@ -125,7 +126,8 @@ def predict_accuracy(
         return
     title = (f"accuracy of {result.target} from {result.features} figures, fitted on {len(result.train)} runs "
              f"(leave-one-run-out over them)")
-    console.print(frame_table(result.summary(), title=title, legend=ACCURACY_LEGEND))
+    console.print(frame_table(result.summary(), title=title, legend=ACCURACY_LEGEND,
+                              headers={"loro_mae": "LORO error"}))
     if result.stored_accuracy is not None:
         say(f"stored accuracy of {result.target} (not used): {result.stored_accuracy:.3f}")
     for note in result.notes:

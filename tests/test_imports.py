@@ -30,7 +30,7 @@ from vheads.cli.common import INTERRUPTED, USER_ERRORS
 from vheads.store import Store
 
 COMMANDS = ("run", "runs", "heads", "query", "export", "merge", "train-demo", "version", "ablate", "compare", "report",
-            "demo", "sweep", "data")
+            "demo", "sweep", "data", "predict")
 DATA_COMMANDS = ("shapes", "list")
 TERMINAL_PACKAGES = {"typer", "rich", "click"}
 # The layers of the package, lowest first (DESIGN.md): a module imports only modules of its own layer or below.

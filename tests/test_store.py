@@ -497,11 +497,13 @@ def test_export_writes_parquet(tmp_path):
         "llava_pope.head_stats.parquet",
         "llava_pope.comparisons.parquet",
         "llava_pope.groundings.parquet",
+        "llava_pope.predictions.parquet",
+        "llava_pope.accuracy_estimates.parquet",
     ]
     assert pq.read_table(one[0]).column("name").to_pylist() == ["llava/pope"]
     assert pq.read_table(one[2]).num_rows == 3 * LAYERS * HEADS
     assert set(pq.read_table(one[2]).column_names) >= {"sample_id", "layer", "head", *HEAD_FIELDS}
-    assert [pq.read_table(p).num_rows for p in everything] == [2, 6, 6 * LAYERS * HEADS, 0, 0]
+    assert [pq.read_table(p).num_rows for p in everything] == [2, 6, 6 * LAYERS * HEADS, 0, 0, 0, 0]
 
 
 def later_schema(monkeypatch) -> None:
@@ -536,7 +538,7 @@ def test_merge_and_export_keep_every_table_and_column(tmp_path, monkeypatch):
 
     summary = merge([shard], main)
     assert summary.rows_added == {"samples": 2, "head_stats": 2 * LAYERS * HEADS, "groundings": 1, "notes": 1,
-                                  "comparisons": 1}
+                                  "comparisons": 1, "predictions": 0, "accuracy_estimates": 0}
     assert "1 grounding rows" in str(summary)
     assert not any(merge([shard], main).rows_added.values())
     with Store(main, read_only=True) as store:
@@ -549,7 +551,8 @@ def test_merge_and_export_keep_every_table_and_column(tmp_path, monkeypatch):
         everything = store.export(None, tmp_path / "all")
     assert {p.name: pq.read_table(p).num_rows for p in one} == {
         "r.runs.parquet": 1, "r.samples.parquet": 2, "r.head_stats.parquet": 2 * LAYERS * HEADS,
-        "r.comparisons.parquet": 1, "r.groundings.parquet": 1, "r.notes.parquet": 1}
+        "r.comparisons.parquet": 1, "r.groundings.parquet": 1, "r.predictions.parquet": 0,
+        "r.accuracy_estimates.parquet": 0, "r.notes.parquet": 1}
     assert {p.name: pq.read_table(p).num_rows for p in everything}["runs.parquet"] == 2
     assert pq.read_table(tmp_path / "one" / "r.groundings.parquet").column("added_later").to_pylist() == ["from r"]
 
@@ -602,7 +605,7 @@ def test_query_runs_sql_and_reports_errors_in_one_line(tmp_path):
 
 
 def old_store(path: Path) -> None:
-    """A store as vheads wrote it before pointing, spatial entropy and groundings: one finished run."""
+    """A store as vheads wrote it before pointing, spatial entropy, groundings and prediction: one finished run."""
     with Store(path) as store:
         run = start(store)
         store.add_batch(run, *fake_batch([0, 1]))
@@ -611,6 +614,10 @@ def old_store(path: Path) -> None:
         store.query("ALTER TABLE head_stats DROP COLUMN pointing")
         store.query("ALTER TABLE head_stats DROP COLUMN spatial_entropy")
         store.query("ALTER TABLE samples DROP COLUMN digest")
+        for table in ("predictions", "accuracy_estimates"):
+            store.query(f"DROP TABLE {table}")
+        for column in ("first_token_prob", "mean_logprob"):
+            store.query(f"ALTER TABLE samples DROP COLUMN {column}")
 
 
 def test_a_store_from_before_pointing_reads_and_gains_the_new_columns(tmp_path):
@@ -650,6 +657,10 @@ def test_a_store_from_before_grounding_sources_keeps_its_boxes_and_gains_the_key
         store.finish_run(run)
         store.query("DROP TABLE groundings")
         store.query("ALTER TABLE samples DROP COLUMN digest")
+        for table in ("predictions", "accuracy_estimates"):
+            store.query(f"DROP TABLE {table}")
+        for column in ("first_token_prob", "mean_logprob"):
+            store.query(f"ALTER TABLE samples DROP COLUMN {column}")
         store.query("""CREATE TABLE groundings (run_id INTEGER NOT NULL, selector TEXT NOT NULL, heads JSON,
                        sample_id TEXT NOT NULL, x1 DOUBLE, y1 DOUBLE, x2 DOUBLE, y2 DOUBLE, targets JSON,
                        pointing BOOLEAN, iou DOUBLE, created TIMESTAMP, PRIMARY KEY (run_id, selector, sample_id))""")

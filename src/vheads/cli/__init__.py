@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from vheads.cli import analysis, data, report, run, store, sweep, train
+from vheads.cli import analysis, data, predict, report, run, store, sweep, train
 from vheads.cli.common import OneLineErrors
 
 app = typer.Typer(
@@ -29,7 +29,7 @@ run.register(app)
 store.register(app)
 train.register(app)
 app.command()(version)
-for group in (analysis, report, sweep, data):
+for group in (analysis, report, sweep, data, predict):
     group.register(app)
 
 __all__ = ["app"]

@@ -1,5 +1,5 @@
 """Batches through the model: each sample's image read, answers generated with capture (and ablation) on,
-halved on out-of-memory, and turned into `samples` rows with their head figures."""
+halved on out-of-memory, and turned into `samples` rows with their head figures and the answer's confidence."""
 
 from __future__ import annotations
 
@@ -47,6 +47,46 @@ class BatchLayout:
     region: torch.Tensor | None
     target: torch.Tensor | None
     grids: list[TokenGrid] | None
+
+
+@dataclass
+class Confidence:
+    """How sure the model was of each answer of a batch, read from the logits greedy generation produced:
+    the probability of the first answer token and the mean log-probability of the answer's tokens."""
+
+    first_token_prob: np.ndarray
+    mean_logprob: np.ndarray
+
+
+def eos_ids(model: torch.nn.Module) -> list[int]:
+    """The token ids that end an answer (the generation config's `eos_token_id`, one or a list)."""
+    eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    if eos is None:
+        return []
+    return [int(eos)] if isinstance(eos, int) else [int(e) for e in eos]
+
+
+def answer_confidence(logits: Sequence[torch.Tensor], tokens: torch.Tensor, eos: Sequence[int]) -> Confidence:
+    """Each answer's confidence from the raw logits of greedy generation, one `[batch, vocab]` tensor per step,
+    and the tokens chosen, `[batch, steps]`.
+
+    Softmax in fp32. An answer's tokens run up to and including its first end-of-sequence token (the model chose to
+    stop there; what follows is padding); without one, every generated token counts. Raw logits, not generate's
+    processed scores, so a repetition penalty or suppressed tokens do not change the figure.
+    """
+    steps = min(len(logits), tokens.shape[1])
+    if steps == 0:
+        nan = np.full(tokens.shape[0], np.nan)
+        return Confidence(nan, nan.copy())
+    chosen = tokens[:, :steps].to(logits[0].device)
+    logp = torch.stack([torch.log_softmax(step.float(), dim=-1).gather(1, chosen[:, t:t + 1])[:, 0]
+                        for t, step in enumerate(logits[:steps])], dim=1)
+    ends = torch.isin(chosen, torch.tensor(list(eos), dtype=chosen.dtype, device=chosen.device)) if eos else \
+        torch.zeros_like(chosen, dtype=torch.bool)
+    after_end = (ends.cumsum(dim=1) - ends.long()) > 0
+    keep = (~after_end).float()
+    mean = (logp * keep).sum(dim=1) / keep.sum(dim=1)
+    return Confidence(logp[:, 0].exp().cpu().numpy().astype(np.float64), mean.cpu().numpy().astype(np.float64))
 
 
 class Runner:
@@ -100,9 +140,9 @@ class Runner:
         return BatchLayout(region, target, [TokenGrid.concat(list(per_image)) for per_image in row_grids])
 
     def run_batch(self, samples: Sequence[Sample], images: Sequence[Any]
-                  ) -> tuple[list[str], Any, np.ndarray, np.ndarray]:
-        """Generate answers for one batch and record its head figures; returns answers, figures, region sizes and
-        which prompts are longer than the model's maximum positions."""
+                  ) -> tuple[list[str], Any, np.ndarray, np.ndarray, Confidence]:
+        """Generate answers for one batch and record its head figures; returns answers, figures, region sizes,
+        which prompts are longer than the model's maximum positions, and each answer's confidence."""
         adapter = self.loaded.adapter
         nested = [[img] for img in images]
         prompts = [adapter.prompt(s.text) for s in samples]
@@ -122,9 +162,12 @@ class Runner:
             recorder = stack.enter_context(HeadRecorder(model, self.config.readout, region_mask=region,
                                                         target_mask=layout.target, grids=layout.grids))
             output = model.generate(**inputs, max_new_tokens=self.config.max_new_tokens, do_sample=False,
-                                    pad_token_id=adapter.tokenizer.pad_token_id)
-        answers = adapter.decode(output, inputs["input_ids"].shape[1])
-        return answers, recorder.result(), region_tokens, too_long
+                                    pad_token_id=adapter.tokenizer.pad_token_id, output_logits=True,
+                                    return_dict_in_generate=True)
+        prompt_len = inputs["input_ids"].shape[1]
+        answers = adapter.decode(output.sequences, prompt_len)
+        confidence = answer_confidence(output.logits, output.sequences[:, prompt_len:], eos_ids(model))
+        return answers, recorder.result(), region_tokens, too_long, confidence
 
     def run_adaptive(self, samples: Sequence[Sample], images: Sequence[Any]) -> Iterator[tuple[int, int, Any]]:
         """Run a batch, halving it on out-of-memory until it fits (a batch is never dropped)."""
@@ -161,9 +204,10 @@ def compute(runner: Runner, samples: Sequence[Sample], batch_size: int) -> Itera
         good, images, bad = runner.prepare(samples[i:i + batch_size])
         if bad:
             yield Computed([], None, [(sample.id, reason) for sample, reason in bad])
-        for lo, hi, (answers, figures, region_tokens, too_long) in runner.run_adaptive(good, images):
-            rows = [sample_row(s, a, n, r, bool(t)) for s, a, n, r, t in
-                    zip(good[lo:hi], answers, figures.image_token_count, region_tokens, too_long, strict=True)]
+        for lo, hi, (answers, figures, region_tokens, too_long, sure) in runner.run_adaptive(good, images):
+            rows = [sample_row(s, a, n, r, bool(t), (p, m)) for s, a, n, r, t, p, m in
+                    zip(good[lo:hi], answers, figures.image_token_count, region_tokens, too_long,
+                        sure.first_token_prob, sure.mean_logprob, strict=True)]
             yield Computed(rows, figures)
 
 
@@ -173,8 +217,9 @@ def skip_reason(reason: str) -> str:
 
 
 def sample_row(sample: Sample, prediction: str, image_tokens: int, region_tokens: int,
-               too_long: bool = False) -> dict[str, Any]:
-    """The `samples` table row of one answered sample (meta `over_max_positions` marks a too-long prompt)."""
+               too_long: bool = False, confidence: tuple[float, float] | None = None) -> dict[str, Any]:
+    """The `samples` table row of one answered sample (meta `over_max_positions` marks a too-long prompt);
+    `confidence` is (first-token probability, mean log-probability) of its answer."""
     meta = {k: v for k, v in sample.meta.items() if isinstance(v, (str, int, float, bool)) or v is None}
     if too_long:
         meta["over_max_positions"] = True
@@ -186,4 +231,6 @@ def sample_row(sample: Sample, prediction: str, image_tokens: int, region_tokens
             "question": sample.question, "prediction": prediction, "answer": sample.answer,
             "correct": bool(score(sample, prediction)) if sample.answer is not None else None,
             "image_tokens": int(image_tokens), "region_tokens": int(region_tokens), "meta": meta,
-            "digest": sample.digest()}
+            "digest": sample.digest(),
+            "first_token_prob": None if confidence is None else float(confidence[0]),
+            "mean_logprob": None if confidence is None else float(confidence[1])}

@@ -22,7 +22,7 @@ from vheads.store import Store
 
 log = logging.getLogger("vheads.report")
 
-OWN_PNGS = ("heatmap-", "overlay-", "pruning-", "wc-scatter", "correlation")
+OWN_PNGS = ("heatmap-", "overlay-", "pruning-", "wc-scatter", "correlation", "prediction-")
 DEFINITIONS = (
     "W: share of the readout row's attention on image tokens. C = 1 - H / log N: how concentrated the image "
     "attention is (1 = one token, 0 = spread evenly). Head score: share of the samples with the readout row in "
@@ -112,6 +112,11 @@ def build_report(store_path: str | Path, out_dir: str | Path = "vheads-report", 
         ablation = _ablation_section(store, views, out)
         if ablation is not None:
             sections.append(ablation)
+        from vheads.report.prediction import prediction_section
+
+        prediction = prediction_section(store, out)
+        if prediction is not None:
+            sections.append(prediction)
     stamp = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     page = h.page("vheads report", f"{len(views)} run(s) from {Path(store_path).name}, written {stamp}", sections)
     index = out / "index.html"

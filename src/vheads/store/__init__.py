@@ -20,6 +20,7 @@ from vheads.store.merge import MergeSummary, merge
 from vheads.store.schema import (
     COMPAT_FIELDS,
     HEAD_FIELDS,
+    PREDICTORS,
     SAMPLE_FIELDS,
     SCHEMA_VERSION,
     STATUSES,
@@ -35,6 +36,7 @@ __all__ = [
     "SAMPLE_FIELDS",
     "SCHEMA_VERSION",
     "STATUSES",
+    "PREDICTORS",
     "MergeSummary",
     "RunHandle",
     "RunRef",

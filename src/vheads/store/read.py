@@ -213,3 +213,38 @@ def groundings(con: duckdb.DuckDBPyConnection, run_id: int) -> pd.DataFrame:
     for column in ("heads", "targets"):
         frame[column] = frame[column].map(loads)
     return frame
+
+
+def has_table(con: duckdb.DuckDBPyConnection, table: str) -> bool:
+    """Whether the store has `table` (a store written before it was added, opened read-only, lacks it)."""
+    return bool(con.execute("SELECT 1 FROM duckdb_tables() WHERE table_name = ? AND database_name = "
+                            "current_database()", [table]).fetchall())
+
+
+def predictions(con: duckdb.DuckDBPyConnection, run_id: int | None = None) -> pd.DataFrame:
+    """Stored error predictions (of one run, or all) joined with their samples' question, answer, prediction and
+    correctness; fit decoded. Empty in a store that has none."""
+    columns = ["run_id", "run", "predictor", "sample_id", "p_error", "fold", "heads", "fit", "created", "question",
+               "answer", "prediction", "correct"]
+    if not has_table(con, "predictions"):
+        return pd.DataFrame(columns=columns)
+    where, params = ("WHERE p.run_id = ?", [run_id]) if run_id is not None else ("", [])
+    frame = con.execute(
+        "SELECT p.run_id, r.name AS run, p.predictor, p.sample_id, p.p_error, p.fold, p.heads, p.fit, p.created, "
+        "s.question, s.answer, s.prediction, s.correct FROM predictions p JOIN runs r USING (run_id) "
+        f"LEFT JOIN samples s ON s.run_id = p.run_id AND s.sample_id = p.sample_id {where} "
+        "ORDER BY p.run_id, p.predictor, p.sample_id", params).df()
+    frame["fit"] = frame["fit"].map(loads)
+    return frame
+
+
+def accuracy_estimates(con: duckdb.DuckDBPyConnection) -> pd.DataFrame:
+    """Stored accuracy estimates with each run's name and stored accuracy; train decoded. Empty when none."""
+    columns = ["run_id", "run", "role", "estimator", "estimate", "accuracy", "features", "train", "created"]
+    if not has_table(con, "accuracy_estimates"):
+        return pd.DataFrame(columns=columns)
+    frame = con.execute(
+        "SELECT e.run_id, r.name AS run, e.role, e.estimator, e.estimate, r.accuracy, e.features, e.train, e.created "
+        "FROM accuracy_estimates e JOIN runs r USING (run_id) ORDER BY e.role, e.run_id, e.estimator").df()
+    frame["train"] = frame["train"].map(loads)
+    return frame

@@ -40,11 +40,14 @@ SAMPLE_FIELDS = (
     "region_tokens",
     "meta",
     "digest",
+    "first_token_prob",
+    "mean_logprob",
 )
 # The head_stats figure columns as declared when vheads was imported (the store itself reads `vheads.figures` at call
 # time, so a figure declared later, e.g. in a test, gets its column too).
 HEAD_FIELDS = stored_names()
 GROUNDING_FIELDS = ("x1", "y1", "x2", "y2", "targets", "pointing", "iou")
+PREDICTORS = ("heads", "confidence", "both")
 
 SAMPLE_TYPES = {
     "question_type": pa.string(),
@@ -57,6 +60,8 @@ SAMPLE_TYPES = {
     "region_tokens": pa.int32(),
     "meta": pa.string(),
     "digest": pa.string(),
+    "first_token_prob": pa.float64(),
+    "mean_logprob": pa.float64(),
 }
 JSON_RUN_COLUMNS = ("config", "skipped", "tags")
 
@@ -133,10 +138,32 @@ _DDL = (
         created TIMESTAMP,
         PRIMARY KEY (run_id, source, selector, sample_id)
     )""",
+    """CREATE TABLE IF NOT EXISTS predictions (
+        run_id INTEGER NOT NULL,
+        predictor TEXT NOT NULL,
+        sample_id TEXT NOT NULL,
+        p_error DOUBLE,
+        fold INTEGER,
+        heads TEXT,
+        fit JSON,
+        created TIMESTAMP,
+        PRIMARY KEY (run_id, predictor, sample_id)
+    )""",
+    """CREATE TABLE IF NOT EXISTS accuracy_estimates (
+        run_id INTEGER NOT NULL,
+        role TEXT NOT NULL,
+        estimator TEXT NOT NULL,
+        estimate DOUBLE,
+        features TEXT,
+        train JSON,
+        created TIMESTAMP,
+        PRIMARY KEY (run_id, role, estimator)
+    )""",
 )
 # Columns added after a table first shipped: stores written before them gain them when opened for writing. Every
 # stored figure's head_stats column is one of them (`added_columns`), so a newly declared figure needs no entry here.
-_ADDED_COLUMNS = (("samples", "digest", "TEXT"),)
+_ADDED_COLUMNS = (("samples", "digest", "TEXT"), ("samples", "first_token_prob", "DOUBLE"),
+                  ("samples", "mean_logprob", "DOUBLE"))
 # Columns renamed after they shipped, (table, old name, new name): renamed when the store is opened for writing;
 # reads of a store opened read-only (`read.runs`, `read.decode_run`) and merges from it map the old name.
 # runs.sweep -> runs.curve: "sweep" names the Ray grid of `vheads sweep`; an ablation curve's tag is its curve.
@@ -156,6 +183,8 @@ ROW_KEYS = {
     "samples": ("sample_id",),
     "head_stats": ("sample_id", "layer", "head"),
     "groundings": ("source", "selector", "sample_id"),
+    "predictions": ("predictor", "sample_id"),
+    "accuracy_estimates": ("role", "estimator"),
 }
 # Tables whose rows name their runs in a JSON list of run names instead of a run_id column.
 RUN_LISTS = {"comparisons": "runs"}

@@ -173,6 +173,32 @@ class Store:
         with self._connection() as con:
             return read.groundings(con, self._resolve(run))
 
+    def add_predictions(self, rows: Sequence[Mapping[str, Any]], heads: str | None, fit: Sequence[RunRef]) -> None:
+        """Keep per-sample error predictions (rows: run, predictor, sample_id, p_error, fold; run by handle, name or
+        id), replacing the earlier ones of each (run, predictor); `fit` names the runs cross-validated together."""
+        self._require_writable()
+        ids = {run: self._resolve(run) for run in {r["run"] for r in rows}}
+        rows = [{**r, "run_id": ids[r["run"]]} for r in rows]
+        names = [read.run_row_by_id(self._con, self._resolve(run))["name"] for run in fit]
+        write.add_predictions(self._con, rows, heads, names)
+
+    def predictions(self, run: RunRef | None = None) -> pd.DataFrame:
+        """Stored error predictions with their samples' question, answer, prediction and correctness."""
+        return read.predictions(self._con, None if run is None else self._resolve(run))
+
+    def add_accuracy_estimates(self, rows: Sequence[Mapping[str, Any]], features: str,
+                               train: Sequence[RunRef]) -> None:
+        """Keep runs' accuracy estimates (rows: run, role, estimator, estimate), replacing earlier ones of the same
+        run, role and estimator; `train` names the runs the estimates were fitted on."""
+        self._require_writable()
+        rows = [{**r, "run_id": self._resolve(r["run"])} for r in rows]
+        names = [read.run_row_by_id(self._con, self._resolve(run))["name"] for run in train]
+        write.add_accuracy_estimates(self._con, rows, features, names)
+
+    def accuracy_estimates(self) -> pd.DataFrame:
+        """Stored accuracy estimates with each run's name and stored accuracy."""
+        return read.accuracy_estimates(self._con)
+
     def query(self, sql: str, params: Sequence[Any] | None = None, exact: bool = False) -> pd.DataFrame:
         """Run any SQL on the store; a DuckDB error becomes a one-line StoreError.
 

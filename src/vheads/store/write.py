@@ -258,6 +258,8 @@ def _cell(name: str, value: Any) -> Any:
         return bool(value)
     if kind == pa.int32():
         return int(value)
+    if kind == pa.float64():
+        return None if math.isnan(float(value)) else float(value)
     return str(value)
 
 
@@ -308,3 +310,45 @@ def add_groundings(con: duckdb.DuckDBPyConnection, run_id: int, selector: str, h
             con.executemany("INSERT INTO groundings (run_id, source, selector, heads, sample_id, x1, y1, x2, y2, "
                             "targets, pointing, iou, created) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                             values)
+
+
+def add_predictions(con: duckdb.DuckDBPyConnection, rows: Sequence[Mapping[str, Any]], heads: str | None,
+                    fit: Sequence[str]) -> None:
+    """Keep predicted error probabilities, replacing the earlier ones of each (run, predictor) they cover (one
+    transaction, one insert). Each row: run_id, predictor, sample_id, p_error, fold; `heads` names the head set,
+    `fit` the runs the model was cross-validated over."""
+    data = pa.table({
+        "run_id": pa.array([int(r["run_id"]) for r in rows], pa.int32()),
+        "predictor": pa.array([str(r["predictor"]) for r in rows], pa.string()),
+        "sample_id": pa.array([str(r["sample_id"]) for r in rows], pa.string()),
+        "p_error": pa.array([float(r["p_error"]) for r in rows], pa.float64()),
+        "fold": pa.array([None if r.get("fold") is None else int(r["fold"]) for r in rows], pa.int32()),
+    })
+    covered = sorted({(int(r["run_id"]), str(r["predictor"])) for r in rows})
+    view = "vheads_batch_predictions"
+    with transaction(con):
+        for run_id, predictor in covered:
+            con.execute("DELETE FROM predictions WHERE run_id = ? AND predictor = ?", [run_id, predictor])
+        con.register(view, data)
+        try:
+            con.execute("INSERT INTO predictions (run_id, predictor, sample_id, p_error, fold, heads, fit, created) "
+                        f"SELECT run_id, predictor, sample_id, p_error, fold, ?, ?, ? FROM {view}",
+                        [heads, dumps(list(fit)), now()])
+        finally:
+            con.unregister(view)
+
+
+def add_accuracy_estimates(con: duckdb.DuckDBPyConnection, rows: Sequence[Mapping[str, Any]], features: str,
+                           train: Sequence[str]) -> None:
+    """Keep runs' accuracy estimates, replacing earlier ones of the same run, role and estimator (one transaction).
+    Each row: run_id, role (`target`, or `left-out` for leave-one-run-out), estimator, estimate."""
+    created = now()
+    values = [[int(r["run_id"]), str(r["role"]), str(r["estimator"]),
+               None if r.get("estimate") is None or math.isnan(float(r["estimate"])) else float(r["estimate"]),
+               features, dumps(list(train)), created] for r in rows]
+    with transaction(con):
+        for v in values:
+            con.execute("DELETE FROM accuracy_estimates WHERE run_id = ? AND role = ? AND estimator = ?", v[:3])
+        if values:
+            con.executemany("INSERT INTO accuracy_estimates (run_id, role, estimator, estimate, features, train, "
+                            "created) VALUES (?, ?, ?, ?, ?, ?, ?)", values)

@@ -179,12 +179,16 @@ class Store:
         self._require_writable()
         ids = {run: self._resolve(run) for run in {r["run"] for r in rows}}
         rows = [{**r, "run_id": ids[r["run"]]} for r in rows]
-        names = [read.run_row_by_id(self._con, self._resolve(run))["name"] for run in fit]
-        write.add_predictions(self._con, rows, heads, names)
+        fit_ids = [self._resolve(run) for run in fit]
+        with self._connection(write=True) as con:
+            names = [read.run_row_by_id(con, run_id)["name"] for run_id in fit_ids]
+            write.add_predictions(con, rows, heads, names)
 
     def predictions(self, run: RunRef | None = None) -> pd.DataFrame:
         """Stored error predictions with their samples' question, answer, prediction and correctness."""
-        return read.predictions(self._con, None if run is None else self._resolve(run))
+        run_id = None if run is None else self._resolve(run)
+        with self._connection() as con:
+            return read.predictions(con, run_id)
 
     def add_accuracy_estimates(self, rows: Sequence[Mapping[str, Any]], features: str,
                                train: Sequence[RunRef]) -> None:
@@ -192,12 +196,15 @@ class Store:
         run, role and estimator; `train` names the runs the estimates were fitted on."""
         self._require_writable()
         rows = [{**r, "run_id": self._resolve(r["run"])} for r in rows]
-        names = [read.run_row_by_id(self._con, self._resolve(run))["name"] for run in train]
-        write.add_accuracy_estimates(self._con, rows, features, names)
+        train_ids = [self._resolve(run) for run in train]
+        with self._connection(write=True) as con:
+            names = [read.run_row_by_id(con, run_id)["name"] for run_id in train_ids]
+            write.add_accuracy_estimates(con, rows, features, names)
 
     def accuracy_estimates(self) -> pd.DataFrame:
         """Stored accuracy estimates with each run's name and stored accuracy."""
-        return read.accuracy_estimates(self._con)
+        with self._connection() as con:
+            return read.accuracy_estimates(con)
 
     def query(self, sql: str, params: Sequence[Any] | None = None, exact: bool = False) -> pd.DataFrame:
         """Run any SQL on the store; a DuckDB error becomes a one-line StoreError.

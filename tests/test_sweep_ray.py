@@ -72,7 +72,9 @@ def cluster():
         yield {"address": f"127.0.0.1:{port}", "head": head}
     finally:
         if proc is not None and proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGTERM)
+            # SIGTERM to `ray start` alone: it drains its node and stops its processes in a second or two. Sent to
+            # the whole group it also stops the GCS first, and the head then waits 30 s for the GCS to drain.
+            proc.send_signal(signal.SIGTERM)
             try:
                 proc.wait(30)
             except subprocess.TimeoutExpired:

@@ -12,7 +12,9 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 from tiny_models import BUILDERS  # noqa: E402
 
-torch.set_num_threads(2)
+# One torch thread: the tiny models gain nothing from a second one, and on a busy (shared or CI) machine two threads
+# wait on each other (the suite ran about a third slower on 2 than on 1 on a loaded 2-core machine).
+torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session")

@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 from vheads.cli import app
 
 README = Path(__file__).resolve().parents[1] / "README.md"
-SMALLER = {"run": ["--limit", "24"]}
+SMALLER = {"run": ["--limit", "8"]}
 EXPECTED = {"run": "accuracy", "heads": "score", "ablate": "pruning curve", "ground": "localization:4",
             "report": "index.html"}
 

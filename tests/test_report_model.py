@@ -69,7 +69,7 @@ def test_report_of_a_real_run_draws_overlays_and_escapes_dataset_text(real_store
 
 
 def test_demo_runs_the_whole_study_and_can_run_again_in_the_same_folder(model_dirs, tmp_path):
-    settings = DemoSettings(out=tmp_path / "demo", limit=6, curve_limit=4, ks=(0, 2), seeds=2, overlays=1,
+    settings = DemoSettings(out=tmp_path / "demo", limit=3, curve_limit=2, ks=(0, 2), seeds=2, overlays=1,
                             model=str(model_dirs("llava")))
     first = run_demo(settings, say=lambda line: None)
     second = run_demo(settings, say=lambda line: None)

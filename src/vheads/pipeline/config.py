@@ -4,8 +4,8 @@ applied, the stored run's settings taken over on --resume, and the run named."""
 from __future__ import annotations
 
 import difflib
-from collections.abc import Sequence
-from dataclasses import dataclass, field, replace
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -55,6 +55,18 @@ class RunConfig:
     stages: tuple[int, int] | None = None
     preset: str | None = None
     explicit: tuple[str, ...] | None = None
+
+    @classmethod
+    def of_run(cls, run: Mapping[str, Any]) -> RunConfig:
+        """The config a stored run (`Store.run`) ran with, read back from its record: the one way a run is restored
+        (replays for overlays and grounding; `--resume` and `ablate --from` take the same settings through
+        `settings.inherit`). Its model is the one the run loaded; settings it did not store keep their defaults."""
+        stored = run.get("config") or {}
+        known = {f.name for f in fields(cls)}
+        values = {name: run_settings.restore(name, value) for name, value in stored.items()
+                  if name in known and name not in run_settings.NOT_STORED}
+        return cls(**{**values, "model": run.get("model") or values.get("model"),
+                      "dataset": values.get("dataset") or run.get("dataset") or cls.dataset, "name": run.get("name")})
 
     def load_dataset(self) -> Dataset:
         """The dataset these options name."""

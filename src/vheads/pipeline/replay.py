@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import ExitStack
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -21,11 +21,10 @@ import torch
 from PIL import Image
 
 from vheads.capture import TokenAttention, ablate
-from vheads.data import Sample, load_dataset
+from vheads.data import Sample
 from vheads.heads import Head
-from vheads.models import Loaded, TokenGrid, load
-
-DATASET_FIELDS = ("data", "images", "split", "question_type", "prompt_style", "limit", "seed", "max_pixels")
+from vheads.models import Loaded, TokenGrid
+from vheads.pipeline.config import RunConfig
 
 
 @dataclass
@@ -81,10 +80,7 @@ def reload_samples(run: Mapping[str, Any], ids: Sequence[str]) -> list[Sample]:
 
     Raises DataError when the dataset cannot be loaded; ids it no longer holds are left out.
     """
-    config = run.get("config") or {}
-    options = {key: config.get(key) for key in DATASET_FIELDS if config.get(key) is not None}
-    dataset = load_dataset(config.get("dataset") or run["dataset"], **options)
-    by_id = {s.id: s for s in dataset.samples}
+    by_id = {s.id: s for s in RunConfig.of_run(run).load_dataset().samples}
     return [by_id[i] for i in ids if i in by_id]
 
 
@@ -115,13 +111,10 @@ def _text(value: Any) -> str | None:
 
 def run_model(run: Mapping[str, Any], device: str = "auto") -> Loaded:
     """A run's model loaded again with the run's dtype, attention kernel and remote-code setting."""
-    config = run.get("config") or {}
-    return load(run["model"], dtype=config.get("dtype", "auto"), device=device, attn=config.get("attn", "sdpa"),
-                trust_remote_code=bool(config.get("trust_remote_code")))
+    return replace(RunConfig.of_run(run), device=device).load_model()
 
 
 def run_ablation(run: Mapping[str, Any]) -> tuple[list[Head], str]:
     """The heads a run ablated and how (so its samples run again as they ran)."""
-    config = run.get("config") or {}
-    heads = [(int(layer), int(head)) for layer, head in config.get("ablate") or []]
-    return heads, str(config.get("ablation") or "zero")
+    config = RunConfig.of_run(run)
+    return list(config.ablate), config.ablation

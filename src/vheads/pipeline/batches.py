@@ -14,22 +14,10 @@ import torch
 
 from vheads.capture import HeadFigures, HeadRecorder, ablate
 from vheads.data import BadSample, Sample, score
-from vheads.heads import check_heads
 from vheads.models import GeometryError, Loaded, TokenGrid
-from vheads.models.layers import attention_layer_indices
 from vheads.pipeline.config import RunConfig
 
 log = logging.getLogger("vheads.run")
-
-
-def head_grid(loaded: Loaded, ablated: Sequence[tuple[int, int]]) -> tuple[int, int, list[int]]:
-    """The model's layers, heads per layer and softmax-attention layers, after checking that `ablated` names
-    heads it has (ValueError otherwise)."""
-    text = loaded.model.config.get_text_config()
-    layers, heads = int(text.num_hidden_layers), int(text.num_attention_heads)
-    attention_layers = attention_layer_indices(loaded.model)
-    check_heads(ablated, layers, heads, attention_layers)
-    return layers, heads, attention_layers
 
 
 def is_oom(exc: BaseException) -> bool:

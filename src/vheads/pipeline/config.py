@@ -12,8 +12,9 @@ from typing import Any
 from vheads import metrics
 from vheads.data import Dataset, Sample, load_dataset
 from vheads.data.images import DEFAULT_MAX_PIXELS
-from vheads.heads import format_heads
+from vheads.heads import check_heads, format_heads
 from vheads.models import Loaded, load
+from vheads.models.layers import attention_layer_indices
 from vheads.pipeline import settings as run_settings
 from vheads.store import Store, StoreError, shard_path
 
@@ -83,6 +84,46 @@ class RunConfig:
         """The store file this run writes (a shard writes its own file beside the store)."""
         path = Path(self.store)
         return shard_path(path, *self.shard) if self.shard else path
+
+
+def head_grid(loaded: Loaded, ablated: Sequence[tuple[int, int]]) -> tuple[int, int, list[int]]:
+    """The model's layers, heads per layer and softmax-attention layers, after checking that `ablated` names
+    heads it has (ValueError otherwise)."""
+    text = loaded.model.config.get_text_config()
+    layers, heads = int(text.num_hidden_layers), int(text.num_attention_heads)
+    attention_layers = attention_layer_indices(loaded.model)
+    check_heads(ablated, layers, heads, attention_layers)
+    return layers, heads, attention_layers
+
+
+@dataclass
+class PreparedRun:
+    """What a run is, settled before its first batch: its config (resumed, preset applied, checked, stages set),
+    its name, its dataset and model, the model's grid and the settings the store keeps for it."""
+
+    config: RunConfig
+    name: str
+    dataset: Dataset
+    loaded: Loaded
+    layers: int
+    heads: int
+    attention_layers: list[int]
+    settings: dict[str, Any]
+
+
+def prepare_run(config: RunConfig, store: Store, loaded: Loaded | None = None,
+                dataset: Dataset | None = None) -> PreparedRun:
+    """Everything `pipeline.run` needs settled before it opens the run, in one place: `prepared` (paths, --resume,
+    preset, checks), the dataset and model (loaded here unless given), the grid checked against the ablation, the
+    stages, the name (`default_name` unless given) and the settings to store (`stored_run_settings`)."""
+    config = prepared(config, store)
+    dataset = dataset if dataset is not None else config.load_dataset()
+    loaded = loaded if loaded is not None else config.load_model()
+    layers, heads, attention_layers = head_grid(loaded, config.ablate)
+    config = with_stages(config, layers)
+    name = config.name or default_name(store, config, loaded.name, dataset.split)
+    return PreparedRun(config, name, dataset, loaded, layers, heads, attention_layers,
+                       stored_run_settings(config, layers, attention_layers))
 
 
 # The least value of each numeric option (a study file's values are held to the same).

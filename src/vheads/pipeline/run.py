@@ -18,16 +18,8 @@ from typing import Any
 from vheads.data import Dataset
 from vheads.data.skips import SkipLog
 from vheads.models import Loaded
-from vheads.pipeline.batches import Runner, compute, head_grid, skip_reason
-from vheads.pipeline.config import (
-    RunConfig,
-    ablation_label,
-    default_name,
-    prepared,
-    shard_samples,
-    stored_run_settings,
-    with_stages,
-)
+from vheads.pipeline.batches import Runner, compute, skip_reason
+from vheads.pipeline.config import RunConfig, ablation_label, prepare_run, shard_samples
 from vheads.pipeline.writer import BatchWriter
 from vheads.store import RunHandle, Store, StoreError
 
@@ -79,17 +71,13 @@ def run(config: RunConfig, loaded: Loaded | None = None, dataset: Dataset | None
         raise
     try:
         with store:
-            config = prepared(config, store)
-            dataset = dataset if dataset is not None else config.load_dataset()
-            loaded = loaded if loaded is not None else config.load_model()
-            layers, heads, attention_layers = head_grid(loaded, config.ablate)
-            config = with_stages(config, layers)
-            name = config.name or default_name(store, config, loaded.name, dataset.split)
+            plan = prepare_run(config, store, loaded, dataset)
+            config, loaded, dataset = plan.config, plan.loaded, plan.dataset
             handle = store.start_run(
-                name, model=loaded.name, family=loaded.family, dataset=dataset.name, split=dataset.split or "",
-                layers=layers, heads=heads, readout=config.readout, ablation=ablation_label(config),
-                config=stored_run_settings(config, layers, attention_layers), resume=config.resume, curve=config.curve,
-                shard=config.shard, tags=config.tags or None,
+                plan.name, model=loaded.name, family=loaded.family, dataset=dataset.name, split=dataset.split or "",
+                layers=plan.layers, heads=plan.heads, readout=config.readout, ablation=ablation_label(config),
+                config=plan.settings, resume=config.resume, curve=config.curve, shard=config.shard,
+                tags=config.tags or None,
             )
             return _run_samples(store, handle, config, loaded, dataset, store_path, progress, start)
     except BaseException:

@@ -19,8 +19,8 @@ from typing import Any
 from vheads.capture import CaptureError
 from vheads.data import DataError
 from vheads.models import Loaded, ModelError
-from vheads.pipeline.batches import Computed, Runner, compute, head_grid
-from vheads.pipeline.config import RunConfig, shard_samples
+from vheads.pipeline.batches import Computed, Runner, compute
+from vheads.pipeline.config import RunConfig, head_grid, shard_samples
 from vheads.store import StoreError
 
 BAD_INPUT = (DataError, ModelError, StoreError, CaptureError, ValueError, FileNotFoundError)

@@ -604,6 +604,16 @@ def test_query_runs_sql_and_reports_errors_in_one_line(tmp_path):
             store.query("SELECT * FROM no_such_table")
 
 
+def drop_since_digests(store: Store) -> None:
+    """Take out of a store what vheads added from sample digests on: the digest, the answer's confidence and the
+    prediction tables."""
+    store.query("ALTER TABLE samples DROP COLUMN digest")
+    for table in ("predictions", "accuracy_estimates"):
+        store.query(f"DROP TABLE {table}")
+    for column in ("first_token_prob", "mean_logprob"):
+        store.query(f"ALTER TABLE samples DROP COLUMN {column}")
+
+
 def old_store(path: Path) -> None:
     """A store as vheads wrote it before pointing, spatial entropy, groundings and prediction: one finished run."""
     with Store(path) as store:
@@ -613,11 +623,7 @@ def old_store(path: Path) -> None:
         store.query("DROP TABLE groundings")
         store.query("ALTER TABLE head_stats DROP COLUMN pointing")
         store.query("ALTER TABLE head_stats DROP COLUMN spatial_entropy")
-        store.query("ALTER TABLE samples DROP COLUMN digest")
-        for table in ("predictions", "accuracy_estimates"):
-            store.query(f"DROP TABLE {table}")
-        for column in ("first_token_prob", "mean_logprob"):
-            store.query(f"ALTER TABLE samples DROP COLUMN {column}")
+        drop_since_digests(store)
 
 
 def test_a_store_from_before_pointing_reads_and_gains_the_new_columns(tmp_path):
@@ -656,11 +662,7 @@ def test_a_store_from_before_grounding_sources_keeps_its_boxes_and_gains_the_key
         store.add_batch(run, *fake_batch([0, 1]))
         store.finish_run(run)
         store.query("DROP TABLE groundings")
-        store.query("ALTER TABLE samples DROP COLUMN digest")
-        for table in ("predictions", "accuracy_estimates"):
-            store.query(f"DROP TABLE {table}")
-        for column in ("first_token_prob", "mean_logprob"):
-            store.query(f"ALTER TABLE samples DROP COLUMN {column}")
+        drop_since_digests(store)
         store.query("""CREATE TABLE groundings (run_id INTEGER NOT NULL, selector TEXT NOT NULL, heads JSON,
                        sample_id TEXT NOT NULL, x1 DOUBLE, y1 DOUBLE, x2 DOUBLE, y2 DOUBLE, targets JSON,
                        pointing BOOLEAN, iou DOUBLE, created TIMESTAMP, PRIMARY KEY (run_id, selector, sample_id))""")

@@ -49,3 +49,24 @@ def check_heads(heads: Sequence[Head], layers: int, per_layer: int, attention_la
     if linear:
         raise ValueError(f"{option}: heads {', '.join(linear)} are in layers without softmax attention "
                          f"(attention layers: {', '.join(map(str, attention_layers))})")
+
+
+def image_kv_heads(blind: Iterable[Head], heads: int, kv_heads: int,
+                   attention_layers: Iterable[int]) -> dict[int, list[int]]:
+    """Per attention layer, the key/value heads that keep the image's keys and values when `blind` query heads are
+    image-blind: with grouped-query attention query head h reads key/value head h // (heads // kv_heads), and a
+    key/value head can drop the image only when every query head it serves is blind."""
+    if kv_heads < 1 or heads % kv_heads:
+        raise ValueError(f"{heads} query heads do not split into {kv_heads} key/value groups")
+    group = heads // kv_heads
+    blind_set = {(int(layer), int(head)) for layer, head in blind}
+    return {layer: [kv for kv in range(kv_heads)
+                    if not all((layer, kv * group + g) in blind_set for g in range(group))]
+            for layer in sorted(attention_layers)}
+
+
+def image_kv_share(kept: dict[int, list[int]], kv_heads: int) -> float:
+    """The share of the image's key/value cache that `image_kv_heads`' kept heads hold (1.0: nothing dropped)."""
+    if not kept:
+        return 1.0
+    return sum(len(heads) for heads in kept.values()) / (kv_heads * len(kept))

@@ -141,7 +141,7 @@ def test_every_module_has_a_layer_and_imports_only_its_own_layer_or_lower_ones()
 
 
 def test_the_layer_check_sees_an_upward_import():
-    assert layer_of("vheads.store.merge") < layer_of("vheads.pipeline.settings")
+    assert layer_of("vheads.store.merge") < layer_of("vheads.pipeline.config")
     assert layer_of("vheads.models.layers") < layer_of("vheads.capture.session")
     assert layer_of("vheads.demo.study") < layer_of("vheads.cli.run")
 

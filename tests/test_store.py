@@ -17,7 +17,7 @@ import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 
-from vheads.pipeline.settings import differences
+from vheads.pipeline.config import differences
 from vheads.store import HEAD_FIELDS, RunHandle, Store, StoreError, check_writable, merge, shard_path
 
 LAYERS, HEADS = 4, 3

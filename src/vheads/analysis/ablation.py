@@ -25,8 +25,7 @@ from vheads.analysis.stats import bootstrap_mean_ci, t_interval
 from vheads.analysis.visual import head_label, stage_counts
 from vheads.heads import Head, parse_heads
 from vheads.pipeline import run as pipeline
-from vheads.pipeline import settings as run_settings
-from vheads.pipeline.config import RunConfig
+from vheads.pipeline.config import NOT_INHERITED, RunConfig
 from vheads.store import Store
 
 BASELINE = "none"
@@ -101,8 +100,7 @@ def curve(store_path: str | Path, from_run: str | int, selectors: Sequence[str] 
     with Store(store_path, read_only=True) as store:
         source = store.run(from_run)
         stored = source["config"] or {}
-        reuse = [n for n in stored if n not in run_settings.NOT_INHERITED and n not in run_settings.NOT_STORED]
-        base = replace(run_settings.inherit(config, stored, reuse), store=str(store_path), ablation=ablation,
+        base = replace(config.inherit(stored, skip=NOT_INHERITED), store=str(store_path), ablation=ablation,
                        ablate=[], shard=None, name=None)
         ranking = head_table(store, from_run, stages=base.stages)
         check_ranked(ranking, source["name"])

@@ -143,7 +143,7 @@ def merge(files: list[Path] = typer.Argument(..., help="Shard stores written by 
           into: Path = typer.Option(Path("vheads.duckdb"), "--into", help="The store to fold them into.")) -> None:
     """Fold shard stores into one store, every table of them (idempotent: merging twice adds nothing; a failed merge
     changes nothing)."""
-    from vheads.pipeline.settings import differences
+    from vheads.pipeline.config import differences
     from vheads.store import merge as merge_stores
 
     with errors():

@@ -37,7 +37,7 @@ def option_spellings() -> dict[str, str]:
 
 def option_kinds() -> dict[str, Any]:
     """What a study file's value of each `vheads run` option and sweep setting must be: the command-line option's
-    type, its least value (the option's own `min`, or `run_config.LEAST`) and whether it may be empty."""
+    type, its least value (the option's own `min`, or `pipeline.config.LEAST`) and whether it may be empty."""
     from vheads.pipeline.config import LEAST
     from vheads.sweep.study import SETTINGS, Kind
 
@@ -141,11 +141,11 @@ def sweep(
 
 
 def run_config(options: dict[str, Any], store: str, given: set[str] | None = None) -> Any:
-    """A `RunConfig` from `vheads run` options (selectors in --ablate resolved, as `vheads run` does); `given`: the
-    options the user set (on the command line or in the study file), which a preset does not override."""
+    """A `RunConfig` from `vheads run` options (selectors in --ablate resolved, as `vheads run` does; `plan` applies
+    its preset and checks it); `given`: the options the user set (on the command line or in the study file), which
+    a preset does not override."""
     from vheads.analysis.selectors import run_option_heads
-    from vheads.pipeline import settings as run_settings
-    from vheads.pipeline.config import RunConfig, check_config
+    from vheads.pipeline.config import RunConfig
 
     known = {f.name for f in fields(RunConfig)}
     values = {k: v for k, v in options.items() if k in known and k not in ("ablate", "shard", "store", "explicit")}
@@ -159,9 +159,7 @@ def run_config(options: dict[str, Any], store: str, given: set[str] | None = Non
                              values["stages"])
     tags = {"ablate": spec, **({"from_run": from_run} if from_run else {})} if spec else {}
     explicit = None if given is None else tuple(sorted({RUN_FIELDS.get(k, k) for k in given} & known))
-    config = run_settings.with_preset(RunConfig(**values, ablate=heads, store=store, tags=tags, explicit=explicit))
-    check_config(config)
-    return config
+    return RunConfig(**values, ablate=heads, store=store, tags=tags, explicit=explicit)
 
 
 class SweepView:

@@ -1,11 +1,20 @@
-"""`RunConfig`, the options of one run, and how they are prepared for it: checked, made absolute, the preset
-applied, the stored run's settings taken over on --resume, and the run named."""
+"""`RunConfig`, the options of one run, and what they know about themselves: which of them define the run, how a
+stored run's settings are restored, reused and compared, the preset, the checks and the run's name.
+
+A run's settings are its `RunConfig` fields as stored in `runs.config`. `--resume` and `ablate --from RUN` start
+from a stored run's settings and let only the options given explicitly change them; `merge` folds runs whose
+defining settings agree. A stored run's defining settings never change: `RunConfig.mismatches` is the one check
+that `vheads run --resume` and `vheads sweep` make before adding samples to a run. `prepare_run` settles a run
+before its first batch; `vheads sweep`'s workers settle theirs with `settle`, its second half.
+"""
 
 from __future__ import annotations
 
 import difflib
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field, fields, replace
+import hashlib
+import json
+from collections.abc import Collection, Iterable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -15,8 +24,25 @@ from vheads.data.images import DEFAULT_MAX_PIXELS
 from vheads.heads import check_heads, format_heads
 from vheads.models import Loaded, load
 from vheads.models.layers import attention_layer_indices
-from vheads.pipeline import settings as run_settings
 from vheads.store import Store, StoreError, shard_path
+
+# What a run measures: two runs with equal values of these are the same experiment (the samples, images and
+# figures a run holds follow from them).
+DEFINING = ("model", "dataset", "data", "images", "split", "question_type", "prompt_style", "limit", "seed",
+            "max_pixels", "max_new_tokens", "readout", "ablate", "ablation", "dtype", "attn", "trust_remote_code",
+            "stages", "preset")
+# How it is computed: free to change on --resume, between shards.
+EXECUTION = ("batch_size", "device", "shard", "curve")
+NOT_STORED = ("store", "name", "resume", "tags", "explicit")
+# Read off the model when a run starts, not chosen by the user.
+DERIVED = ("attention_layers",)
+# What `ablate --from RUN` does not take from RUN: the curve sets its own heads, mode and tag.
+NOT_INHERITED = ("ablate", "ablation", "shard", "curve", *DERIVED)
+# `--preset paper`: the reference code's choices (stages are set from the model's depth when the run starts).
+PRESETS: dict[str, dict[str, Any]] = {"paper": {"readout": "first-generated", "max_new_tokens": 128}}
+# The least value of each numeric option (a study file's values are held to the same).
+LEAST = {"limit": 1, "batch_size": 1, "max_new_tokens": 1, "seed": 0}
+_TUPLES = ("stages", "shard")
 
 
 @dataclass
@@ -24,8 +50,8 @@ class RunConfig:
     """Everything that defines a run (the command-line options of `vheads run`).
 
     `stages`: the first mid and the first late layer (None: thirds). `preset`: `paper` sets the reference code's
-    choices (`settings.PRESETS`). `explicit`: the options the user gave explicitly, which --resume checks against
-    the stored run and `ablate --from` keeps; None means every field that differs from its default.
+    choices (`PRESETS`). `explicit`: the options the user gave explicitly, which --resume checks against the stored
+    run and `ablate --from` keeps; None means every field that differs from its default.
     """
 
     model: str | None = None
@@ -61,13 +87,97 @@ class RunConfig:
     def of_run(cls, run: Mapping[str, Any]) -> RunConfig:
         """The config a stored run (`Store.run`) ran with, read back from its record: the one way a run is restored
         (replays for overlays and grounding; `--resume` and `ablate --from` take the same settings through
-        `settings.inherit`). Its model is the one the run loaded; settings it did not store keep their defaults."""
+        `inherit`). Its model is the one the run loaded; settings it did not store keep their defaults."""
         stored = run.get("config") or {}
         known = {f.name for f in fields(cls)}
-        values = {name: run_settings.restore(name, value) for name, value in stored.items()
-                  if name in known and name not in run_settings.NOT_STORED}
+        values = {name: restore(name, value) for name, value in stored.items()
+                  if name in known and name not in NOT_STORED}
         return cls(**{**values, "model": run.get("model") or values.get("model"),
                       "dataset": values.get("dataset") or run.get("dataset") or cls.dataset, "name": run.get("name")})
+
+    def given(self) -> set[str]:
+        """Options given explicitly: `explicit`, or where that is None, every field that differs from its default
+        (the Python API)."""
+        if self.explicit is not None:
+            return set(self.explicit)
+        defaults = type(self)()
+        return {f.name for f in fields(self) if plain(getattr(self, f.name)) != plain(getattr(defaults, f.name))}
+
+    def inherit(self, stored: Mapping[str, Any], skip: Iterable[str] = ()) -> RunConfig:
+        """This config with each stored setting of a run that was not given explicitly taken from it, but those of
+        `skip` (and those never stored); the settings taken count as given after (a preset applied later does not
+        override them)."""
+        given, skipped = self.given(), set(skip) | set(NOT_STORED)
+        values = {name: restore(name, value) for name, value in stored.items()
+                  if name not in given and name not in skipped}
+        return replace(self, **values, explicit=tuple(sorted(given | set(values))))
+
+    def with_preset(self) -> RunConfig:
+        """This config with its preset's values on the options not given explicitly (those count as given after)."""
+        if self.preset is None:
+            return self
+        if self.preset not in PRESETS:
+            raise ValueError(f"unknown --preset {self.preset!r}; expected one of {', '.join(PRESETS)}")
+        given = self.given()
+        values = {k: v for k, v in PRESETS[self.preset].items() if k not in given}
+        return replace(self, **values, explicit=tuple(sorted(given | set(values))))
+
+    def check(self) -> None:
+        """ValueError naming the first option whose value is out of range."""
+        for name, low in LEAST.items():
+            value = getattr(self, name)
+            if value is not None and value < low:
+                raise ValueError(f"--{name.replace('_', '-')} {value}: must be at least {low}")
+        if self.readout == "first-generated" and self.max_new_tokens < 2:
+            raise ValueError("--readout first-generated reads the row of the second answer token: --max-new-tokens "
+                             f"must be at least 2, got {self.max_new_tokens}")
+
+    def mismatches(self, stored: Mapping[str, Any], resolved: Mapping[str, Any] | None = None) -> list[str]:
+        """The defining settings that differ from a stored run's, as `--opt new (the run has old)`.
+
+        Settings the stored run does not record (older stores) are not compared, nor the stages when this config
+        leaves them to the model's depth. `resolved` gives what a default (None) of the run became, for the message.
+        """
+        resolved = resolved or {}
+        found = []
+        for name in DEFINING:
+            if name not in stored or (name == "stages" and self.stages is None):
+                continue
+            value, old = plain(getattr(self, name)), plain(stored[name])
+            if value == old:
+                continue
+            had = _show(old) if old is not None else "the default" + (f", {resolved[name]}" if name in resolved else "")
+            option = f"--{name.replace('_', '-')}"
+            found.append(f"{option} {_show(value)} (the run has {had})" if value is not None else
+                         f"no {option} (the run has {had})")
+        return found
+
+    def settings(self) -> dict[str, Any]:
+        """The settings `runs.config` keeps for a run of this config."""
+        return {k: v for k, v in asdict(self).items() if k not in NOT_STORED}
+
+    def digest(self) -> str:
+        """Six hex digits of the defining settings: equal settings, equal digest."""
+        settings = {name: plain(getattr(self, name)) for name in DEFINING}
+        return hashlib.sha1(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:6]
+
+    def base_name(self, model_label: str, split: str | None) -> str:
+        """`<model>-<dataset>[-<split>][-<readout>][-<ablation>K]`: the start of the run's default name."""
+        parts = [model_label, self.dataset] + ([split] if split else [])
+        if self.readout != "prompt":
+            parts.append(self.readout)
+        if self.ablate:
+            parts.append(f"{self.ablation}{len(self.ablate)}")
+        return "-".join(parts)
+
+    def default_name(self, model_name: str, split: str | None, taken: Collection[str] = ()) -> str:
+        """`base_name` and the `digest`, so runs with other data, limit, seed or options never share a name;
+        numbered while that name is `taken`."""
+        base = f"{self.base_name(Path(model_name).name or 'model', split)}-{self.digest()}"
+        name, i = base, 2
+        while name in taken:
+            name, i = f"{base}-{i}", i + 1
+        return name
 
     def load_dataset(self) -> Dataset:
         """The dataset these options name."""
@@ -86,74 +196,93 @@ class RunConfig:
         return shard_path(path, *self.shard) if self.shard else path
 
 
-def head_grid(loaded: Loaded, ablated: Sequence[tuple[int, int]]) -> tuple[int, int, list[int]]:
-    """The model's layers, heads per layer and softmax-attention layers, after checking that `ablated` names
-    heads it has (ValueError otherwise)."""
-    text = loaded.model.config.get_text_config()
-    layers, heads = int(text.num_hidden_layers), int(text.num_attention_heads)
-    attention_layers = attention_layer_indices(loaded.model)
-    check_heads(ablated, layers, heads, attention_layers)
-    return layers, heads, attention_layers
+def plain(value: Any) -> Any:
+    """A value as it reads back from the store's JSON (tuples become lists)."""
+    return json.loads(json.dumps(value, default=str))
+
+
+def restore(name: str, value: Any) -> Any:
+    """A stored setting back in its `RunConfig` type (JSON has no tuples)."""
+    if value is None:
+        return None
+    if name in _TUPLES:
+        return tuple(int(v) for v in value)
+    if name == "ablate":
+        return [(int(layer), int(head)) for layer, head in value]
+    return value
+
+
+def differences(a: Mapping[str, Any] | None, b: Mapping[str, Any] | None) -> list[str]:
+    """Defining settings that two stored runs both record with different values, as `name a != b` (what `merge`
+    refuses to fold)."""
+    a, b = a or {}, b or {}
+    return [f"{name} {_show(a[name])} != {_show(b[name])}" for name in DEFINING
+            if name in a and name in b and plain(a[name]) != plain(b[name])]
+
+
+def _show(value: Any) -> str:
+    value = plain(value)
+    if isinstance(value, list):
+        return ",".join(".".join(map(str, v)) if isinstance(v, list) else str(v) for v in value) or "none"
+    return "default" if value is None else str(value)
 
 
 @dataclass
 class PreparedRun:
     """What a run is, settled before its first batch: its config (resumed, preset applied, checked, stages set),
-    its name, its dataset and model, the model's grid and the settings the store keeps for it."""
+    dataset, model and samples (its shard's), its name, and the row `Store.start_run` writes for it."""
 
     config: RunConfig
-    name: str
     dataset: Dataset
     loaded: Loaded
-    layers: int
-    heads: int
-    attention_layers: list[int]
-    settings: dict[str, Any]
+    samples: list[Sample]
+    name: str
+    row: dict[str, Any]
 
 
 def prepare_run(config: RunConfig, store: Store, loaded: Loaded | None = None,
                 dataset: Dataset | None = None) -> PreparedRun:
     """Everything `pipeline.run` needs settled before it opens the run, in one place: `prepared` (paths, --resume,
-    preset, checks), the dataset and model (loaded here unless given), the grid checked against the ablation, the
-    stages, the name (`default_name` unless given) and the settings to store (`stored_run_settings`)."""
+    preset, checks), the dataset and model (loaded here unless given), then `settle` on them (named in `store`)."""
     config = prepared(config, store)
     dataset = dataset if dataset is not None else config.load_dataset()
     loaded = loaded if loaded is not None else config.load_model()
-    layers, heads, attention_layers = head_grid(loaded, config.ablate)
-    config = with_stages(config, layers)
-    name = config.name or default_name(store, config, loaded.name, dataset.split)
-    return PreparedRun(config, name, dataset, loaded, layers, heads, attention_layers,
-                       stored_run_settings(config, layers, attention_layers))
+    return settle(config, loaded, dataset, () if config.name else set(store.runs()["name"]))
 
 
-# The least value of each numeric option (a study file's values are held to the same).
-LEAST = {"limit": 1, "batch_size": 1, "max_new_tokens": 1, "seed": 0}
-
-
-def check_config(config: RunConfig) -> None:
-    """ValueError naming the first option whose value is out of range."""
-    for name, low in LEAST.items():
-        value = getattr(config, name)
-        if value is not None and value < low:
-            raise ValueError(f"--{name.replace('_', '-')} {value}: must be at least {low}")
-    if config.readout == "first-generated" and config.max_new_tokens < 2:
-        raise ValueError("--readout first-generated reads the row of the second answer token: --max-new-tokens "
-                         f"must be at least 2, got {config.max_new_tokens}")
+def settle(config: RunConfig, loaded: Loaded, dataset: Dataset, taken: Collection[str] = ()) -> PreparedRun:
+    """A prepared config on its model and dataset: the ablated heads and the stages checked against the model's grid
+    (ValueError otherwise; `--preset paper` sets the reference's stages), the run named (`default_name` among
+    `taken` unless the config names it), its shard's samples, and its row: the run's model and grid, its readout,
+    its ablation ('none', or 'MODE:L.H,L.H'), the settings it keeps with the model's attention layers, its curve,
+    shard and tags."""
+    text = loaded.model.config.get_text_config()
+    layers, heads = int(text.num_hidden_layers), int(text.num_attention_heads)
+    attention_layers = attention_layer_indices(loaded.model)
+    check_heads(config.ablate, layers, heads, attention_layers)
+    if config.stages is not None:
+        config = replace(config, stages=metrics.check_stages(config.stages, layers))
+    elif config.preset == "paper":
+        config = replace(config, stages=metrics.paper_stages(layers))
+    ablation = f"{config.ablation}:{format_heads(config.ablate)}" if config.ablate else "none"
+    name = config.name or config.default_name(loaded.name, dataset.split, taken)
+    row = {"model": loaded.name, "family": loaded.family, "dataset": dataset.name, "split": dataset.split or "",
+           "layers": layers, "heads": heads, "readout": config.readout, "ablation": ablation,
+           "config": {**config.settings(), "attention_layers": attention_layers}, "curve": config.curve,
+           "shard": config.shard, "tags": config.tags or None}
+    return PreparedRun(config, dataset, loaded, shard_samples(dataset.samples, config.shard), name, row)
 
 
 def prepared(config: RunConfig, store: Store) -> RunConfig:
     """The config a run really uses: absolute paths, the preset applied, and with --resume the stored run's
     settings for every option not given explicitly (one that differs from the run's is a StoreError)."""
-    config = replace(config, data=run_settings.absolute(config.data), images=run_settings.absolute(config.images),
-                     model=run_settings.absolute(config.model))
+    config = replace(config, data=absolute(config.data), images=absolute(config.images),
+                     model=absolute(config.model))
     row = resume_target(store, config) if config.resume else None
     if row is not None:
-        stored = row["config"] or {}
-        skip = run_settings.EXECUTION + run_settings.NOT_STORED + run_settings.DERIVED
-        keep = [n for n in stored if n not in skip]
-        config = replace(run_settings.inherit(config, stored, keep), name=row["name"])
-    config = run_settings.with_preset(config)
-    check_config(config)
+        config = replace(config.inherit(row["config"] or {}, skip=EXECUTION + DERIVED), name=row["name"])
+    config = config.with_preset()
+    config.check()
     if row is not None:
         resolved = run_defaults(store, row)
         config = restated(config, row["config"] or {}, resolved)
@@ -161,11 +290,12 @@ def prepared(config: RunConfig, store: Store) -> RunConfig:
     return config
 
 
-def check_same_run(name: str, config: RunConfig, stored: dict[str, Any], resolved: dict[str, Any] | None = None,
+def check_same_run(name: str, config: RunConfig, stored: Mapping[str, Any],
+                   resolved: Mapping[str, Any] | None = None,
                    hint: str = "drop the option to continue it, or start a new --name") -> None:
     """StoreError naming every defining setting of `config` that differs from stored run `name`'s, then `hint`:
     samples are only ever added to a run of the same settings (`vheads run --resume` and `vheads sweep` ask here)."""
-    found = run_settings.mismatches(config, stored, resolved)
+    found = config.mismatches(stored, resolved)
     if found:
         raise StoreError(f"cannot resume run {name}: {'; '.join(found)}; {hint}")
 
@@ -223,21 +353,6 @@ def parse_shard(text: str | None) -> tuple[int, int] | None:
     return k, n
 
 
-def with_stages(config: RunConfig, layers: int) -> RunConfig:
-    """The stage boundaries checked against the model's depth; `--preset paper` fills in the reference's."""
-    if config.stages is not None:
-        return replace(config, stages=metrics.check_stages(config.stages, layers))
-    if config.preset == "paper":
-        return replace(config, stages=metrics.paper_stages(layers))
-    return config
-
-
-def stored_run_settings(config: RunConfig, layers: int, attention_layers: list[int]) -> dict[str, Any]:
-    """What `runs.config` keeps for a run: its settings with the stages fixed for the model's depth, and the
-    attention layers read off the model (see `settings.DERIVED`)."""
-    return {**run_settings.stored_settings(with_stages(config, layers)), "attention_layers": attention_layers}
-
-
 def shard_samples(samples: Sequence[Sample], shard: tuple[int, int] | None) -> list[Sample]:
     """The k-th of n contiguous chunks of ceil(len/n) samples (LLaVA's --num-chunks / --chunk-idx)."""
     if shard is None:
@@ -247,29 +362,21 @@ def shard_samples(samples: Sequence[Sample], shard: tuple[int, int] | None) -> l
     return list(samples[(k - 1) * size: k * size])
 
 
-def base_name(model_label: str, config: RunConfig, split: str | None) -> str:
-    """`<model>-<dataset>[-<split>][-<readout>][-<ablation>K]`: the name a run of these options gets by default."""
-    parts = [model_label, config.dataset] + ([split] if split else [])
-    if config.readout != "prompt":
-        parts.append(config.readout)
-    if config.ablate:
-        parts.append(f"{config.ablation}{len(config.ablate)}")
-    return "-".join(parts)
+def resolve(path: str, base: str | Path | None = None) -> str:
+    """`path` (`~` expanded) made absolute against `base` (default: this folder); the one rule for every path option."""
+    return str((Path(base or Path.cwd()) / Path(path).expanduser()).resolve())
 
 
-def default_name(store: Store, config: RunConfig, model_name: str, split: str | None) -> str:
-    """`base_name` of the run and the digest of its defining settings (`settings.digest`), so runs with other
-    data, limit, seed or options never share a name; numbered while that name is taken."""
-    base = f"{base_name(Path(model_name).name or 'model', config, split)}-{run_settings.digest(config)}"
-    taken = set(store.runs()["name"])
-    name, i = base, 2
-    while name in taken:
-        name, i = f"{base}-{i}", i + 1
-    return name
+def is_model_folder(model: str | None, base: str | Path | None = None) -> bool:
+    """Whether `--model` names a folder rather than a hub id or the embedded demo: it exists against `base`, or it
+    is written as a path ('.', '/', '~')."""
+    if not model or model == "demo":
+        return False
+    return model.startswith((".", "/", "~")) or (Path(base or Path.cwd()) / Path(model).expanduser()).exists()
 
 
-def ablation_label(config: RunConfig) -> str:
-    """The run's `ablation` column: 'none', or 'MODE:L.H,L.H'."""
-    if not config.ablate:
-        return "none"
-    return f"{config.ablation}:" + format_heads(config.ablate)
+def absolute(path: str | None) -> str | None:
+    """A data, image or model path made absolute when it names something on this machine (hub ids stay)."""
+    if path is None or not Path(path).expanduser().exists():
+        return path
+    return resolve(path)

@@ -19,7 +19,7 @@ from vheads.data import Dataset
 from vheads.data.skips import SkipLog
 from vheads.models import Loaded
 from vheads.pipeline.batches import Runner, compute, skip_reason
-from vheads.pipeline.config import RunConfig, ablation_label, prepare_run, shard_samples
+from vheads.pipeline.config import PreparedRun, RunConfig, prepare_run
 from vheads.pipeline.writer import BatchWriter
 from vheads.store import RunHandle, Store, StoreError
 
@@ -65,40 +65,28 @@ def run(config: RunConfig, loaded: Loaded | None = None, dataset: Dataset | None
     created = not store_path.exists()
     handle = None
     try:
-        store = Store(store_path)  # opened first: a busy or unwritable store fails before the model loads
-    except BaseException:
-        _drop_if_empty(store_path, created)
-        raise
-    try:
-        with store:
+        with Store(store_path) as store:  # opened first: a busy or unwritable store fails before the model loads
             plan = prepare_run(config, store, loaded, dataset)
-            config, loaded, dataset = plan.config, plan.loaded, plan.dataset
-            handle = store.start_run(
-                plan.name, model=loaded.name, family=loaded.family, dataset=dataset.name, split=dataset.split or "",
-                layers=plan.layers, heads=plan.heads, readout=config.readout, ablation=ablation_label(config),
-                config=plan.settings, resume=config.resume, curve=config.curve, shard=config.shard,
-                tags=config.tags or None,
-            )
-            return _run_samples(store, handle, config, loaded, dataset, store_path, progress, start)
+            handle = store.start_run(plan.name, **plan.row, resume=plan.config.resume)
+            return _run_samples(store, handle, plan, store_path, progress, start)
     except BaseException:
         if handle is None:
             _drop_if_empty(store_path, created)
         raise
 
 
-def _run_samples(store: Store, handle: RunHandle, config: RunConfig, loaded: Loaded, dataset: Dataset,
-                 store_path: Path, progress: Callable[[int, int, int, int], None] | None,
+def _run_samples(store: Store, handle: RunHandle, plan: PreparedRun, store_path: Path,
+                 progress: Callable[[int, int, int, int], None] | None,
                  start: Callable[[int, int], None] | None) -> RunSummary:
     """Compute and store the samples of an open run that are not stored yet; finish it and summarize."""
-    name = handle.name
-    samples = shard_samples(dataset.samples, config.shard)
+    name, config, dataset, samples = handle.name, plan.config, plan.dataset, plan.samples
     began = time.time()
     runtime_skips: Counter[str] = Counter()
     todo = [s for s in samples if s.id not in handle.done_ids]
     done, correct, scored = answered(store, handle)
     if start:
         start(done, len(samples))
-    runner = Runner(loaded, config)
+    runner = Runner(plan.loaded, config)
     skip_log = SkipLog(log)
 
     def stored(rows: Sequence[dict[str, Any]]) -> None:

@@ -79,7 +79,7 @@ def merge(files: Sequence[str | Path], into: str | Path, conflicts: Conflicts | 
     table or column added later comes along. Same-named runs become one run with a new run_id; its accuracy is
     recomputed as the mean of `correct`. Runs of one name are merged only when they agree on `COMPAT_FIELDS` (model,
     dataset, grid, ...) and `conflicts(target_config, source_config)` names no difference: the store knows no run
-    settings, so the caller says which stored options define a run (`vheads.pipeline.settings.differences`: every
+    settings, so the caller says which stored options define a run (`vheads.pipeline.config.differences`: every
     defining option; batch size, device and shard may differ). Otherwise StoreError. On any failure a new `into`
     is removed and an existing one is left as it was.
     """

@@ -22,9 +22,8 @@ from typing import Any
 
 import pandas as pd
 
-from vheads.pipeline import settings as run_settings
 from vheads.pipeline.batches import Computed, skip_reason
-from vheads.pipeline.config import RunConfig, ablation_label, base_name, check_same_run, stored_run_settings
+from vheads.pipeline.config import RunConfig, check_same_run, is_model_folder, resolve
 from vheads.pipeline.run import Interrupted, RunSummary, summarize
 from vheads.pipeline.writer import BatchWriter
 from vheads.store import RunHandle, Store, StoreError
@@ -77,7 +76,7 @@ def model_label(model: str | None) -> str:
 
 def run_name(config: RunConfig) -> str:
     """`<model>-<dataset>[-<split>][-<question type>][-<prompt style>][-<readout>][-<ablation>]`."""
-    name = base_name(model_label(config.model), replace(config, ablate=[]), config.split)
+    name = replace(config, ablate=[]).base_name(model_label(config.model), config.split)
     parts = [name] + [v for v in (config.question_type, config.prompt_style) if v]
     spec = (config.tags or {}).get("ablate")
     if spec:
@@ -92,23 +91,24 @@ def absolute(config: RunConfig, base: str | Path | None = None) -> RunConfig:
 
     A model is taken as a folder when it exists there or starts with '.', '/' or '~'; otherwise it is a hub id.
     """
-    model = run_settings.resolve(config.model, base) if run_settings.is_model_folder(config.model, base) \
-        else config.model
-    return replace(config, model=model, data=config.data and run_settings.resolve(config.data, base),
-                   images=config.images and run_settings.resolve(config.images, base))
+    model = resolve(config.model, base) if is_model_folder(config.model, base) else config.model
+    return replace(config, model=model, data=config.data and resolve(config.data, base),
+                   images=config.images and resolve(config.images, base))
 
 
 def plan(configs: Sequence[RunConfig], base: str | Path | None = None) -> list[RunConfig]:
-    """The runs of a sweep: each config with absolute paths, named by `run_name`, resumable.
+    """The runs of a sweep: each config with absolute paths, its preset applied and its values checked as `vheads run`
+    does (`RunConfig.with_preset`, `RunConfig.check`), named by `run_name`, resumable.
 
-    Raises ValueError when two configs would share a run name.
+    Raises ValueError naming an option out of range, or when two configs would share a run name.
     """
     if not configs:
         raise ValueError("a sweep needs at least one model and one dataset")
     runs: list[RunConfig] = []
     seen: dict[str, RunConfig] = {}
     for config in configs:
-        config = absolute(config, base)
+        config = absolute(config, base).with_preset()
+        config.check()
         name = config.name or run_name(config)
         if name in seen:
             raise ValueError(f"two runs of the sweep would both be run {name!r}; give the models distinct folder "
@@ -386,12 +386,9 @@ def _add(a: dict[str, int], b: Counter[str]) -> dict[str, int]:
 
 
 def _start(db: Store, config: RunConfig, opened: Opened) -> tuple[RunHandle, set[str]]:
-    """Create or resume the run in the store (on the writer's thread); its handle and the samples it has."""
-    settings = stored_run_settings(config, opened.layers, opened.attention_layers)
-    handle = db.start_run(str(config.name), model=opened.model, family=opened.family, dataset=opened.dataset,
-                          split=opened.split or "", layers=opened.layers, heads=opened.heads,
-                          readout=config.readout, ablation=ablation_label(config), config=settings,
-                          resume=True, curve=config.curve, tags=config.tags or None)
+    """Create or resume the run in the store (on the writer's thread) with the row its worker settled, as `vheads run`
+    does; its handle and the samples it has."""
+    handle = db.start_run(str(config.name), **opened.row, resume=True)
     return handle, set(handle.done_ids)
 
 

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from vheads.pipeline.settings import is_model_folder, resolve
+from vheads.pipeline.config import is_model_folder, resolve
 
 AXES = {"models": "model", "datasets": "dataset", "prompt_styles": "prompt_style", "readouts": "readout",
         "ablations": "ablate_heads"}

@@ -20,7 +20,7 @@ from vheads.capture import CaptureError
 from vheads.data import DataError
 from vheads.models import Loaded, ModelError
 from vheads.pipeline.batches import Computed, Runner, compute
-from vheads.pipeline.config import RunConfig, head_grid, shard_samples
+from vheads.pipeline.config import RunConfig, settle, shard_samples
 from vheads.store import StoreError
 
 BAD_INPUT = (DataError, ModelError, StoreError, CaptureError, ValueError, FileNotFoundError)
@@ -37,16 +37,11 @@ class Failure:
 
 @dataclass
 class Opened:
-    """What a worker reports about a shard of a run it opened: the model, the dataset, the shard's sample ids and
-    how many samples the whole run has (`total`)."""
+    """What a worker reports about a shard of a run it opened: the run's row for the store (`PreparedRun.row`:
+    its model, dataset and grid, its stored settings), the shard's sample ids and how many samples the whole run
+    has (`total`)."""
 
-    model: str
-    family: str | None
-    dataset: str
-    split: str | None
-    layers: int
-    heads: int
-    attention_layers: list[int]
+    row: dict[str, Any]
     ids: list[str]
     skipped: dict[str, int]
     metrics: tuple[str, ...]
@@ -86,17 +81,15 @@ class Worker:
         self.shards: dict[Hashable, tuple[Runner, dict[str, Any], int]] = {}
 
     def open(self, key: Hashable, config: RunConfig, shard: tuple[int, int] | None) -> Opened | Failure:
-        """Load the model and dataset of `config` (kept from the last call when the same) and its shard's samples."""
+        """Load the model and dataset of `config` (kept from the last call when the same), settle the run on them as
+        `vheads run` does (`settle`: heads and stages checked against the model, its row) and take its shard."""
         try:
             began = time.perf_counter()
-            loaded = self.models.get(config)
-            dataset = self._dataset(config)
-            layers, heads, attention_layers = head_grid(loaded, config.ablate)
-            samples = shard_samples(dataset.samples, shard)
-            self.shards[key] = (Runner(loaded, config), {s.id: s for s in samples}, config.batch_size)
-            return Opened(loaded.name, loaded.family, dataset.name, dataset.split, layers, heads,
-                          attention_layers, [s.id for s in samples], dict(dataset.skip_summary()), dataset.metrics,
-                          f"{socket.gethostname()}:{os.getpid()}", time.perf_counter() - began, len(dataset.samples))
+            plan = settle(config, self.models.get(config), self._dataset(config))
+            samples = shard_samples(plan.samples, shard)
+            self.shards[key] = (Runner(plan.loaded, plan.config), {s.id: s for s in samples}, config.batch_size)
+            return Opened(plan.row, [s.id for s in samples], dict(plan.dataset.skip_summary()), plan.dataset.metrics,
+                          f"{socket.gethostname()}:{os.getpid()}", time.perf_counter() - began, len(plan.samples))
         except Exception as exc:  # noqa: BLE001 - reported to the driver as a failure
             return failure(exc)
 

@@ -53,6 +53,25 @@ def one_line_error(result, *words: str) -> None:
     assert all(word in lines[0] for word in words), lines[0]
 
 
+def test_a_config_restores_itself_from_a_stored_run_checks_itself_against_it_and_names_itself():
+    stored = json.loads(json.dumps(RunConfig(limit=4, seed=3, readout="generated", stages=(1, 3)).settings()))
+    assert RunConfig.of_run({"config": stored, "model": "m", "name": "r"}) == RunConfig(
+        model="m", limit=4, seed=3, readout="generated", stages=(1, 3), name="r")
+    given = RunConfig(seed=5, explicit=("seed",))
+    resumed = given.inherit(stored, skip=("readout",))
+    assert (resumed.limit, resumed.seed, resumed.readout, resumed.stages) == (4, 5, "prompt", (1, 3))
+    assert resumed.given() == {"seed", "limit", "stages", *(set(stored) - {"readout", "seed", "limit", "stages"})}
+    assert resumed.mismatches(stored) == ["--seed 5 (the run has 3)", "--readout prompt (the run has generated)"]
+    assert RunConfig.of_run({"config": stored}).mismatches(stored) == []
+
+    name = resumed.default_name("models/tiny", "test")
+    assert name == f"tiny-shapes-test-{resumed.digest()}" and resumed.digest() != given.digest()
+    assert resumed.default_name("models/tiny", "test", taken={name, name + "-2"}) == name + "-3"
+    assert RunConfig(preset="paper", max_new_tokens=4).with_preset().readout == "first-generated"
+    with pytest.raises(ValueError, match="--max-new-tokens must be at least 2, got 1"):
+        RunConfig(readout="first-generated", max_new_tokens=1).check()
+
+
 def test_ablate_from_a_run_reuses_its_data_and_options(source):
     store, data = source
     result = runner.invoke(app, ["ablate", "--from", "src", "--select", "top", "--k", "0,1", "--store", store])

@@ -55,6 +55,14 @@ def test_plan_refuses_runs_that_would_share_a_name():
         plan([RunConfig(model="/a/llava"), RunConfig(model="/b/llava")])
 
 
+def test_plan_applies_the_preset_and_checks_the_values_as_vheads_run_does():
+    paper = plan([RunConfig(preset="paper"), RunConfig(preset="paper", readout="prompt", explicit=("readout",))])
+    assert [(r.name, r.readout, r.max_new_tokens) for r in paper] == [
+        ("demo-shapes-first-generated", "first-generated", 128), ("demo-shapes", "prompt", 128)]
+    with pytest.raises(ValueError, match="--limit 0: must be at least 1"):
+        plan([RunConfig(limit=0)])
+
+
 def test_a_study_file_is_every_combination_of_its_axes(tmp_path):
     study = tmp_path / "study.toml"
     study.write_text('store = "out/s.duckdb"\nshards = 2\nlimit = 4\nmax-new-tokens = 3\n'
@@ -144,6 +152,16 @@ def test_a_sweep_run_again_with_other_settings_is_refused_and_keeps_the_run(tmp_
     assert after["n_samples"] == 3 and after["config"] == before["config"] and after["status"] == "done"
     same = run_sweep(plan([RunConfig(**settings, batch_size=2)]), store, local=True)
     assert same.ok and list(same.tasks["shard"]) == ["kept"]
+
+
+def test_a_sweep_checks_each_run_against_its_model_as_vheads_run_does(tmp_path, two_models):
+    configs = [RunConfig(model=two_models[0], limit=2, stages=(1, 50)), RunConfig(model=two_models[1], limit=2)]
+    result = run_sweep(plan(configs), tmp_path / "s.duckdb", local=True, retries=2)
+    first, second = result.tasks.itertuples()
+    assert first.status == "failed" and first.error.startswith("ValueError: --stages 1,50: need 0 < A < B <")
+    assert second.status == "done"
+    with Store(tmp_path / "s.duckdb", read_only=True) as db:
+        assert list(db.runs()["name"]) == ["tiny-b-shapes"]
 
 
 def test_each_shard_reports_its_own_accuracy_and_progress_counts_the_whole_run(tmp_path):

@@ -207,6 +207,16 @@ print(json.dumps({"code": code, "loaded": [m for m in ("torch", "transformers") 
 """
 
 
+def test_the_run_settings_load_no_model_code():
+    """`merge` compares runs' settings and a study file's paths are resolved with `pipeline.config`: importing it
+    (and comparing two runs' settings) leaves torch and transformers unloaded."""
+    code = ("import json, sys\nfrom vheads.pipeline.config import RunConfig, differences\n"
+            "differences(RunConfig(limit=2).settings(), RunConfig(limit=3).settings())\n"
+            "print(json.dumps([m for m in ('torch', 'transformers') if m in sys.modules]))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert json.loads(done.stdout.strip().splitlines()[-1]) == [], done.stdout + done.stderr
+
+
 @pytest.mark.parametrize("command,code", [(["query", "select 1"], 0), (["runs"], 0), (["heads"], 0),
                                           (["heads", "--run", "nope"], 2)])
 def test_commands_that_only_read_the_store_load_no_model_code(tmp_path, command, code):

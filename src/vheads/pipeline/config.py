@@ -16,15 +16,16 @@ import json
 from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from vheads import metrics
 from vheads.data import Dataset, Sample, load_dataset
 from vheads.data.images import DEFAULT_MAX_PIXELS
 from vheads.heads import check_heads, format_heads
-from vheads.models import Loaded, load
-from vheads.models.layers import attention_layer_indices
 from vheads.store import Store, StoreError, shard_path
+
+if TYPE_CHECKING:  # torch and transformers load with a run's model, not with its settings (`merge` reads these)
+    from vheads.models import Loaded
 
 # What a run measures: two runs with equal values of these are the same experiment (the samples, images and
 # figures a run holds follow from them).
@@ -187,6 +188,8 @@ class RunConfig:
 
     def load_model(self) -> Loaded:
         """The model these options name, loaded for vheads."""
+        from vheads.models import load
+
         return load(self.model, dtype=self.dtype, device=self.device, attn=self.attn,
                     trust_remote_code=self.trust_remote_code)
 
@@ -256,6 +259,8 @@ def settle(config: RunConfig, loaded: Loaded, dataset: Dataset, taken: Collectio
     `taken` unless the config names it), its shard's samples, and its row: the run's model and grid, its readout,
     its ablation ('none', or 'MODE:L.H,L.H'), the settings it keeps with the model's attention layers, its curve,
     shard and tags."""
+    from vheads.models.layers import attention_layer_indices
+
     text = loaded.model.config.get_text_config()
     layers, heads = int(text.num_hidden_layers), int(text.num_attention_heads)
     attention_layers = attention_layer_indices(loaded.model)

@@ -99,6 +99,10 @@ class fastv:  # noqa: N801 - used as a context manager, like torch.no_grad and a
         self._dropped = image & ~kept
         self.kept.extend(torch.nonzero(row).squeeze(1).cpu() for row in kept)
 
+    def cache_layer(self, call: AttentionCall) -> None:
+        """FastV keeps the model's own cache (the pruned tokens' keys and values stay in it, masked)."""
+        return None
+
     def key_masks(self, call: AttentionCall) -> list[KeyMask]:
         """From layer `layer` on, every head loses the image tokens that were not kept."""
         if call.layer < self.layer or self._dropped is None:

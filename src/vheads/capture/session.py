@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from vheads.capture.masked import apply_key_masks, attend_image_free
+from vheads.capture.masked import apply_key_masks, attend_pruned
 from vheads.compat import (
     attention_function,
     attention_implementation,
@@ -280,7 +280,7 @@ class CaptureSession:
         if split is None:
             out, weights = apply_key_masks(call, self.base, None, None, kernel)
         else:
-            out, weights = attend_image_free(call, split, self.base, kernel)
+            out, weights = attend_pruned(call, split, self.base, kernel)
             if (self.observers or uniform) and split.length != query.shape[2]:
                 call.key, call.value = split.dense()
         if zero or uniform:

@@ -416,3 +416,20 @@ def test_fastv_cache_generates_what_the_masked_eager_reference_generates(loaded,
         fast.model.generate(**inputs, max_new_tokens=3, min_new_tokens=3, do_sample=False,
                             **{generate_cache_keyword(fast.model): plain})
     assert cache_bytes(plain, image)["image"] - cache_bytes(cache)["image"] == per_token * dropped * len(cache.pruned)
+
+
+def test_recorder_figures_under_fastv_are_those_of_the_masked_eager_attention(loaded):
+    from test_capture import assert_figures_close, eager_rows, reference_figures
+
+    fast, eager = loaded("llava_next"), loaded("llava_next", "eager")
+    inputs = padded_batch(fast)
+    with torch.no_grad(), fastv(fast.model, layer=1, keep=0.25), HeadRecorder(fast.model) as rec:
+        fast.model(**inputs)
+    with MaskedEager(eager, "fastv", layer=1, keep=0.25):
+        rows = eager_rows(eager, inputs)
+    expected = reference_figures(rows, inputs["input_ids"], inputs["attention_mask"], fast.adapter.image_token_id)
+    figures = rec.result()
+    assert_figures_close(figures, expected)
+    with torch.no_grad(), HeadRecorder(fast.model) as plain:
+        fast.model(**inputs)
+    assert not np.allclose(plain.result().concentration[:, 1:], figures.concentration[:, 1:], equal_nan=True)

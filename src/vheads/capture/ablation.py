@@ -10,7 +10,7 @@ from torch import nn
 
 from vheads.capture.masked import KeyMask
 from vheads.capture.positions import ImagePositions, resolve_image_token_id
-from vheads.capture.pruned_cache import PrunedCache, PrunedLayer, cache_bytes
+from vheads.capture.pruned_cache import PrunedCache, PrunedLayer
 from vheads.capture.session import AttentionCall, CaptureSession
 from vheads.compat import forward_cache
 from vheads.heads import image_kv_heads, missing_heads
@@ -93,11 +93,6 @@ class ablate:  # noqa: N801 - used as a context manager, like torch.no_grad
         self._cache = PrunedCache(self.model.config, keep, kv_heads, hides="image")
         self._cache.prompt.active = True
         return self._cache
-
-    @staticmethod
-    def cache_bytes(cache: Any, image: Any = None) -> dict[str, int]:
-        """Bytes of keys and values `cache` holds, in all and at image positions (`pruned_cache.cache_bytes`)."""
-        return cache_bytes(cache, image)
 
     def on_forward(self, session: CaptureSession, kwargs: dict[str, Any]) -> None:
         """Called before each forward of the model: image positions on prefill, one more text step on decode."""

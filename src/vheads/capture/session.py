@@ -276,9 +276,10 @@ class CaptureSession:
         split = None
         for ablation in self.ablations:
             call.key_masks.extend(ablation.key_masks(call))
-            split = split or ablation.cache_layer(call)
+            if split is None:
+                split = ablation.cache_layer(call)
         if split is None:
-            out, weights = apply_key_masks(call, self.base, None, None, kernel)
+            out, weights = apply_key_masks(call, self.base, kernel)
         else:
             out, weights = attend_pruned(call, split, self.base, kernel)
             if (self.observers or uniform) and split.length != query.shape[2]:

@@ -2,7 +2,8 @@
 
 A `CaptureSession` is the callable registered in `AttentionInterface` (under a name unique to the session)
 while any recorder or ablation is active on a model. It runs the kernel the language model was loaded
-with (sdpa, flash attention, eager, ...), then applies head ablations and hands the layer's query / key
+with (sdpa, flash attention, eager, ...), with the keys the active ablations take out of some heads'
+softmax (`capture.masked`), then zeroes or flattens ablated heads and hands the layer's query / key
 to the active recorders, which recompute only the rows they read. The language model's config is pointed
 at the session's name on entry and restored on exit; the vision tower is never touched. A mask function
 is registered under the same name, so padded batches keep their masks.
@@ -17,6 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from vheads.capture.masked import apply_key_masks, attend_pruned
 from vheads.compat import (
     attention_function,
     attention_implementation,
@@ -39,9 +41,9 @@ class CaptureError(RuntimeError):
 class AttentionCall:
     """The inputs of one attention call of one language-model layer, as the observers see them."""
 
-    __slots__ = ("layer", "module", "query", "key", "value", "mask", "kwargs", "uniform_heads")
+    __slots__ = ("layer", "module", "query", "key", "value", "mask", "kwargs", "uniform_heads", "key_masks")
 
-    def __init__(self, layer, module, query, key, value, mask, kwargs, uniform_heads):
+    def __init__(self, layer, module, query, key, value, mask, kwargs, uniform_heads, key_masks=()):
         self.layer: int = layer
         self.module: nn.Module = module
         self.query: torch.Tensor = query
@@ -50,6 +52,8 @@ class AttentionCall:
         self.mask: torch.Tensor | None = mask
         self.kwargs: dict[str, Any] = kwargs
         self.uniform_heads: list[int] = uniform_heads
+        # (heads or None for all, blocked [batch, 1 or q, kv] bool): keys taken out of those heads' softmax
+        self.key_masks: list[tuple[list[int] | None, torch.Tensor]] = list(key_masks)
 
     @property
     def scaling(self) -> float:
@@ -118,6 +122,12 @@ class AttentionCall:
         if bias is not None:
             logits = logits + bias[:, None]
         logits = torch.where(vis[:, None], logits, float("-inf"))
+        for heads, blocked in self.key_masks:
+            if blocked.shape[1] > 1:
+                index = (torch.full((b, 1), rows) if isinstance(rows, int) else rows).to(blocked.device)
+                blocked = torch.gather(blocked, 1, index[..., None].expand(-1, -1, blocked.shape[-1]))
+            picked = slice(None) if heads is None else heads
+            logits[:, picked] = logits[:, picked].masked_fill(blocked[:, None].to(logits.device), float("-inf"))
         sinks = self.kwargs.get("s_aux")
         if sinks is not None:
             sink = sinks.float().reshape(1, h, 1, 1).expand(b, -1, r, 1)
@@ -170,6 +180,33 @@ class Observer:
         raise NotImplementedError
 
 
+class Ablation:
+    """What a session asks of each active ablation (`ablate`, `fastv`): `mode`, the heads it zeroes or flattens
+    (`heads_by_layer`, for modes `zero` / `uniform`), and four calls, each a no-op here.
+
+    `on_forward` before every forward (with its keyword arguments); `key_masks(call)` the keys it takes out of
+    which heads' softmax in this call (`capture.masked.KeyMask`s); `cache_layer(call)` the `PrunedLayer` behind the
+    call's keys when the forward runs on a cache the ablation made; `after(call)` once the call's output exists.
+    """
+
+    mode: str = ""
+    heads_by_layer: dict[int, list[int]]
+
+    def on_forward(self, session: CaptureSession, kwargs: dict[str, Any]) -> None:
+        """Called before each forward of the model."""
+
+    def key_masks(self, call: AttentionCall) -> list[tuple[list[int] | None, torch.Tensor]]:
+        """Keys taken out of some heads' softmax in this call: (heads or None for all, blocked [batch, 1 or q, kv])."""
+        return []
+
+    def cache_layer(self, call: AttentionCall) -> Any:
+        """The pruned cache layer holding this call's keys, or None."""
+        return None
+
+    def after(self, call: AttentionCall) -> None:
+        """Called with each attention call once its output is computed."""
+
+
 class CaptureSession:
     """The attention function registered for one model while vheads contexts are active on it."""
 
@@ -183,7 +220,7 @@ class CaptureSession:
             raise CaptureError("the model is already routed through another vheads session")
         self.name = f"{PREFIX}{self.base}_{next(_ids)}"
         self.observers: list[Observer] = []
-        self.ablations: list[Any] = []
+        self.ablations: list[Ablation] = []
         self.users = 0
         self._hook = None
 
@@ -233,6 +270,8 @@ class CaptureSession:
     def _pre_forward(self, module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
         if args and "input_ids" not in kwargs and isinstance(args[0], torch.Tensor):
             kwargs = {**kwargs, "input_ids": args[0]}
+        for ablation in self.ablations:
+            ablation.on_forward(self, kwargs)
         for observer in self.observers:
             observer.on_forward(self, kwargs)
 
@@ -249,24 +288,38 @@ class CaptureSession:
         zero: set[int] = set()
         uniform: set[int] = set()
         for ablation in self.ablations:
-            heads = ablation.heads_by_layer.get(layer, ())
-            (zero if ablation.mode == "zero" else uniform).update(heads)
+            if ablation.mode in ("zero", "uniform"):
+                heads = ablation.heads_by_layer.get(layer, ())
+                (zero if ablation.mode == "zero" else uniform).update(heads)
         return sorted(zero), sorted(uniform - zero)
 
     def __call__(self, module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                  attention_mask: torch.Tensor | None, **kwargs: Any) -> tuple[torch.Tensor, Any]:
-        out, weights = self._kernel(module)(module, query, key, value, attention_mask, **kwargs)
+        kernel = self._kernel(module)
         layer = self.layer_of.get(id(module))
         if layer is None:
-            return out, weights
+            return kernel(module, query, key, value, attention_mask, **kwargs)
         zero, uniform = self.ablated(layer)
         call = AttentionCall(layer, module, query, key, value, attention_mask, kwargs, uniform)
+        split = None
+        for ablation in self.ablations:
+            call.key_masks.extend(ablation.key_masks(call))
+            if split is None:
+                split = ablation.cache_layer(call)
+        if split is None:
+            out, weights = apply_key_masks(call, self.base, kernel)
+        else:
+            out, weights = attend_pruned(call, split, self.base, kernel)
+            if (self.observers or uniform) and split.length != query.shape[2]:
+                call.key, call.value = split.dense()
         if zero or uniform:
             out = out.clone()
             if zero:
                 out[:, :, zero] = 0
             if uniform:
                 out, weights = _uniform_heads(call, out, weights)
+        for ablation in self.ablations:
+            ablation.after(call)
         for observer in self.observers:
             observer.observe(call)
         return out, weights

@@ -147,6 +147,10 @@ class Runner:
             stack.enter_context(torch.inference_mode())
             if self.config.ablate:
                 stack.enter_context(ablate(model, self.config.ablate, self.config.ablation))
+            if self.config.fastv_layer is not None:
+                from vheads.capture import fastv
+
+                stack.enter_context(fastv(model, layer=self.config.fastv_layer, keep=self.config.fastv_keep))
             recorder = stack.enter_context(HeadRecorder(model, self.config.readout, region_mask=region,
                                                         target_mask=layout.target, grids=layout.grids))
             output = model.generate(**inputs, max_new_tokens=self.config.max_new_tokens, do_sample=False,

@@ -24,8 +24,10 @@ class RunConfig:
     """Everything that defines a run (the command-line options of `vheads run`).
 
     `stages`: the first mid and the first late layer (None: thirds). `preset`: `paper` sets the reference code's
-    choices (`settings.PRESETS`). `explicit`: the options the user gave explicitly, which --resume checks against
-    the stored run and `ablate --from` keeps; None means every field that differs from its default.
+    choices (`settings.PRESETS`). `fastv_layer` / `fastv_keep`: FastV's K and R (after layer K only the R share of
+    image tokens most attended by the last prompt row stays as keys), both or neither. `explicit`: the options
+    the user gave explicitly, which --resume checks against the stored run and `ablate --from` keeps; None means
+    every field that differs from its default.
     """
 
     model: str | None = None
@@ -55,6 +57,8 @@ class RunConfig:
     max_pixels: int | None = DEFAULT_MAX_PIXELS
     stages: tuple[int, int] | None = None
     preset: str | None = None
+    fastv_layer: int | None = None
+    fastv_keep: float | None = None
     explicit: tuple[str, ...] | None = None
 
     @classmethod
@@ -136,6 +140,14 @@ def check_config(config: RunConfig) -> None:
         value = getattr(config, name)
         if value is not None and value < low:
             raise ValueError(f"--{name.replace('_', '-')} {value}: must be at least {low}")
+    if (config.fastv_layer is None) != (config.fastv_keep is None):
+        raise ValueError("--fastv-layer and --fastv-keep go together: FastV needs the layer K and the share R")
+    if config.fastv_keep is not None and not 0 < config.fastv_keep <= 1:
+        raise ValueError(f"--fastv-keep {config.fastv_keep}: the share of image tokens kept must be in (0, 1]")
+    if config.fastv_layer is not None and config.ablate:
+        raise ValueError("--fastv-layer prunes image tokens for every head: run it without --ablate")
+    if config.fastv_layer is not None and config.fastv_layer < 1:
+        raise ValueError(f"--fastv-layer {config.fastv_layer}: must be at least 1 (layers before it see every token)")
     if config.readout == "first-generated" and config.max_new_tokens < 2:
         raise ValueError("--readout first-generated reads the row of the second answer token: --max-new-tokens "
                          f"must be at least 2, got {config.max_new_tokens}")
@@ -254,6 +266,8 @@ def base_name(model_label: str, config: RunConfig, split: str | None) -> str:
         parts.append(config.readout)
     if config.ablate:
         parts.append(f"{config.ablation}{len(config.ablate)}")
+    if config.fastv_layer is not None:
+        parts.append(f"fastv{config.fastv_layer}-{config.fastv_keep:g}")
     return "-".join(parts)
 
 
@@ -269,7 +283,8 @@ def default_name(store: Store, config: RunConfig, model_name: str, split: str | 
 
 
 def ablation_label(config: RunConfig) -> str:
-    """The run's `ablation` column: 'none', or 'MODE:L.H,L.H'."""
-    if not config.ablate:
-        return "none"
-    return f"{config.ablation}:" + format_heads(config.ablate)
+    """The run's `ablation` column: 'none', 'MODE:L.H,L.H', or FastV's 'fastv:K:R' (after either, with both)."""
+    parts = [f"{config.ablation}:" + format_heads(config.ablate)] if config.ablate else []
+    if config.fastv_layer is not None:
+        parts.append(f"fastv:{config.fastv_layer}:{config.fastv_keep:g}")
+    return " ".join(parts) or "none"

@@ -20,6 +20,7 @@ from vheads.data.skips import SkipLog
 from vheads.models import Loaded
 from vheads.pipeline.batches import Runner, compute, skip_reason
 from vheads.pipeline.config import RunConfig, ablation_label, prepare_run, shard_samples
+from vheads.pipeline.pruning import run_image_kv
 from vheads.pipeline.writer import BatchWriter
 from vheads.store import RunHandle, Store, StoreError
 
@@ -77,7 +78,8 @@ def run(config: RunConfig, loaded: Loaded | None = None, dataset: Dataset | None
                 plan.name, model=loaded.name, family=loaded.family, dataset=dataset.name, split=dataset.split or "",
                 layers=plan.layers, heads=plan.heads, readout=config.readout, ablation=ablation_label(config),
                 config=plan.settings, resume=config.resume, curve=config.curve, shard=config.shard,
-                tags=config.tags or None,
+                tags={**config.tags, **run_image_kv(config, loaded.model.config, plan.heads,
+                                                    plan.attention_layers)} or None,
             )
             return _run_samples(store, handle, config, loaded, dataset, store_path, progress, start)
     except BaseException:

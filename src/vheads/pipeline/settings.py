@@ -19,14 +19,16 @@ from typing import Any, TypeVar
 # figures a run holds follow from them).
 DEFINING = ("model", "dataset", "data", "images", "split", "question_type", "prompt_style", "limit", "seed",
             "max_pixels", "max_new_tokens", "readout", "ablate", "ablation", "dtype", "attn", "trust_remote_code",
-            "stages", "preset")
+            "stages", "preset", "fastv_layer", "fastv_keep")
+# Defining settings left out of a run's digest while unset, so runs named before they existed keep their names.
+UNSET_UNDIGESTED = ("fastv_layer", "fastv_keep")
 # How it is computed: free to change on --resume, between shards.
 EXECUTION = ("batch_size", "device", "shard", "curve")
 NOT_STORED = ("store", "name", "resume", "tags", "explicit")
 # Read off the model when a run starts, not chosen by the user.
 DERIVED = ("attention_layers",)
-# What `ablate --from RUN` does not take from RUN: the curve sets its own heads, mode and tag.
-NOT_INHERITED = ("ablate", "ablation", "shard", "curve", *DERIVED)
+# What `ablate --from RUN` does not take from RUN: the curve sets its own heads, mode, FastV point and tag.
+NOT_INHERITED = ("ablate", "ablation", "fastv_layer", "fastv_keep", "shard", "curve", *DERIVED)
 # `--preset paper`: the reference code's choices (stages are set from the model's depth when the run starts).
 PRESETS: dict[str, dict[str, Any]] = {"paper": {"readout": "first-generated", "max_new_tokens": 128}}
 _TUPLES = ("stages", "shard")
@@ -102,7 +104,8 @@ def differences(a: Mapping[str, Any] | None, b: Mapping[str, Any] | None) -> lis
 
 def digest(config: Any) -> str:
     """Six hex digits of a run's defining settings: equal settings, equal digest."""
-    settings = {name: plain(getattr(config, name)) for name in DEFINING}
+    settings = {name: plain(getattr(config, name)) for name in DEFINING
+                if not (name in UNSET_UNDIGESTED and getattr(config, name, None) is None)}
     return hashlib.sha1(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:6]
 
 

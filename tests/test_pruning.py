@@ -1,171 +1,321 @@
-"""Pruning: keep-only points (only K heads keep the image), FastV points, the image KV each keeps, the efficiency
-frontier in the report, and the layer,head,score CSV."""
+"""Image-blind, flow-blind and FastV generate exactly what an eager model with those keys masked generates.
+
+The reference is a test-only attention function: the family's own eager kernel, run one head at a time with the
+layer's mask plus the keys the mode takes out (FastV: every head, ranked at layer K-1 from the eager weights), with
+the image positions read from the prefill's input ids. It shares no code with `vheads.capture`.
+"""
 
 from __future__ import annotations
 
+import math
+import sys
+
 import numpy as np
-import pandas as pd
 import pytest
-from analysis_helpers import synthetic_run
-from report_helpers import HOSTILE
-from typer.testing import CliRunner
+import torch
+from PIL import Image
+from tiny_models import BUILDERS
+from transformers import LlamaConfig, LlamaForCausalLM
 
-from vheads.analysis.ablation import curve_points
-from vheads.analysis.pruning import fastv_plan, keep_plan
-from vheads.analysis.ranking import head_table
-from vheads.cli import app
-from vheads.pipeline.pruning import fastv_kv_share, image_kv_record
-from vheads.report.build import build_report
-from vheads.store import Store
+from vheads.capture import HeadRecorder, ablate, attention_layer_indices, fastv
+from vheads.compat import register_attention, set_attention_implementation, unregister_attention
+from vheads.models import load
+from vheads.models.layers import language_layers
 
-LAYERS, HEADS = 6, 2
-runner = CliRunner()
+FAMILIES = sorted(BUILDERS)
 
 
-@pytest.fixture
-def ranked(tmp_path):
-    """A run whose ranking is known: mean W of head (l, h) is 0.05 * (2l + h + 1), so 5.1 is best and 0.0 worst."""
-    w = np.broadcast_to(0.05 * (np.arange(LAYERS * HEADS) + 1).reshape(LAYERS, HEADS), (3, LAYERS, HEADS)).copy()
-    with Store(tmp_path / "s.duckdb") as store:
-        synthetic_run(store, "source", w, correct=[True, True, False])
-        yield store
+def scene(width: int, height: int, seed: int) -> Image.Image:
+    """A random RGB image of the given size."""
+    rng = np.random.default_rng(seed)
+    return Image.fromarray(rng.integers(0, 255, (height, width, 3), dtype=np.uint8))
 
 
-def test_keep_only_blinds_the_complement_of_the_kept_heads(ranked):
-    points = {p.name: p for p in keep_plan(head_table(ranked, "source"), "t", "image-blind", ["top", "random"],
-                                           ks=[3], seeds=2)}
-    top = points["t-top3"]
-    assert top.kept == [(4, 1), (5, 0), (5, 1)] and top.k == 3 and top.mode == "image-blind"
-    assert len(top.heads) == LAYERS * HEADS - 3 and not set(top.heads) & set(top.kept)
-    assert sorted(top.heads + top.kept) == [(layer, head) for layer in range(LAYERS) for head in range(HEADS)]
-    assert points["t-random3-s0"].kept != points["t-random3-s1"].kept
-    assert top.tags("source")["kept"] == ["4.1", "5.0", "5.1"]
+@pytest.fixture(scope="module")
+def loaded(model_dirs):
+    """(family, attn) -> the tiny model loaded through `vheads.models.load`, once per module."""
+    cache = {}
+
+    def get(family: str, attn: str = "sdpa"):
+        if (family, attn) not in cache:
+            cache[family, attn] = load(model_dirs(family), attn=attn, dtype="float32")
+        return cache[family, attn]
+
+    return get
 
 
-def test_keep_only_always_has_every_head_blind_and_the_plain_run(ranked):
-    points = keep_plan(head_table(ranked, "source"), "t", "flow-blind", ["top"], ks=[2])
-    ends = {p.k: p for p in points if p.selector == "none"}
-    assert set(ends) == {0, LAYERS * HEADS}
-    assert ends[0].kept == [] and len(ends[0].heads) == LAYERS * HEADS
-    assert ends[LAYERS * HEADS].heads == [] and len(ends[LAYERS * HEADS].kept) == LAYERS * HEADS
-    assert [p.name for p in points] == ["t-k0", "t-k12", "t-top2"]
+def padded_batch(loaded):
+    """Two left-padded prompts, the first about two images, the second about one."""
+    images = [[scene(40, 24, 1), scene(32, 32, 2)], [scene(24, 60, 3)]]
+    questions = ["how many red circles are there ?", "what ?"]
+    prompts = [loaded.adapter.prompt(q, n_images=len(row)) for q, row in zip(questions, images, strict=True)]
+    inputs = loaded.adapter.encode(prompts, images)
+    assert inputs["attention_mask"].min() == 0, "the batch must be left-padded"
+    return inputs
 
 
-def test_keep_only_fixed_sets_keep_a_stage_or_a_list(ranked):
-    points = keep_plan(head_table(ranked, "source"), "t", "image-blind", [], ks=[], sets=["stage:late", "1.0, 0.1"])
-    late, listed = points[2:]
-    assert late.selector == "stage:late" and late.kept == [(4, 0), (4, 1), (5, 0), (5, 1)] and late.k == 4
-    assert listed.selector == "0.1,1.0" and listed.kept == [(0, 1), (1, 0)] and listed.name.startswith("t-set-")
+def chosen_heads(model) -> list[tuple[int, int]]:
+    """A whole key/value group of the first attention layer, one head of the second, three of the last."""
+    layers = attention_layer_indices(model)
+    return sorted({(layers[0], 0), (layers[0], 1), (layers[1], 2), (layers[-1], 0), (layers[-1], 1),
+                   (layers[-1], 3)})
 
 
-@pytest.mark.parametrize(("call", "message"), [
-    (lambda r: keep_plan(r, "t", "zero", ["top"], [2]), "use it with --mode image-blind or flow-blind, not zero"),
-    (lambda r: keep_plan(r, "t", "image-blind", ["best"], [2]), "unknown selector 'best' for --keep"),
-    (lambda r: keep_plan(r, "t", "image-blind", ["top"], [13]), "--k 13: a keep-only K is between 0 and the 12"),
-    (lambda r: keep_plan(r, "t", "image-blind", [], [], sets=["top:3"]), "a fixed head set is stage:NAME"),
-    (lambda r: fastv_plan("t", [(2, 1.5)]), r"--fastv-keep 1.5: the share of image tokens kept must be in \(0, 1\]"),
-    (lambda r: fastv_plan("t", [(0, 0.5)]), "--fastv-layer 0: must be at least 1"),
-])
-def test_bad_pruning_plans_say_what_is_wrong(ranked, call, message):
-    with pytest.raises(ValueError, match=message):
-        call(head_table(ranked, "source"))
+class _OneGroup:
+    """The attention module seen by a kernel run on one query head and its one key/value head."""
+
+    def __init__(self, module):
+        self._module = module
+        self.num_key_value_groups = 1
+
+    def __getattr__(self, name):
+        return getattr(self._module, name)
 
 
-def test_fastv_keeps_every_image_token_before_its_layer_and_r_after():
-    assert fastv_kv_share(2, 0.25, range(6)) == pytest.approx((2 + 4 * 0.25) / 6)
-    assert fastv_kv_share(3, 1.0, range(32)) == 1.0
-    # a hybrid decoder: only its softmax-attention layers hold keys and values
-    assert fastv_kv_share(4, 0.5, [3, 7, 11]) == pytest.approx((1 + 2 * 0.5) / 3)
-    assert [p.name for p in fastv_plan("t", [(2, 0.25), (2, 0.5)])] == ["t-l2-r0.25", "t-l2-r0.5"]
+class MaskedEager:
+    """Test-only attention function on an eager model: `mode` "image-blind" / "flow-blind" for `heads`, or "fastv"
+    with `layer` K and `keep` R. Rows left with no key give 0."""
+
+    def __init__(self, loaded, mode: str, heads=(), layer: int | None = None, keep: float | None = None):
+        self.model = loaded.model
+        self.image_id = loaded.adapter.image_token_id
+        self.mode, self.heads, self.layer, self.keep = mode, set(heads), layer, keep
+        self.name = f"test_masked_eager_{id(self)}"
+        self.image = None
+        self.total = 0
+        self.dropped = None
+        self.kept_counts = []
+
+    def __enter__(self):
+        register_attention(self.name, self, "eager")
+        self.configs = language_layers(self.model)[1]
+        for config in self.configs:
+            set_attention_implementation(config, self.name)
+        self.hook = self.model.register_forward_pre_hook(self.pre_forward, with_kwargs=True)
+        return self
+
+    def __exit__(self, *exc):
+        self.hook.remove()
+        for config in self.configs:
+            set_attention_implementation(config, "eager")
+        unregister_attention(self.name)
+
+    def pre_forward(self, module, args, kwargs):
+        ids = kwargs["input_ids"]
+        if ids.shape[1] > 1:  # prefill
+            self.image = (ids == self.image_id) & kwargs["attention_mask"].bool()
+            self.last = ids.shape[1] - 1  # left padding: every row's prompt ends at the last position
+            self.total = ids.shape[1]
+            self.dropped = None
+        else:
+            self.total += 1
+
+    def image_at(self, length: int) -> torch.Tensor:
+        """Image flags of the sequence's last `length` positions, [batch, length]."""
+        full = torch.zeros(self.image.shape[0], self.total, dtype=torch.bool)
+        full[:, : self.image.shape[1]] = self.image
+        return full[:, self.total - length:]
+
+    def __call__(self, module, query, key, value, mask, **kwargs):
+        eager = sys.modules[type(module).__module__].eager_attention_forward
+        layer = module.layer_idx
+        q_len, kv_len = query.shape[2], key.shape[2]
+        lowest = torch.finfo(mask.dtype).min
+        image_keys = self.image_at(kv_len)
+        if self.mode == "fastv":
+            blocked = self.dropped if layer >= self.layer and self.dropped is not None else None
+            m = mask if blocked is None else mask.masked_fill(self.to_keys(blocked, kv_len)[:, None, None], lowest)
+            out, weights = eager(module, query, key, value, m, **kwargs)
+            if layer == self.layer - 1 and q_len > 1:
+                self.rank(weights[:, :, self.last].mean(dim=1))
+            return out, weights
+        group = query.shape[1] // key.shape[1]
+        outs = []
+        for head in range(query.shape[1]):
+            m = mask
+            if (layer, head) in self.heads:
+                blocked = image_keys[:, None, :].expand(-1, q_len, -1)
+                if self.mode == "flow-blind":
+                    blocked = blocked & ~self.image_at(q_len)[:, :, None]
+                m = mask.masked_fill(blocked[:, None], lowest)
+            kv = head // group
+            out, _ = eager(_OneGroup(module), query[:, head:head + 1], key[:, kv:kv + 1], value[:, kv:kv + 1], m,
+                           **kwargs)
+            sees_nothing = (m[:, 0, :, :kv_len] <= lowest / 2).all(dim=-1)  # [batch, q]
+            outs.append(out.masked_fill(sees_nothing[:, :, None, None], 0.0))
+        return torch.cat(outs, dim=2), None
+
+    def to_keys(self, dropped: torch.Tensor, kv_len: int) -> torch.Tensor:
+        full = torch.zeros(dropped.shape[0], self.total, dtype=torch.bool)
+        full[:, : dropped.shape[1]] = dropped
+        return full[:, self.total - kv_len:]
+
+    def rank(self, attention: torch.Tensor) -> None:
+        """Keep each row's ceil(R * n) most-attended image tokens (ties to the earlier one); drop the rest."""
+        self.dropped = self.image.clone()
+        for row in range(self.image.shape[0]):
+            positions = [p for p in range(self.image.shape[1]) if self.image[row, p]]
+            scores = [float(attention[row, p]) for p in positions]
+            order = sorted(range(len(positions)), key=lambda i: -scores[i])  # sorted() is stable
+            n = math.ceil(self.keep * len(positions))
+            for i in order[:n]:
+                self.dropped[row, positions[i]] = False
+            self.kept_counts.append(n)
 
 
-def test_image_kv_record_says_which_key_value_heads_keep_the_image():
-    # 4 query heads on 2 key/value heads: heads 0, 1 share key/value head 0
-    record = image_kv_record("image-blind", [(0, 0), (0, 1), (0, 2), (1, 0)], heads=4, kv_heads=2,
-                             attention_layers=[0, 1])
-    assert record == {"image_kv_heads": {"0": [1], "1": [0, 1]}, "image_kv_share": 0.75}
-    assert image_kv_record("zero", [(0, 0)], 4, 2, [0, 1]) == {}
-    assert image_kv_record("image-blind", [], 4, 4, [0])["image_kv_share"] == 1.0
-    assert image_kv_record("zero", [], 4, 4, [0, 1], fastv=(1, 0.5)) == {"image_kv_share": 0.75}
+def greedy(model, inputs, steps: int = 3):
+    with torch.no_grad():
+        out = model.generate(**inputs, max_new_tokens=steps, min_new_tokens=steps, do_sample=False,
+                             output_logits=True, return_dict_in_generate=True)
+    return out.sequences, torch.stack(out.logits, dim=1)
 
 
-def pruning_point(store: Store, name: str, curve: str, tags: dict, correct: list[bool]) -> None:
-    """A finished curve point written straight into the store, with the tags a pruning run records."""
-    handle = store.start_run(name, model="model-a", family="llava", dataset="shapes", split="test", layers=LAYERS,
-                             heads=HEADS, readout="prompt", ablation="none", config={}, curve=curve,
-                             tags={"from_run": "source", "seed": None, "heads": [], **tags})
-    rows = [{"sample_id": f"s{i:03d}", "answer": "1", "prediction": "1", "correct": c} for i, c in enumerate(correct)]
-    store.add_batch(handle, rows, np.full((len(rows), LAYERS, HEADS), 0.1))
-    store.finish_run(handle, "done", accuracy=float(np.mean(correct)))
+def fastv_layer(model) -> int:
+    """A FastV layer K whose layer K-1 has softmax attention (hybrid decoders) and is not the last."""
+    layers = attention_layer_indices(model)
+    return next(layer + 1 for layer in layers if layer + 1 < len(language_layers(model)[0]))
 
 
-@pytest.fixture
-def frontier(ranked):
-    """The source run with a keep-only curve (top and two random seeds) and a FastV curve, stored by hand."""
-    keep, fastv = "ablate-source-keep-image-blind-x", "ablate-source-fastv-x"
-    for name, selector, k, seed, share, correct in [
-            ("k0", "none", 0, None, 0.0, [False] * 4), ("k12", "none", 12, None, 1.0, [True] * 4),
-            ("top2", "top", 2, None, 2 / 12, [True, True, True, False]),
-            ("r2s0", "random", 2, 0, 2 / 12, [False, False, True, False]),
-            ("r2s1", "random", 2, 1, 2 / 12, [False, True, True, False])]:
-        pruning_point(ranked, name, keep, {"selector": selector, "k": k, "seed": seed, "mode": "image-blind",
-                                           "kept": [], "image_kv_share": share}, correct)
-    pruning_point(ranked, "fv", fastv, {"selector": "fastv", "k": 2, "mode": "fastv", "fastv_layer": 2,
-                                        "fastv_keep": 0.25, "image_kv_share": 0.5}, [True, True, False, True])
-    return ranked
+@pytest.mark.parametrize("family", FAMILIES)
+def test_modes_generate_what_the_masked_eager_reference_generates(loaded, family):
+    fast, eager = loaded(family), loaded(family, "eager")
+    inputs = padded_batch(fast)
+    heads = chosen_heads(fast.model)
+    k = fastv_layer(fast.model)
+    plain_tokens, plain_logits = greedy(fast.model, inputs)
+    for mode in ("image-blind", "flow-blind", "fastv"):
+        context = (fastv(fast.model, layer=k, keep=0.5) if mode == "fastv"
+                   else ablate(fast.model, heads, mode=mode))
+        reference = MaskedEager(eager, mode, heads, layer=k, keep=0.5)
+        with context as ctx:
+            tokens, logits = greedy(fast.model, inputs)
+        with reference:
+            ref_tokens, ref_logits = greedy(eager.model, inputs)
+        assert torch.equal(tokens, ref_tokens), mode
+        torch.testing.assert_close(logits, ref_logits, atol=1e-4, rtol=1e-4, msg=mode)
+        assert torch.isfinite(logits).all()
+        assert not torch.allclose(logits, plain_logits, atol=1e-3), f"{mode} must change the logits"
+        if mode == "fastv":
+            assert ctx.kept_counts() == reference.kept_counts
+            assert [len(k) for k in ctx.kept] == reference.kept_counts
+    assert plain_tokens.shape == tokens.shape
 
 
-def test_curve_points_carry_the_mode_and_the_image_kv_kept(frontier):
-    points = curve_points(frontier, from_run="source")
-    rows = {(r.selector, r.k, r.seed): r for r in points.itertuples()}
-    assert rows[("top", 2, None)].image_kv_share == pytest.approx(2 / 12)
-    assert rows[("top", 0, None)].accuracy == 0.0 and rows[("top", 12, None)].accuracy == 1.0
-    mean = rows[("random", 2, None)]
-    assert mean.accuracy == pytest.approx(0.375) and mean.seeds == 2 and mean.image_kv_share == pytest.approx(2 / 12)
-    fastv = rows[("fastv", 2, None)]
-    assert fastv.mode == "fastv" and fastv.fastv_keep == 0.25 and fastv.image_kv_share == 0.5
+@pytest.mark.parametrize("family", ["llava", "gemma3", "paligemma"])
+def test_models_loaded_eager_give_the_same_as_the_reference(loaded, family):
+    eager = loaded(family, "eager")
+    inputs = padded_batch(eager)
+    heads = chosen_heads(eager.model)
+    for mode in ("image-blind", "flow-blind"):
+        with ablate(eager.model, heads, mode=mode):
+            tokens, logits = greedy(eager.model, inputs)
+        with MaskedEager(eager, mode, heads):
+            ref_tokens, ref_logits = greedy(eager.model, inputs)
+        assert torch.equal(tokens, ref_tokens), mode
+        torch.testing.assert_close(logits, ref_logits, atol=1e-4, rtol=1e-4, msg=mode)
 
 
-def test_report_draws_the_efficiency_frontier(frontier, tmp_path):
-    pruning_point(frontier, "flow", "ablate-source-keep-flow-blind-x", {
-        "selector": HOSTILE, "k": 2, "mode": "flow-blind", "kept": ["5.1"], "image_kv_share": 2 / 12}, [True] * 4)
-    index = build_report(frontier.path, tmp_path / "report", overlays=0)
-    page = index.read_text()
-    assert 'id="pruning"' in page and "the efficiency frontier" in page
-    assert (tmp_path / "report" / "pruning-frontier-00-source.png").exists()
-    assert "FastV K=2 R=0.25" in page and "flow-blind" in page
-    assert HOSTILE not in page and "&lt;script&gt;" in page
-    assert 'id="ablation"' not in page  # keep-only and FastV points belong to the frontier only
-    assert "image KV" in page[page.index('id="pruning"'):]
+def test_the_reference_itself_fails_on_wrong_masks(loaded):
+    """Guard: the comparison above can fail (blinding other heads gives other logits)."""
+    fast, eager = loaded("llava"), loaded("llava", "eager")
+    inputs = padded_batch(fast)
+    with ablate(fast.model, [(0, 0), (1, 1)], mode="image-blind"):
+        _, logits = greedy(fast.model, inputs)
+    with MaskedEager(eager, "image-blind", [(0, 0), (1, 2)]):
+        _, ref_logits = greedy(eager.model, inputs)
+    assert not torch.allclose(logits, ref_logits, atol=1e-4)
 
 
-def test_export_scores_writes_layer_head_score(ranked, tmp_path):
-    out = tmp_path / "scores.csv"
-    result = runner.invoke(app, ["export", "--scores", "source", "--out", str(out), "--store", str(ranked.path)])
-    assert result.exit_code == 0, result.output
-    frame = pd.read_csv(out)
-    assert list(frame.columns) == ["layer", "head", "score"] and len(frame) == LAYERS * HEADS
-    assert list(zip(frame["layer"], frame["head"], strict=True))[:3] == [(0, 0), (0, 1), (1, 0)]
-    expected = head_table(ranked, "source").set_index(["layer", "head"])["score"]
-    assert np.allclose(frame.set_index(["layer", "head"])["score"], expected.loc[frame.set_index(["layer", "head"])
-                                                                                 .index])
-    by_w = runner.invoke(app, ["export", "--scores", "source", "--by", "mean_w", "--out", str(out), "--force",
-                               "--store", str(ranked.path)])
-    assert by_w.exit_code == 0 and pd.read_csv(out)["score"].iloc[-1] == pytest.approx(0.6)
-    again = runner.invoke(app, ["export", "--scores", "source", "--out", str(out), "--store", str(ranked.path)])
-    assert again.exit_code == 2 and "--force" in again.output and len(again.output.strip().splitlines()) == 1
+def test_image_blind_without_image_tokens_is_the_plain_model(loaded):
+    fast = loaded("llava")
+    text = fast.processor.tokenizer(["how many red circles are there ?", "what ?"], padding=True,
+                                    return_tensors="pt")
+    inputs = {"input_ids": text["input_ids"], "attention_mask": text["attention_mask"]}
+    plain_tokens, plain_logits = greedy(fast.model, inputs)
+    with ablate(fast.model, chosen_heads(fast.model), mode="image-blind"):
+        tokens, logits = greedy(fast.model, inputs)
+    assert torch.equal(tokens, plain_tokens)
+    assert torch.equal(logits, plain_logits)
 
 
-@pytest.mark.parametrize(("args", "message"), [
-    (["--mode", "half-blind"], "unknown --mode 'half-blind'"),
-    (["--mode", "fastv", "--fastv-layer", "2", "--fastv-keep", "1.5"], "--fastv-keep 1.5: the share of image"),
-    (["--mode", "fastv", "--fastv-layer", "2", "--fastv-keep", "0"], "--fastv-keep 0: the share of image"),
-    (["--mode", "fastv"], "--mode fastv needs --fastv-layer K and --fastv-keep R"),
-    (["--mode", "fastv", "--fastv-layer", "2"], "--fastv-layer and --fastv-keep go together"),
-    (["--keep", "top"], "--keep makes every other head image-blind: use it with --mode image-blind or flow-blind"),
-    (["--mode", "zero", "--fastv-layer", "2", "--fastv-keep", "0.5"], "go with --mode fastv, not zero"),
-])
-def test_cli_ablate_refuses_bad_pruning_options_in_one_line(ranked, args, message):
-    result = runner.invoke(app, ["ablate", "--from", "source", "--store", str(ranked.path), *args])
-    assert result.exit_code == 2, result.output
-    assert message in result.output and len(result.output.strip().splitlines()) == 1
+def test_every_head_image_blind_answers_as_if_there_were_no_image_keys(loaded):
+    """All heads image-blind: the text rows never read the image, so the answer cannot depend on the pixels."""
+    fast = loaded("llava")
+    inputs = padded_batch(fast)
+    other = {**inputs, "pixel_values": torch.randn_like(inputs["pixel_values"])}
+    every = [(layer, head) for layer in range(3) for head in range(4)]
+    with ablate(fast.model, every, mode="image-blind"):
+        _, logits = greedy(fast.model, inputs)
+        _, other_logits = greedy(fast.model, other)
+    torch.testing.assert_close(logits, other_logits, atol=1e-5, rtol=1e-5)
+    _, plain = greedy(fast.model, inputs)
+    _, plain_other = greedy(fast.model, other)
+    assert not torch.allclose(plain, plain_other, atol=1e-3)
+
+
+def test_image_rows_that_see_only_image_keys_give_zero_not_nan(loaded):
+    """PaliGemma puts the image first: with every head image-blind an image row sees no key at all."""
+    fast = loaded("paligemma")
+    inputs = padded_batch(fast)
+    every = [(layer, head) for layer in attention_layer_indices(fast.model) for head in range(4)]
+    with torch.no_grad(), ablate(fast.model, every, mode="image-blind"):
+        logits = fast.model(**inputs).logits
+    assert torch.isfinite(logits).all()
+
+
+def test_bare_language_model_takes_the_image_token_id(tmp_path):
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=32, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    model = LlamaForCausalLM(config).eval()
+    ids = torch.tensor([[1, 5, 5, 5, 7, 8, 9, 3]])
+    with pytest.raises(ValueError, match="image_token_id"):
+        ablate(model, [(0, 0)], mode="image-blind")
+    with pytest.raises(ValueError, match="image_token_id"):
+        fastv(model, layer=1, keep=0.5)
+    with torch.no_grad():
+        plain = model(input_ids=ids).logits
+        with ablate(model, [(0, 0), (0, 1), (1, 3)], mode="image-blind", image_token_id=5):
+            blind = model(input_ids=ids).logits
+        with ablate(model, [(0, 0)], mode="image-blind", image_token_id=6):
+            absent = model(input_ids=ids).logits
+    torch.testing.assert_close(blind[:, :1], plain[:, :1])  # the row before the first image token sees no image key
+    assert not torch.allclose(blind[:, 4:], plain[:, 4:], atol=1e-4)
+    assert torch.equal(absent, plain)
+
+
+@pytest.mark.parametrize(("layer", "keep", "message"), [(0, 0.5, "at least 1"), (3, 0.5, "not below"),
+                                                        (1, 0.0, r"keep must be in \(0, 1\]"),
+                                                        (1, 1.5, r"keep must be in \(0, 1\]")])
+def test_fastv_rejects_bad_settings_in_one_line(loaded, layer, keep, message):
+    fast = loaded("llava")
+    with pytest.raises(ValueError, match=message) as error, fastv(fast.model, layer=layer, keep=keep):
+        pass
+    assert "\n" not in str(error.value)
+    assert not fast.model.config.text_config._attn_implementation.startswith("vheads_")
+
+
+def test_fastv_keeping_every_image_token_is_the_plain_model(loaded):
+    fast = loaded("llava")
+    inputs = padded_batch(fast)
+    _, plain = greedy(fast.model, inputs)
+    with fastv(fast.model, layer=1, keep=1.0) as pruned:
+        _, logits = greedy(fast.model, inputs)
+    assert torch.equal(logits, plain)
+    n_image = (inputs["input_ids"] == fast.adapter.image_token_id).sum(1).tolist()
+    assert pruned.kept_counts() == n_image
+
+
+def test_recorder_sees_no_image_weight_on_image_blind_heads(loaded):
+    fast = loaded("llava")
+    inputs = padded_batch(fast)
+    heads = chosen_heads(fast.model)
+    with torch.no_grad(), ablate(fast.model, heads, mode="image-blind"), HeadRecorder(fast.model) as rec:
+        fast.model(**inputs)
+    figures = rec.result()
+    for layer, head in heads:
+        np.testing.assert_allclose(figures.visual_weight[:, layer, head], 0.0, atol=1e-7)
+    total = figures.visual_weight + figures.text_weight + figures.sink_weight
+    np.testing.assert_allclose(total, 1.0, atol=1e-5)
+    others = [(layer, head) for layer in range(3) for head in range(4) if (layer, head) not in heads]
+    assert max(figures.visual_weight[:, layer, head].max() for layer, head in others) > 0.05

@@ -2,6 +2,7 @@
 
 from vheads.capture.ablation import MODES as ABLATION_MODES
 from vheads.capture.ablation import ablate
+from vheads.capture.fastv import fastv
 from vheads.capture.recorder import READOUTS, RECORDED, HeadFigures, HeadRecorder
 from vheads.capture.session import CaptureError, CaptureSession, Observer
 from vheads.capture.tokens import TokenAttention
@@ -18,6 +19,7 @@ __all__ = [
     "Observer",
     "TokenAttention",
     "ablate",
+    "fastv",
     "attention_layer_indices",
     "config_attention_layers",
     "language_layers",

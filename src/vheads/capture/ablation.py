@@ -1,4 +1,5 @@
-"""`ablate`: switch attention heads of the language model off, for forward and generate alike."""
+"""`ablate`: switch attention heads of the language model off, or blind them to the image, for forward and generate
+alike."""
 
 from __future__ import annotations
 
@@ -7,10 +8,13 @@ from typing import Any
 
 from torch import nn
 
-from vheads.capture.session import CaptureSession
+from vheads.capture.masked import KeyMask
+from vheads.capture.positions import ImagePositions, resolve_image_token_id
+from vheads.capture.session import AttentionCall, CaptureSession
 from vheads.heads import missing_heads
 
-MODES = ("zero", "uniform")
+MODES = ("zero", "uniform", "image-blind", "flow-blind")
+IMAGE_MODES = ("image-blind", "flow-blind")
 
 
 class ablate:  # noqa: N801 - used as a context manager, like torch.no_grad
@@ -18,11 +22,17 @@ class ablate:  # noqa: N801 - used as a context manager, like torch.no_grad
 
     `zero`: the head's attention output is zero at every position and step (the same as zeroing its slice
     of `o_proj`'s input). `uniform`: the head attends uniformly over the keys it may see (causal, unpadded),
-    so its output is the mean of the visible values. Composes with `HeadRecorder` in either order; a
-    recorder reports the uniform distribution for uniform-ablated heads.
+    so its output is the mean of the visible values. `image-blind`: the image's keys leave the head's softmax
+    (renormalised over the text) for every query row, in prefill and every decode step; `flow-blind`: only the
+    text rows lose them (image rows attend as usual), which cuts the image's flow into the text through the head.
+    Image positions come from each prefill's `input_ids == image_token_id` (the model's, or the one given, for
+    bare language models); generated tokens are text. A row that sees no key once the image is gone gives 0.
+    Composes with `HeadRecorder` in either order; a recorder reports the attention the model used (the uniform
+    distribution of uniform-ablated heads, no image weight for image-blind ones).
     """
 
-    def __init__(self, model: nn.Module, heads: Iterable[tuple[int, int]], mode: str = "zero"):
+    def __init__(self, model: nn.Module, heads: Iterable[tuple[int, int]], mode: str = "zero",
+                 image_token_id: int | None = None):
         if mode not in MODES:
             raise ValueError(f"unknown ablation mode {mode!r}; expected one of {', '.join(MODES)}")
         self.model = model
@@ -31,6 +41,8 @@ class ablate:  # noqa: N801 - used as a context manager, like torch.no_grad
         self.heads_by_layer: dict[int, list[int]] = {}
         for layer, head in self.heads:
             self.heads_by_layer.setdefault(layer, []).append(head)
+        self.positions = (ImagePositions(resolve_image_token_id(model, image_token_id, f"ablate({mode!r})"))
+                          if mode in IMAGE_MODES else None)
         self.session: CaptureSession | None = None
 
     def __enter__(self) -> ablate:
@@ -54,3 +66,24 @@ class ablate:  # noqa: N801 - used as a context manager, like torch.no_grad
         if session is not None:
             session.ablations.remove(self)
             session.detach()
+
+    def on_forward(self, session: CaptureSession, kwargs: dict[str, Any]) -> None:
+        """Called before each forward of the model: image positions on prefill, one more text step on decode."""
+        if self.positions is not None:
+            self.positions.on_forward(kwargs)
+
+    def key_masks(self, call: AttentionCall) -> list[KeyMask]:
+        """The keys this ablation takes out of the call's heads: the image's, for image-blind and flow-blind heads
+        (flow-blind: on text rows only)."""
+        heads = self.heads_by_layer.get(call.layer)
+        if self.positions is None or not heads:
+            return []
+        keys = self.positions.keys(call.key.shape[2], call.key.device)[:, None, :]
+        if self.mode == "image-blind":
+            return [(heads, keys)]
+        text_rows = ~self.positions.rows(call.query.shape[2], call.key.device)
+        return [(heads, keys & text_rows[:, :, None])]
+
+    def after(self, call: AttentionCall) -> None:
+        """Called after each attention call (nothing to do: the masks are fixed per forward)."""
+

@@ -3,6 +3,8 @@ frontier in the report, and the layer,head,score CSV."""
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -169,3 +171,103 @@ def test_cli_ablate_refuses_bad_pruning_options_in_one_line(ranked, args, messag
     result = runner.invoke(app, ["ablate", "--from", "source", "--store", str(ranked.path), *args])
     assert result.exit_code == 2, result.output
     assert message in result.output and len(result.output.strip().splitlines()) == 1
+
+
+@pytest.fixture(scope="module")
+def kept(tmp_path_factory, model_dirs):
+    """A source run of 6 shapes questions on the tiny LLaVA (3 layers x 4 heads on 2 key/value heads), and a
+    keep-only image-blind curve of top and random at K = 2."""
+    from vheads.analysis.ablation import curve
+    from vheads.models import load
+    from vheads.pipeline import run as pipeline
+    from vheads.pipeline.config import RunConfig
+
+    loaded = load(model_dirs("llava"))
+    store = str(tmp_path_factory.mktemp("keep") / "s.duckdb")
+    config = RunConfig(limit=6, max_new_tokens=2, batch_size=6)
+    pipeline.run(RunConfig(limit=6, max_new_tokens=2, batch_size=6, store=store, name="source"), loaded=loaded)
+    points = curve(store, "source", selectors=("top", "random"), ks=(2,), seeds=1, ablation="image-blind",
+                   keep=True, config=config, loaded=loaded)
+    return store, config, loaded, points
+
+
+def test_a_keep_only_run_records_which_key_value_heads_keep_the_image(kept):
+    from vheads.heads import image_kv_heads
+
+    store, _, _, points = kept
+    top = next(p for p in points if (p["selector"], p["k"]) == ("top", 2))
+    with Store(store, read_only=True) as db:
+        info = db.run(top["run"])
+        blind = db.run(next(p["run"] for p in points if p["k"] == 0))["tags"]
+        plain = db.run(next(p["run"] for p in points if p["k"] == 12))["tags"]
+    kept_heads = [tuple(map(int, h.split("."))) for h in top["kept"]]
+    ablated = [(layer, head) for layer in range(3) for head in range(4) if (layer, head) not in kept_heads]
+    expected = {str(layer): kv for layer, kv in image_kv_heads(ablated, 4, 2, range(3)).items()}
+    assert info["tags"]["image_kv_heads"] == expected and info["ablation"].startswith("image-blind:")
+    assert top["image_kv_share"] == pytest.approx(sum(map(len, expected.values())) / 6)
+    assert blind["image_kv_heads"] == {"0": [], "1": [], "2": []} and blind["image_kv_share"] == 0.0
+    assert plain["image_kv_share"] == 1.0 and plain["heads"] == []
+    listing = runner.invoke(app, ["runs", "--store", store, "--format", "csv"])
+    assert listing.exit_code == 0 and "image_kv_share" in listing.stdout.splitlines()[0]
+
+
+def test_an_interrupted_keep_only_point_is_resumed_and_only_it(kept, monkeypatch):
+    from vheads.analysis.ablation import curve
+    from vheads.pipeline import run as pipeline
+
+    store, config, loaded, points = kept
+    top = next(p["run"] for p in points if (p["selector"], p["k"]) == ("top", 2))
+    with Store(store) as db:
+        run_id = db.run(top)["run_id"]
+        db.query("DELETE FROM head_stats WHERE run_id = ? AND sample_id IN (SELECT sample_id FROM samples "
+                 "WHERE run_id = ? ORDER BY sample_id LIMIT 2)", [run_id] * 2)
+        db.query("DELETE FROM samples WHERE run_id = ? AND sample_id NOT IN (SELECT DISTINCT sample_id FROM "
+                 "head_stats WHERE run_id = ?)", [run_id] * 2)
+        db.mark(top, "interrupted")
+    ran = []
+    real_run = pipeline.run
+
+    def recording_run(config, **kwargs):
+        ran.append(config.name)
+        return real_run(config, **kwargs)
+
+    monkeypatch.setattr(pipeline, "run", recording_run)
+    again = curve(store, "source", selectors=("top", "random"), ks=(2,), seeds=1, ablation="image-blind", keep=True,
+                  config=config, loaded=loaded)
+    assert ran == [top]
+    with Store(store, read_only=True) as db:
+        assert db.run(top)["status"] == "done" and db.run(top)["n_samples"] == 6
+    assert [(p["selector"], p["k"], p["accuracy"]) for p in again] == [
+        (p["selector"], p["k"], p["accuracy"]) for p in points]
+
+
+def test_cli_fastv_points_land_in_the_same_store_with_their_share(kept):
+    store, _, _, _ = kept
+    result = runner.invoke(app, ["ablate", "--from", "source", "--mode", "fastv", "--fastv-layer", "1",
+                                 "--fastv-keep", "0.5", "--limit", "6", "--max-new-tokens", "2", "--store", store,
+                                 "--format", "json"])
+    assert result.exit_code == 0, result.output
+    [row] = json.loads(result.stdout)
+    assert (row["selector"], row["k"], row["mode"], row["fastv_layer"], row["fastv_keep"]) == (
+        "fastv", 1, "fastv", 1, 0.5)
+    assert row["image_kv_share"] == pytest.approx((1 + 2 * 0.5) / 3)
+    with Store(store, read_only=True) as db:
+        info = db.run(curve_points(db, from_run="source").query("mode == 'fastv'")["run"].iloc[0])
+    assert info["ablation"] == "fastv:1:0.5" and info["config"]["fastv_keep"] == 0.5
+
+
+def test_keep_only_on_the_demo_model_needs_the_image_and_the_visual_heads_help(tmp_path):
+    """End to end on the embedded model: with every head blind the model loses what the image told it."""
+    from vheads.pipeline import run as pipeline
+    from vheads.pipeline.config import RunConfig
+
+    store = str(tmp_path / "s.duckdb")
+    pipeline.run(RunConfig(limit=16, batch_size=16, store=store, name="demo"))
+    result = runner.invoke(app, ["ablate", "--from", "demo", "--mode", "image-blind", "--keep", "top", "--k", "48",
+                                 "--store", store, "--format", "json"])
+    assert result.exit_code == 0, result.output
+    rows = {row["k"]: row for row in json.loads(result.stdout)}
+    assert set(rows) == {0, 48, 96}
+    assert rows[96]["accuracy"] >= 0.9 and rows[0]["accuracy"] <= rows[96]["accuracy"] - 0.4
+    assert rows[0]["image_kv_share"] == 0.0 and rows[48]["image_kv_share"] == 0.5 and rows[96]["image_kv_share"] == 1
+    assert len(rows[48]["kept"]) == 48

@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from vheads.capture import HeadFigures, HeadRecorder, ablate
+from vheads.capture import HeadFigures, HeadRecorder, ablate, fastv
 from vheads.data import BadSample, Sample, score
 from vheads.models import GeometryError, Loaded, TokenGrid
 from vheads.pipeline.config import RunConfig
@@ -148,8 +148,6 @@ class Runner:
             if self.config.ablate:
                 stack.enter_context(ablate(model, self.config.ablate, self.config.ablation))
             if self.config.fastv_layer is not None:
-                from vheads.capture import fastv
-
                 stack.enter_context(fastv(model, layer=self.config.fastv_layer, keep=self.config.fastv_keep))
             recorder = stack.enter_context(HeadRecorder(model, self.config.readout, region_mask=region,
                                                         target_mask=layout.target, grids=layout.grids))

@@ -128,6 +128,17 @@ def test_curve_points_carry_the_mode_and_the_image_kv_kept(frontier):
     assert fastv.mode == "fastv" and fastv.fastv_keep == 0.25 and fastv.image_kv_share == 0.5
 
 
+def test_keep_summary_says_where_a_selector_reaches_full_accuracy_and_its_lead_over_random(frontier):
+    from vheads.analysis.pruning import keep_summary
+
+    summary = keep_summary(curve_points(frontier, from_run="source")).set_index("selector")
+    assert list(summary.index) == ["top", "random"]  # FastV has no heads to count
+    top = summary.loc["top"]
+    assert top["full"] == 1.0 and top["k_90"] == 12 and top["share_90"] == 1.0
+    assert top["k_full"] == 2 and top["share_full"] == pytest.approx(2 / 12)  # [1, 1, 1, 0]: its interval reaches 1
+    assert top["gap_random"] == pytest.approx(0.75 - 0.375) and np.isnan(summary.loc["random", "gap_random"])
+
+
 def test_report_draws_the_efficiency_frontier(frontier, tmp_path):
     pruning_point(frontier, "flow", "ablate-source-keep-flow-blind-x", {
         "selector": HOSTILE, "k": 2, "mode": "flow-blind", "kept": ["5.1"], "image_kv_share": 2 / 12}, [True] * 4)
@@ -138,7 +149,7 @@ def test_report_draws_the_efficiency_frontier(frontier, tmp_path):
     assert "FastV K=2 R=0.25" in page and "flow-blind" in page
     assert HOSTILE not in page and "&lt;script&gt;" in page
     assert 'id="ablation"' not in page  # keep-only and FastV points belong to the frontier only
-    assert "image KV" in page[page.index('id="pruning"'):]
+    assert "image KV" in page[page.index('id="pruning"'):] and "How few heads need the image" in page
 
 
 def test_export_scores_writes_layer_head_score(ranked, tmp_path):

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Sequence
 
+import numpy as np
 import pandas as pd
 
 from vheads.analysis.points import BASELINE, Point
@@ -96,3 +97,40 @@ def fastv_plan(tag: str, fastv: Sequence[tuple[int, float]]) -> list[Point]:
     check_pruning(FASTV, False, fastv)
     return [Point(FASTV, int(layer), None, [], f"{tag}-l{int(layer)}-r{share:g}", FASTV, None,
                   (int(layer), float(share))) for layer, share in dict.fromkeys(fastv)]
+
+
+SUMMARY_COLUMNS = ["mode", "selector", "full", "k_90", "share_90", "k_full", "share_full", "gap_random",
+                   "max_gap_random", "curve"]
+
+
+def keep_summary(points: pd.DataFrame, fraction: float = 0.9) -> pd.DataFrame:
+    """How few heads need the image, per keep-only curve and selector, from `curve_points` rows.
+
+    full: accuracy of the plain run (K = all heads); k_90 / share_90: the least K (and its image KV share) whose
+    accuracy reaches `fraction` of full; k_full / share_full: the least K whose 95% interval reaches full;
+    gap_random / max_gap_random: the mean and largest accuracy lead over random heads (mean over seeds) at the
+    K both have strictly between 0 and all heads (NaN for random itself or without random points)."""
+    rows = []
+    means = points[points["seed"].map(lambda s: s is None or pd.isna(s)) & points["kept"].notna()
+                   | points["selector"].eq("random") & points["seed"].map(lambda s: s is None or pd.isna(s))]
+    means = means[means["mode"].isin(PRUNING_MODES)]
+    for (curve, mode), group in means.groupby(["curve", "mode"], sort=False):
+        total = int(group["k"].max())
+        plain = group[group["k"] == total]["accuracy"]
+        full = float(plain.iloc[0]) if len(plain) else float("nan")
+        random = group[group["selector"] == "random"].set_index("k")["accuracy"]
+        for selector, line in group.groupby("selector", sort=False):
+            line = line.sort_values("k")
+            reach = line[line["accuracy"] >= fraction * full]
+            whole = line[line["high"] >= full]
+            inner = [k for k in line["k"] if 0 < k < total and k in random.index]
+            gaps = [float(line.set_index("k")["accuracy"][k] - random[k]) for k in inner] \
+                if selector != "random" else []
+            rows.append({"mode": mode, "selector": selector, "full": full,
+                         "k_90": int(reach["k"].iloc[0]) if len(reach) else None,
+                         "share_90": float(reach["image_kv_share"].iloc[0]) if len(reach) else float("nan"),
+                         "k_full": int(whole["k"].iloc[0]) if len(whole) else None,
+                         "share_full": float(whole["image_kv_share"].iloc[0]) if len(whole) else float("nan"),
+                         "gap_random": float(np.mean(gaps)) if gaps else float("nan"),
+                         "max_gap_random": float(np.max(gaps)) if gaps else float("nan"), "curve": curve})
+    return pd.DataFrame(rows, columns=SUMMARY_COLUMNS)

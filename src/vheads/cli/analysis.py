@@ -117,6 +117,14 @@ def ablate(
     else:
         what = f"keep-only {mode}" if keep else "FastV" if mode == "fastv" else f"{mode} ablation"
         console.print(frame_table(curve_table(points), title=f"pruning curve ({what}, heads of {from_run})"))
+        if keep and points:
+            from vheads.analysis.pruning import keep_summary
+
+            console.print(frame_table(keep_summary(pd.DataFrame(points)).drop(columns=["curve", "mode"]),
+                                      title="how few heads need the image", legend="full: accuracy of the plain "
+                                      "run; k_90: least K reaching 90% of it; k_full: least K whose 95% interval "
+                                      "reaches it; share: image KV kept there; gap_random: mean (max) lead over "
+                                      "random heads at the same K"))
         if points:
             say(f"points stored as runs of curve {points[0]['curve']} in {store}")
 

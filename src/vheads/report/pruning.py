@@ -10,7 +10,7 @@ from typing import Any
 
 import pandas as pd
 
-from vheads.analysis.pruning import FASTV
+from vheads.analysis.pruning import FASTV, keep_summary
 from vheads.pipeline.pruning import PRUNING_MODES
 from vheads.report import figures
 from vheads.report import html as h
@@ -74,6 +74,15 @@ def pruning_section(store: Store, views: Sequence[Any], out: Path) -> h.Section 
             "heads are blind; the ends are every head blind (0) and the plain run (1). FastV (dotted): after layer "
             "K only the R share of image tokens stays, (K + (L - K) R) / L. Bands: 95% intervals; dots: single "
             "random seeds.")))
+        summary = keep_summary(points)
+        if len(summary):
+            section.body.append(h.paragraph(
+                "How few heads need the image: full is the plain run's accuracy; k_90 the least K whose accuracy "
+                "reaches 90% of it, k_full the least K whose 95% interval reaches it (with their image KV "
+                "shares); gap_random the mean (and largest) accuracy lead over random heads at the same K."))
+            section.body.append(h.table(summary.drop(columns="curve"), {
+                "full": _pct, "share_90": _share, "share_full": _share, "gap_random": _signed,
+                "max_gap_random": _signed, "k_90": _int, "k_full": _int}))
         section.body.append(h.table(frontier_table(points), {"accuracy": _pct, "low": _pct, "high": _pct,
                                                             "image KV": _share}))
     return section if section.body else None
@@ -108,3 +117,11 @@ def _pct(value: Any) -> str:
 
 def _share(value: Any) -> str:
     return "n/a" if value is None or pd.isna(value) else f"{float(value):.2f}"
+
+
+def _signed(value: Any) -> str:
+    return "n/a" if value is None or pd.isna(value) else f"{float(value):+.3f}"
+
+
+def _int(value: Any) -> str:
+    return "not reached" if value is None or pd.isna(value) else str(int(value))

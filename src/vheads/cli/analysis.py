@@ -68,6 +68,8 @@ def ablate(
     max_new_tokens: int = typer.Option(8, "--max-new-tokens", min=1, help="Answer length limit (greedy)."),
     readout: str = typer.Option("prompt", "--readout", help="prompt, first-generated or generated."),
     seed: int = typer.Option(0, "--seed", help="Seed for --limit sampling."),
+    device: str = typer.Option("auto", "--device", help="Where the model runs: auto, cpu, cuda, cuda:N (default: "
+                               "that of --from)."),
     stages: str = typer.Option(None, "--stages", help="A,B: stage boundaries for late (default: those of --from)."),
     store: str = typer.Option("vheads.duckdb", "--store", help=STORE_HELP),
     fmt: str = typer.Option("table", "--format", help="table, csv or json (csv and json: one row per point, "
@@ -85,6 +87,7 @@ def ablate(
     setup_logging(verbose)
     from vheads.analysis.ablation import curve
     from vheads.analysis.pruning import check_pruning
+    from vheads.models import check_device
     from vheads.pipeline.config import RunConfig
 
     with errors():
@@ -95,7 +98,8 @@ def ablate(
                            question_type=question_type, prompt_style=prompt_style, limit=limit,
                            batch_size=batch_size, max_new_tokens=max_new_tokens,
                            readout=check_choice(readout, "readout"), seed=seed, stages=parse_stages_option(stages),
-                           explicit=explicit_options(ctx))
+                           device=device, explicit=explicit_options(ctx))
+        check_device(device)
         mode = check_mode(ablation)
         selectors, sets = keep_items(keep) if keep else (_items(select, "--select", str), [])
         fastv = fastv_points(fastv_layer, fastv_keep)

@@ -10,8 +10,10 @@ from torch import nn
 
 from vheads.capture.masked import KeyMask
 from vheads.capture.positions import ImagePositions, resolve_image_token_id
+from vheads.capture.pruned_cache import PrunedCache, PrunedLayer
 from vheads.capture.session import AttentionCall, CaptureSession
-from vheads.heads import missing_heads
+from vheads.compat import forward_cache
+from vheads.heads import image_kv_heads, missing_heads
 
 MODES = ("zero", "uniform", "image-blind", "flow-blind")
 IMAGE_MODES = ("image-blind", "flow-blind")
@@ -29,6 +31,11 @@ class ablate:  # noqa: N801 - used as a context manager, like torch.no_grad
     bare language models); generated tokens are text. A row that sees no key once the image is gone gives 0.
     Composes with `HeadRecorder` in either order; a recorder reports the attention the model used (the uniform
     distribution of uniform-ablated heads, no image weight for image-blind ones).
+
+    For image-blind and flow-blind heads, `cache()` gives a KV cache (`PrunedCache`) that does not hold the
+    image's keys and values of the key/value heads whose query heads are all blind; passed to `generate` (under
+    `compat.generate_cache_keyword(model)`) those heads' attention then runs on the text keys alone. The
+    answers are the same with or without it; only the memory and the attention's work differ.
     """
 
     def __init__(self, model: nn.Module, heads: Iterable[tuple[int, int]], mode: str = "zero",
@@ -44,6 +51,8 @@ class ablate:  # noqa: N801 - used as a context manager, like torch.no_grad
         self.positions = (ImagePositions(resolve_image_token_id(model, image_token_id, f"ablate({mode!r})"))
                           if mode in IMAGE_MODES else None)
         self.session: CaptureSession | None = None
+        self._cache: PrunedCache | None = None
+        self._cache_live = False
 
     def __enter__(self) -> ablate:
         session = CaptureSession.attach(self.model)
@@ -62,15 +71,45 @@ class ablate:  # noqa: N801 - used as a context manager, like torch.no_grad
         return self
 
     def __exit__(self, *exc: Any) -> None:
+        if self._cache is not None:
+            self._cache.prompt.active = False
         session, self.session = self.session, None
         if session is not None:
             session.ablations.remove(self)
             session.detach()
 
+    def cache(self) -> PrunedCache:
+        """A new KV cache for one `generate` call inside this context that does not hold the image's keys and values
+        of the key/value heads whose query heads are all blind (`heads.image_kv_heads`). Sliding-window and
+        linear-attention layers keep transformers' own cache layers."""
+        if self.positions is None:
+            raise ValueError(f"ablate: a pruned cache needs mode image-blind or flow-blind, not {self.mode!r}")
+        if self.session is None:
+            raise ValueError("ablate: cache() is made inside the `with ablate(...)` block that uses it")
+        config = self.session.configs[0]
+        heads = int(config.num_attention_heads)
+        kv_heads = int(getattr(config, "num_key_value_heads", None) or heads)
+        keep = image_kv_heads(self.heads, heads, kv_heads, self.session.attention_layers)
+        self._cache = PrunedCache(self.model.config, keep, kv_heads, hides="image")
+        self._cache.prompt.active = True
+        return self._cache
+
     def on_forward(self, session: CaptureSession, kwargs: dict[str, Any]) -> None:
         """Called before each forward of the model: image positions on prefill, one more text step on decode."""
-        if self.positions is not None:
-            self.positions.on_forward(kwargs)
+        if self.positions is None:
+            return
+        self.positions.on_forward(kwargs)
+        self._cache_live = self._cache is not None and forward_cache(kwargs) is self._cache
+        if self._cache_live and self.positions.prefill:
+            self._cache.prompt.image = self.positions.image
+            self._cache.prompt.hidden["image"] = self.positions.image
+
+    def cache_layer(self, call: AttentionCall) -> PrunedLayer | None:
+        """The pruned cache layer behind this call's keys, when the forward runs on this context's cache."""
+        if not self._cache_live:
+            return None
+        layer = self._cache.layers[call.layer]
+        return layer if isinstance(layer, PrunedLayer) else None
 
     def key_masks(self, call: AttentionCall) -> list[KeyMask]:
         """The keys this ablation takes out of the call's heads: the image's, for image-blind and flow-blind heads

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from vheads.capture.masked import apply_key_masks
+from vheads.capture.masked import apply_key_masks, attend_pruned
 from vheads.compat import (
     attention_function,
     attention_implementation,
@@ -273,9 +273,17 @@ class CaptureSession:
             return kernel(module, query, key, value, attention_mask, **kwargs)
         zero, uniform = self.ablated(layer)
         call = AttentionCall(layer, module, query, key, value, attention_mask, kwargs, uniform)
+        split = None
         for ablation in self.ablations:
             call.key_masks.extend(ablation.key_masks(call))
-        out, weights = apply_key_masks(call, self.base, None, None, kernel)
+            if split is None:
+                split = ablation.cache_layer(call)
+        if split is None:
+            out, weights = apply_key_masks(call, self.base, kernel)
+        else:
+            out, weights = attend_pruned(call, split, self.base, kernel)
+            if (self.observers or uniform) and split.length != query.shape[2]:
+                call.key, call.value = split.dense()
         if zero or uniform:
             out = out.clone()
             if zero:

@@ -282,3 +282,21 @@ def test_keep_only_on_the_demo_model_needs_the_image_and_the_visual_heads_help(t
     assert rows[96]["accuracy"] >= 0.9 and rows[0]["accuracy"] <= rows[96]["accuracy"] - 0.4
     assert rows[0]["image_kv_share"] == 0.0 and rows[48]["image_kv_share"] == 0.5 and rows[96]["image_kv_share"] == 1
     assert len(rows[48]["kept"]) == 48
+    flow = runner.invoke(app, ["ablate", "--from", "demo", "--mode", "flow-blind", "--keep", "top", "--k", "48",
+                               "--store", store, "--format", "json"])
+    assert flow.exit_code == 0, flow.output
+    flows = {row["k"]: row for row in json.loads(flow.stdout)}
+    assert {row["mode"] for row in flows.values()} == {"flow-blind"} and flows[96]["accuracy"] == rows[96]["accuracy"]
+    assert flows[0]["accuracy"] <= flows[96]["accuracy"] - 0.4  # no head lets the image into the text
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--fastv-layer", "2", "--fastv-keep", "1.5"], "--fastv-keep 1.5: the share of image tokens kept must be in"),
+    (["--fastv-layer", "2"], "--fastv-layer and --fastv-keep go together"),
+    (["--fastv-layer", "2", "--fastv-keep", "0.5", "--ablate", "0.1"], "run it without --ablate"),
+    (["--ablation", "half-blind", "--ablate", "0.1"], "unknown --ablation 'half-blind'"),
+])
+def test_cli_run_refuses_bad_pruning_options_in_one_line(tmp_path, args, message):
+    result = runner.invoke(app, ["run", "--limit", "1", "--store", str(tmp_path / "s.duckdb"), *args])
+    assert result.exit_code == 2, result.output
+    assert message in result.output and len(result.output.strip().splitlines()) == 1

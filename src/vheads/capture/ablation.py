@@ -11,15 +11,14 @@ from torch import nn
 from vheads.capture.masked import KeyMask
 from vheads.capture.positions import ImagePositions, resolve_image_token_id
 from vheads.capture.pruned_cache import PrunedCache, PrunedLayer
-from vheads.capture.session import AttentionCall, CaptureSession
-from vheads.compat import forward_cache
+from vheads.capture.session import Ablation, AttentionCall, CaptureSession
 from vheads.heads import image_kv_heads, missing_heads
 
 MODES = ("zero", "uniform", "image-blind", "flow-blind")
 IMAGE_MODES = ("image-blind", "flow-blind")
 
 
-class ablate:  # noqa: N801 - used as a context manager, like torch.no_grad
+class ablate(Ablation):  # noqa: N801 - used as a context manager, like torch.no_grad
     """Context manager that ablates `heads` ((layer, head) pairs) of the language model.
 
     `zero`: the head's attention output is zero at every position and step (the same as zeroing its slice
@@ -99,17 +98,14 @@ class ablate:  # noqa: N801 - used as a context manager, like torch.no_grad
         if self.positions is None:
             return
         self.positions.on_forward(kwargs)
-        self._cache_live = self._cache is not None and forward_cache(kwargs) is self._cache
+        self._cache_live = self._cache is not None and self._cache.runs(kwargs)
         if self._cache_live and self.positions.prefill:
             self._cache.prompt.image = self.positions.image
             self._cache.prompt.hidden["image"] = self.positions.image
 
     def cache_layer(self, call: AttentionCall) -> PrunedLayer | None:
         """The pruned cache layer behind this call's keys, when the forward runs on this context's cache."""
-        if not self._cache_live:
-            return None
-        layer = self._cache.layers[call.layer]
-        return layer if isinstance(layer, PrunedLayer) else None
+        return self._cache.pruned_layer(call.layer) if self._cache_live else None
 
     def key_masks(self, call: AttentionCall) -> list[KeyMask]:
         """The keys this ablation takes out of the call's heads: the image's, for image-blind and flow-blind heads
@@ -122,7 +118,3 @@ class ablate:  # noqa: N801 - used as a context manager, like torch.no_grad
             return [(heads, keys)]
         text_rows = ~self.positions.rows(call.query.shape[2], call.key.device)
         return [(heads, keys & text_rows[:, :, None])]
-
-    def after(self, call: AttentionCall) -> None:
-        """Called after each attention call (nothing to do: the masks are fixed per forward)."""
-

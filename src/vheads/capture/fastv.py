@@ -12,8 +12,7 @@ from torch import nn
 from vheads.capture.masked import KeyMask
 from vheads.capture.positions import ImagePositions, resolve_image_token_id
 from vheads.capture.pruned_cache import PrunedCache, PrunedLayer
-from vheads.capture.session import AttentionCall, CaptureSession
-from vheads.compat import forward_cache
+from vheads.capture.session import Ablation, AttentionCall, CaptureSession
 
 
 def top_image_tokens(attention: torch.Tensor, image: torch.Tensor, keep: float) -> torch.Tensor:
@@ -31,7 +30,7 @@ def top_image_tokens(attention: torch.Tensor, image: torch.Tensor, keep: float) 
     return kept
 
 
-class fastv:  # noqa: N801 - used as a context manager, like torch.no_grad and ablate
+class fastv(Ablation):  # noqa: N801 - used as a context manager, like torch.no_grad and ablate
     """Context manager that prunes image tokens the FastV way while the model runs.
 
     Layers 0..layer-1 see every token. At layer `layer`-1 (in hybrid models, the last softmax-attention layer
@@ -107,7 +106,7 @@ class fastv:  # noqa: N801 - used as a context manager, like torch.no_grad and a
     def on_forward(self, session: CaptureSession, kwargs: dict[str, Any]) -> None:
         """Called before each forward: a prefill forgets the last ranking."""
         self.positions.on_forward(kwargs)
-        self._cache_live = self._cache is not None and forward_cache(kwargs) is self._cache
+        self._cache_live = self._cache is not None and self._cache.runs(kwargs)
         if self.positions.prefill:
             self._dropped = None
             if self._cache_live:
@@ -128,10 +127,7 @@ class fastv:  # noqa: N801 - used as a context manager, like torch.no_grad and a
 
     def cache_layer(self, call: AttentionCall) -> PrunedLayer | None:
         """The pruned cache layer behind this call's keys, when the forward runs on this context's cache."""
-        if not self._cache_live:
-            return None
-        layer = self._cache.layers[call.layer]
-        return layer if isinstance(layer, PrunedLayer) else None
+        return self._cache.pruned_layer(call.layer) if self._cache_live else None
 
     def key_masks(self, call: AttentionCall) -> list[KeyMask]:
         """From layer `layer` on, every head loses the image tokens that were not kept."""

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from vheads.capture.session import CaptureError
-from vheads.compat import DynamicCache, DynamicLayer
+from vheads.compat import DynamicCache, DynamicLayer, forward_cache
 
 
 class Prompt:
@@ -154,6 +154,15 @@ class PrunedCache(DynamicCache):
             if len(heads) < kv_heads and layer < len(self.layers) and type(self.layers[layer]) is DynamicLayer:
                 self.layers[layer] = PrunedLayer(heads, kv_heads, self.prompt, hides)
                 self.pruned.append(layer)
+
+    def runs(self, kwargs: dict[str, Any]) -> bool:
+        """Whether a forward with keyword arguments `kwargs` runs on this cache."""
+        return forward_cache(kwargs) is self
+
+    def pruned_layer(self, layer: int) -> PrunedLayer | None:
+        """Layer `layer`'s cache when it is a `PrunedLayer`, else None."""
+        found = self.layers[layer] if layer < len(self.layers) else None
+        return found if isinstance(found, PrunedLayer) else None
 
 
 def cache_bytes(cache: Any, image: torch.Tensor | None = None) -> dict[str, int]:

@@ -28,13 +28,18 @@ def is_pruning(points: pd.DataFrame) -> pd.Series:
 
 def frontier_figure(points: pd.DataFrame, title: str) -> figures.Figure:
     """Accuracy against the image KV kept: a line per (mode, selector) through its points (random: the mean over
-    seeds, single seeds as dots), FastV as one dotted line, each with its 95% interval band."""
-    fig, ax = figures.plt.subplots(figsize=(6.8, 4.6), layout="constrained")
+    seeds, single seeds as dots), FastV as a dotted line per layer K through its shares R, each with its 95%
+    interval band."""
+    fig, ax = figures.plt.subplots(figsize=(8.6, 4.6), layout="constrained")
     seeded = points["seed"].map(lambda s: s is not None and not pd.isna(s))
-    for (mode, selector), rows in points[~seeded].groupby(["mode", "selector"], sort=False):
+    lines = points.assign(line=[f"FastV K={int(r.fastv_layer)}" if r.mode == FASTV else f"{r.selector} ({r.mode})"
+                                for r in points.itertuples()])
+    fastv_shades = dict(zip(sorted(points.loc[points["mode"] == FASTV, "fastv_layer"].dropna().unique()),
+                            ("#333333", "#777777", "#aaaaaa", "#555555", "#999999"), strict=False))
+    for (mode, selector, label), rows in lines[~seeded].groupby(["mode", "selector", "line"], sort=False):
         rows = rows.sort_values("image_kv_share")
-        color = FASTV_COLOR if mode == FASTV else figures.SELECTOR_COLORS.get(str(selector).split(":")[0])
-        label = "FastV" if mode == FASTV else f"{selector} ({mode})"
+        color = fastv_shades.get(rows["fastv_layer"].iloc[0], FASTV_COLOR) if mode == FASTV else \
+            figures.SELECTOR_COLORS.get(str(selector).split(":")[0])
         line = ax.plot(rows["image_kv_share"], rows["accuracy"], marker="o", markersize=4, label=label, color=color,
                        linestyle=LINE_STYLES.get(str(mode), "-"))[0]
         ax.fill_between(rows["image_kv_share"].to_numpy(dtype=float), rows["low"].to_numpy(dtype=float),
@@ -46,7 +51,7 @@ def frontier_figure(points: pd.DataFrame, title: str) -> figures.Figure:
     ax.set_ylim(-0.02, 1.02)
     ax.grid(alpha=0.3)
     figures._text(ax, title, "share of the image's keys and values kept", "accuracy")
-    legend = ax.legend(fontsize=8, loc="lower right")
+    legend = ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5))
     for text in legend.get_texts():
         text.set_parse_math(False)
     return fig

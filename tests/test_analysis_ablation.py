@@ -98,7 +98,7 @@ def test_a_curve_stores_each_point_as_a_tagged_run(swept):
     assert (tagged["n_samples"] == 6).all() and (tagged["status"] == "done").all()
     by_name = {name: tags for name, tags in zip(tagged["name"], tagged["tags"], strict=True)}
     base = next(tags for name, tags in by_name.items() if name.endswith("-k0"))
-    assert base == {"selector": "none", "k": 0, "seed": None, "from_run": "source", "heads": []}
+    assert base == {"selector": "none", "k": 0, "seed": None, "from_run": "source", "heads": [], "mode": "zero"}
     seeds = sorted(tags["seed"] for tags in by_name.values() if tags["selector"] == "random")
     assert seeds == [0, 1]
     assert list(frame.columns) == POINT_COLUMNS
@@ -169,7 +169,9 @@ def test_cli_ablate_prints_the_documented_json(swept):
                                  "--format", "json"])
     assert result.exit_code == 0, result.output
     rows = json.loads(result.stdout)
-    assert all(list(row) == ["selector", "k", "seed", "accuracy", "low", "high", "heads"] for row in rows)
+    assert all(list(row) == ["selector", "k", "seed", "accuracy", "low", "high", "heads", "mode", "kept",
+                             "image_kv_share", "fastv_layer", "fastv_keep"] for row in rows)
+    assert {row["mode"] for row in rows} == {"zero"} and all(row["image_kv_share"] is None for row in rows)
     assert [(r["selector"], r["k"], r["seed"]) for r in rows] == [
         ("top", 0, None), ("top", 1, None), ("random", 0, None), ("random", 1, None), ("random", 1, 0),
         ("random", 1, 1)]

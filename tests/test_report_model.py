@@ -70,7 +70,7 @@ def test_report_of_a_real_run_draws_overlays_and_escapes_dataset_text(real_store
 
 def test_demo_runs_the_whole_study_and_can_run_again_in_the_same_folder(model_dirs, tmp_path):
     settings = DemoSettings(out=tmp_path / "demo", limit=3, curve_limit=2, ks=(0, 2), seeds=2, overlays=1,
-                            model=str(model_dirs("llava")))
+                            model=str(model_dirs("llava")), keep_ks=(2,), keep_seeds=1, fastv=((1, 0.5),))
     first = run_demo(settings, say=lambda line: None)
     second = run_demo(settings, say=lambda line: None)
     assert second.index == first.index == tmp_path / "demo" / "index.html"
@@ -79,9 +79,12 @@ def test_demo_runs_the_whole_study_and_can_run_again_in_the_same_folder(model_di
         runs = store.runs()
     assert list(runs["name"]).count("demo") == 1
     assert second.style_runs == {"visual": "demo", "plain": "demo-plain", "none": "demo-none"}
-    assert len(runs) == 1 + 2 + 1 + 2 + 2
+    # the run, two styles, K = 0, top and late, two random seeds; keep-only: all blind, all kept, top, random; FastV
+    assert len(runs) == 1 + 2 + 1 + 2 + 2 + 4 + 1
+    assert {(p["mode"], p["selector"]) for p in second.pruning} == {
+        ("image-blind", "top"), ("image-blind", "random"), ("fastv", "fastv")}
     page = second.index.read_text()
-    assert "pruning curve" in page.lower() and "Run demo" in page
+    assert "pruning curve" in page.lower() and "Run demo" in page and "efficiency frontier of demo" in page
     assert "Prompt styles" in page and (tmp_path / "demo" / "heatmap-styles.png").exists()
 
 

@@ -1,9 +1,11 @@
 """Pruning curves: ablate the top visual heads, random heads or the weakest late heads, K at a time, and record
-accuracy with a 95% interval (DESIGN.md, Ablation).
+accuracy with a 95% interval (DESIGN.md, Ablation); or keep only K heads seeing the image (keep-only), or prune
+image tokens with FastV (`analysis.pruning`).
 
 Every point is an ordinary run in the store, tagged with the curve (runs.curve) and with its selector, K, seed,
-source run and heads (runs.tags). Point names are derived from the curve, so running the same curve again
-reuses the finished points and resumes an interrupted one. K = 0 is one unablated run shared by every selector.
+source run, mode and heads (runs.tags). Point names are derived from the curve, so running the same curve again
+reuses the finished points and resumes an interrupted one. K = 0 is one unablated run shared by every selector
+(keep-only: K = 0, every head blind, and K = all heads, the plain run).
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -19,50 +21,37 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from vheads.analysis.points import BASELINE, Point
+from vheads.analysis.pruning import FASTV, check_pruning, fastv_plan, keep_plan
 from vheads.analysis.ranking import head_table
-from vheads.analysis.selectors import CURVE_SELECTORS, check_ranked, resolve_heads, select_heads
+from vheads.analysis.selectors import CURVE_SELECTORS, DEFAULT_CURVE, check_ranked, resolve_heads, select_heads
 from vheads.analysis.stats import bootstrap_mean_ci, t_interval
-from vheads.analysis.visual import head_label, stage_counts
-from vheads.heads import Head, parse_heads
+from vheads.analysis.visual import stage_counts
+from vheads.heads import parse_heads
 from vheads.pipeline import run as pipeline
 from vheads.pipeline.config import NOT_INHERITED, RunConfig
 from vheads.store import Store
 
-BASELINE = "none"
-POINT_COLUMNS = ["selector", "k", "seed", "accuracy", "low", "high", "n", "seeds", "heads", "stages", "curve",
-                 "from_run", "run"]
+POINT_COLUMNS = ["selector", "k", "seed", "accuracy", "low", "high", "n", "seeds", "heads", "kept", "stages", "mode",
+                 "image_kv_share", "fastv_layer", "fastv_keep", "curve", "from_run", "run"]
 _DIGEST_FIELDS = ("model", "dataset", "data", "images", "split", "question_type", "prompt_style", "limit", "seed",
                   "readout", "max_new_tokens", "ablation")
 
 __all__ = ["POINT_COLUMNS", "Point", "plan", "resolve_heads", "curve", "curve_points", "curve_tag"]
 
 
-@dataclass(frozen=True)
-class Point:
-    """One point of a curve: the heads removed and the run that measures it."""
-
-    selector: str
-    k: int
-    seed: int | None
-    heads: list[Head]
-    name: str
-
-    def tags(self, from_run: str) -> dict[str, Any]:
-        """What runs.tags records for this point."""
-        return {"selector": self.selector, "k": self.k, "seed": self.seed, "from_run": from_run,
-                "heads": head_label(self.heads)}
-
-
-def curve_tag(from_run: str, config: RunConfig) -> str:
-    """`ablate-<source run>-<mode>-<digest of model, data and readout options>`: equal settings, equal tag."""
+def curve_tag(from_run: str, config: RunConfig, kind: str | None = None) -> str:
+    """`ablate-<source run>-<kind>-<digest of model, data and readout options>`: equal settings, equal tag. The
+    kind is the ablation mode, `keep-<mode>` for keep-only curves, `fastv` for FastV's."""
     settings = {name: getattr(config, name) for name in _DIGEST_FIELDS}
     digest = hashlib.sha1(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:8]
-    return f"ablate-{from_run}-{config.ablation}-{digest}"
+    return f"ablate-{from_run}-{kind or config.ablation}-{digest}"
 
 
-def plan(ranking: pd.DataFrame, tag: str, selectors: Sequence[str] = CURVE_SELECTORS,
-         ks: Sequence[int] = (0, 4, 8, 16), seeds: int = 5) -> list[Point]:
-    """The points of a curve over a ranking (`head_table` of the source run); K = 0 once, random once per seed."""
+def plan(ranking: pd.DataFrame, tag: str, selectors: Sequence[str] = DEFAULT_CURVE,
+         ks: Sequence[int] = (0, 4, 8, 16), seeds: int = 5, mode: str = "zero") -> list[Point]:
+    """The points of a curve over a ranking (`head_table` of the source run); K = 0 once, random once per seed.
+    Every point ablates its K heads in `mode`."""
     unknown = [s for s in selectors if s not in CURVE_SELECTORS]
     if unknown:
         raise ValueError(f"unknown selector {unknown[0]!r} for a curve; expected {', '.join(CURVE_SELECTORS)}")
@@ -73,54 +62,69 @@ def plan(ranking: pd.DataFrame, tag: str, selectors: Sequence[str] = CURVE_SELEC
     if seeds < 1:
         raise ValueError(f"--seeds must be at least 1, got {seeds}")
     layers, heads = int(ranking.attrs["layers"]), int(ranking.attrs["heads"])
-    points = [Point(BASELINE, 0, None, [], f"{tag}-k0")] if 0 in ks else []
+    points = [Point(BASELINE, 0, None, [], f"{tag}-k0", mode)] if 0 in ks else []
     for selector in dict.fromkeys(selectors):
         for k in sorted({k for k in ks if k > 0}):
             if selector == "random":
                 points += [Point(selector, k, seed, select_heads(f"random:{k}:{seed}", ranking, layers, heads),
-                                 f"{tag}-random{k}-s{seed}") for seed in range(seeds)]
+                                 f"{tag}-random{k}-s{seed}", mode) for seed in range(seeds)]
             else:
                 points.append(Point(selector, k, None, select_heads(f"{selector}:{k}", ranking, layers, heads),
-                                    f"{tag}-{selector}{k}"))
+                                    f"{tag}-{selector}{k}", mode))
     return points
 
 
-def curve(store_path: str | Path, from_run: str | int, selectors: Sequence[str] = CURVE_SELECTORS,
+def curve(store_path: str | Path, from_run: str | int, selectors: Sequence[str] = DEFAULT_CURVE,
           ks: Sequence[int] = (0, 4, 8, 16), seeds: int = 5, ablation: str = "zero", config: RunConfig | None = None,
           loaded: Any = None, dataset: Any = None, progress: Callable[[str, int, int, int, int], None] | None = None,
-          n_boot: int = 1000) -> list[dict[str, Any]]:
+          n_boot: int = 1000, keep: bool = False, sets: Sequence[str] = (),
+          fastv: Sequence[tuple[int, float]] = ()) -> list[dict[str, Any]]:
     """Run (or reuse) every point of a pruning curve and return its points, as `curve_points` rows.
+
+    `ablation` is the mode: zero or uniform (ablate K heads), image-blind or flow-blind (with `keep`: only K heads
+    keep the image, chosen by `selectors` or the fixed `sets`, see `pruning.keep_plan`), or fastv (one point per
+    (layer, share) of `fastv`; selectors and K unused).
 
     The points reuse the source run's stored settings (model, data, images, split, question type, prompt style,
     limit, seed, readout, max-new-tokens, dtype, attention kernel, stages, ...); an option `config` gives explicitly
     (`config.explicit`, or for the Python API a value other than the default) overrides it and is stored with each
     point. `progress(point_name, done, total, correct, scored)` follows each point's run (see `pipeline.run`).
     """
+    check_pruning(ablation, keep, fastv)
     config = config or RunConfig()
     with Store(store_path, read_only=True) as store:
         source = store.run(from_run)
         stored = source["config"] or {}
-        base = replace(config.inherit(stored, skip=NOT_INHERITED), store=str(store_path), ablation=ablation,
-                       ablate=[], shard=None, name=None)
+        base = replace(config.inherit(stored, skip=NOT_INHERITED), store=str(store_path),
+                       ablation="zero" if ablation == FASTV else ablation, ablate=[], fastv_layer=None,
+                       fastv_keep=None, shard=None, name=None)
         ranking = head_table(store, from_run, stages=base.stages)
         check_ranked(ranking, source["name"])
         base = replace(base, model=base.model or source["model"])
-        tag = base.curve or curve_tag(source["name"], base)
-        points = plan(ranking, tag, selectors, ks, seeds)
+        kind = f"keep-{ablation}" if keep else ablation
+        tag = base.curve or curve_tag(source["name"], base, kind)
+        if ablation == FASTV:
+            points = fastv_plan(tag, fastv)
+        elif keep:
+            points = keep_plan(ranking, tag, ablation, selectors, ks, seeds, sets)
+        else:
+            points = plan(ranking, tag, selectors, ks, seeds, ablation)
         status = dict(store.query("SELECT name, status FROM runs WHERE curve = ?", [tag]).itertuples(index=False))
     finished = {name for name, state in status.items() if state == "done"}
     todo = [p for p in points if p.name not in finished]
     if todo:
         loaded, dataset = _prepare(base, loaded, dataset, (int(source["layers"]), int(source["heads"])))
     for point in todo:
-        pipeline.run(replace(base, name=point.name, ablate=point.heads, curve=tag, tags=point.tags(source["name"]),
+        fastv_layer, fastv_keep = point.fastv or (None, None)
+        pipeline.run(replace(base, name=point.name, ablate=point.heads, fastv_layer=fastv_layer,
+                             fastv_keep=fastv_keep, curve=tag, tags=point.tags(source["name"]),
                              resume=point.name in status),
                      loaded=loaded, dataset=dataset, progress=partial(progress, point.name) if progress else None,
                      start=partial(_started, progress, point.name) if progress else None)
     with Store(store_path, read_only=True) as store:
         runs = _curve_runs(store, tag, None)
-        frame = _points(store, runs[runs["name"].isin({p.name for p in points})], list(dict.fromkeys(selectors)),
-                        n_boot)
+        present = list(dict.fromkeys(p.selector for p in points if p.selector != BASELINE))
+        frame = _points(store, runs[runs["name"].isin({p.name for p in points})], present, n_boot)
     return frame.to_dict("records")
 
 
@@ -128,10 +132,13 @@ def curve_points(store: Store, curve: str | None = None, from_run: str | int | N
                  n_boot: int = 1000) -> pd.DataFrame:
     """The pruning-curve points of the curves in a store (one curve, or those ablating `from_run`, or all).
 
-    Columns: selector, k, seed, accuracy, low, high, n (scored samples per run), seeds, heads (`L.H` list),
-    stages ({early, mid, late} counts of the heads), curve, from_run, run. top / late and single runs carry a
-    bootstrap 95% interval over samples; random K has one row per seed plus a row with seed None: the mean over
-    seeds with a t interval (heads and stages None there). K = 0 appears once per selector of its curve.
+    Columns: selector, k, seed, accuracy, low, high, n (scored samples per run), seeds, heads (`L.H` list of the
+    heads ablated), kept (keep-only: the heads that keep the image, else None), stages ({early, mid, late} counts
+    of the heads the selector chose: ablated, or kept), mode, image_kv_share (share of the image's keys and
+    values the run needs, for pruning modes and FastV; NaN otherwise), fastv_layer / fastv_keep (FastV's K and R),
+    curve, from_run, run. top / late and single runs carry a bootstrap 95% interval over samples; random K has
+    one row per seed plus a row with seed None: the mean over seeds with a t interval (heads, kept and stages
+    None there). The shared points (K = 0; keep-only: K = 0 and K = all) appear once per selector of their curve.
     """
     source = store.run(from_run)["name"] if from_run is not None else None
     frames = []
@@ -179,22 +186,28 @@ def _points(store: Store, runs: pd.DataFrame, selectors: list[str], n_boot: int)
     for run in runs.itertuples():
         values = correct.get(int(run.run_id), np.zeros(0))
         low, high = bootstrap_mean_ci(values, n_boot=n_boot)
-        heads = parse_heads(",".join(run.tags["heads"]))
-        single.append({"selector": run.tags["selector"], "k": int(run.tags["k"]), "seed": run.tags.get("seed"),
+        tags, settings = run.tags, run.config or {}
+        chosen = parse_heads(",".join(tags["kept"] if "kept" in tags else tags["heads"]))
+        share = tags.get("image_kv_share")
+        single.append({"selector": tags["selector"], "k": int(tags["k"]), "seed": tags.get("seed"),
                        "accuracy": float(values.mean()) if len(values) else float("nan"), "low": float(low),
-                       "high": float(high), "n": len(values), "seeds": 1, "heads": run.tags["heads"],
-                       "stages": stage_counts(heads, int(run.layers), (run.config or {}).get("stages")),
-                       "curve": run.curve,
-                       "from_run": run.tags["from_run"], "run": run.name})
+                       "high": float(high), "n": len(values), "seeds": 1, "heads": tags["heads"],
+                       "kept": tags.get("kept"),
+                       "stages": stage_counts(chosen, int(run.layers), settings.get("stages")),
+                       "mode": tags.get("mode", settings.get("ablation")),
+                       "image_kv_share": float("nan") if share is None else float(share),
+                       "fastv_layer": tags.get("fastv_layer"), "fastv_keep": tags.get("fastv_keep"),
+                       "curve": run.curve, "from_run": tags["from_run"], "run": run.name})
     rows = [r for r in single if r["selector"] != BASELINE]
     for base in (r for r in single if r["selector"] == BASELINE):
         rows += [{**base, "selector": s} for s in selectors] or [base]
     rows += _random_means([r for r in single if r["selector"] == "random"])
     order = {s: i for i, s in enumerate((*CURVE_SELECTORS, BASELINE))}
-    rows.sort(key=lambda r: (order.get(r["selector"], len(order)), r["selector"], r["k"],
+    rows.sort(key=lambda r: (order.get(r["selector"], len(order)), r["selector"], r["k"], r["fastv_keep"] or 0,
                              -1 if r["seed"] is None else r["seed"]))
     frame = pd.DataFrame(rows, columns=POINT_COLUMNS)
-    frame["seed"] = pd.Series([r["seed"] for r in rows], dtype=object)
+    for column in ("seed", "fastv_layer", "fastv_keep"):
+        frame[column] = pd.Series([r[column] for r in rows], dtype=object)
     return frame
 
 
@@ -211,6 +224,7 @@ def _random_means(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
             low, high = max(low, 0.0), min(high, 1.0)
         means.append({**group[0], "seed": None, "accuracy": mean, "low": low, "high": high,
                       "n": min(r["n"] for r in group), "seeds": len(group), "heads": None, "stages": None,
+                      "kept": None, "image_kv_share": float(np.mean([r["image_kv_share"] for r in group])),
                       "run": None})
     return means
 

@@ -123,3 +123,19 @@ def no_readout_hint(table: pd.DataFrame) -> str | None:
 def top_heads(table: pd.DataFrame, k: int) -> list[tuple[int, int]]:
     """The first K heads of a ranking."""
     return [(int(r.layer), int(r.head)) for r in table.head(k).itertuples()]
+
+
+SCORE_COLUMNS = ("score", "mean_w", "mean_c", "mean_region_share", "pointing")
+
+
+def score_table(store: Store, run: str | int, by: str = "score") -> pd.DataFrame:
+    """Per-head visual scores of a run as `layer, head, score`, in layer and head order: the file head-budgeted KV
+    methods (SparseMM-style) read. `by` picks the figure: the head score (default), mean W, mean C, mean region
+    share or pointing. Only heads of softmax-attention layers; an undefined value is NaN."""
+    if by not in SCORE_COLUMNS:
+        raise ValueError(f"unknown --by {by!r}; expected one of {', '.join(SCORE_COLUMNS)}")
+    table = head_table(store, run)
+    if table.empty:
+        raise ValueError(f"run {run} has no head figures to export")
+    frame = table[["layer", "head", by]].rename(columns={by: "score"}).astype({"layer": int, "head": int})
+    return frame.sort_values(["layer", "head"]).reset_index(drop=True)

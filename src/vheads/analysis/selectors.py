@@ -2,7 +2,8 @@
 
 `top:K` the K best heads of a run's ranking; `random:K[:seed]` K heads drawn from all heads with the seed;
 `late:K` the K lowest-scoring heads of the late stage; `stage:early|mid|late` every head of a stage;
-`pointing:K` the K heads of a run that most often point at a target; `localization:K` Kang et al.'s
+`pointing:K` the K heads of a run that most often point at a target; `region:K` the K heads with the highest mean
+region share (the share of their image attention on the asked-about box); `localization:K` Kang et al.'s
 localization heads of a run (`analysis.localization`); `L.H,L.H` an explicit list. Random sets are nested: for
 one seed, the K = 4 set is part of the K = 8 set.
 """
@@ -18,10 +19,12 @@ from vheads.analysis.ranking import attention_heads, head_table, no_readout_hint
 from vheads.heads import Head, format_heads, missing_heads, parse_heads
 from vheads.store import Store
 
-CURVE_SELECTORS = ("top", "random", "late")
-NEEDS_RUN = ("top", "late", "pointing", "localization")
-SELECTORS = (*CURVE_SELECTORS, "stage", "pointing", "localization")
-EXPECTED = "top:K, random:K[:seed], late:K, stage:NAME, pointing:K, localization:K or L.H,..."
+# The selectors a curve runs by default, and every selector a curve can run (one head set per K).
+DEFAULT_CURVE = ("top", "random", "late")
+CURVE_SELECTORS = (*DEFAULT_CURVE, "pointing", "region")
+NEEDS_RUN = ("top", "late", "pointing", "region", "localization")
+SELECTORS = (*CURVE_SELECTORS, "stage", "localization")
+EXPECTED = "top:K, random:K[:seed], late:K, stage:NAME, pointing:K, region:K, localization:K or L.H,..."
 
 
 def is_selector(spec: str | None) -> bool:
@@ -143,6 +146,8 @@ def select_heads(spec: str, ranking: pd.DataFrame | None, layers: int | None, he
         return ranked[:_count(text, args[0], len(ranked))]
     if kind == "pointing":
         return pointing_heads(ranking, _count(text, args[0], len(ranked)), text)
+    if kind == "region":
+        return region_heads(ranking, _count(text, args[0], len(ranked)), text)
     late = [h for h in ranked if metrics.stage_of(h[0], layers, stages) == "late"]
     return late[::-1][:_count(text, args[0], len(late))]
 
@@ -155,6 +160,18 @@ def pointing_heads(ranking: pd.DataFrame, k: int, spec: str = "pointing") -> lis
         raise ValueError(f"{spec}: the run has no pointing figures (its samples have no box, or the model's image "
                          "tokens have no patch layout)")
     ordered = known.sort_values(["pointing", "mean_w", "layer", "head"], ascending=[False, False, True, True])
+    return [(int(r.layer), int(r.head)) for r in ordered.head(k).itertuples()]
+
+
+def region_heads(ranking: pd.DataFrame, k: int, spec: str = "region") -> list[Head]:
+    """The K heads of a ranking with the highest mean region share (ties: higher mean W, then lower layer and
+    head); heads never measured on a box are left out."""
+    known = ranking[np.isfinite(ranking["mean_region_share"].to_numpy(dtype=float))]
+    if known.empty:
+        raise ValueError(f"{spec}: the run has no region figures (its samples have no box, or the model's image "
+                         "tokens have no patch layout)")
+    ordered = known.sort_values(["mean_region_share", "mean_w", "layer", "head"],
+                                ascending=[False, False, True, True])
     return [(int(r.layer), int(r.head)) for r in ordered.head(k).itertuples()]
 
 

@@ -25,7 +25,8 @@ from vheads.cli.common import (
 )
 from vheads.cli.output import ProgressView, check_format, console, emit, emit_many, frame_table, records, say
 
-JSON_POINT_KEYS = ("selector", "k", "seed", "accuracy", "low", "high", "heads")
+JSON_POINT_KEYS = ("selector", "k", "seed", "accuracy", "low", "high", "heads", "mode", "kept", "image_kv_share",
+                   "fastv_layer", "fastv_keep")
 GROUND_HEADERS = {"selector": "heads", "n": "n", "unseen": "unseen", "pointing": "pointing", "iou": "IoU",
                   "acc50": "acc50"}
 CONSISTENCY_HEADERS = {"mean_w_pearson": "W r", "mean_w_spearman": "W rho", "score_pearson": "score r",
@@ -40,7 +41,19 @@ def ablate(
                                "heads), random (K random heads, several seeds), late (K lowest-scoring late heads)."),
     ks: str = typer.Option("0,4,8,16", "--k", help="Numbers of heads to ablate, comma-separated (0 = baseline)."),
     seeds: int = typer.Option(5, "--seeds", min=1, help="Random head sets per K (seeds 0..N-1)."),
-    ablation: str = typer.Option("zero", "--ablation", help="zero (output zeroed) or uniform (uniform weights)."),
+    ablation: str = typer.Option("zero", "--mode", "--ablation", help="zero (output zeroed), uniform (uniform "
+                                 "weights), image-blind (image keys leave the head's softmax), flow-blind (only "
+                                 "text rows lose them) or fastv (after --fastv-layer only the --fastv-keep share "
+                                 "of image tokens stays)."),
+    keep: list[str] = typer.Option(None, "--keep", help="Keep-only (with --mode image-blind or flow-blind): only "
+                                   "the heads chosen keep the image, every other head is blind; K counts the kept "
+                                   "heads, and K = 0 (all blind) and K = all heads (the plain run) are added. "
+                                   "Selectors, comma-separated: top, random, late, pointing, region; or a fixed set: "
+                                   "stage:NAME or L.H,.... Repeat for several."),
+    fastv_layer: str = typer.Option(None, "--fastv-layer", help="FastV's K, comma-separated: layers before it see "
+                                    "every image token (with --mode fastv)."),
+    fastv_keep: str = typer.Option(None, "--fastv-keep", help="FastV's R, comma-separated, each in (0, 1]: the share "
+                                   "of image tokens kept after --fastv-layer (one point per K and R)."),
     model: str = typer.Option(None, "--model", "-m", help="Hub id or local folder of the model (default: "
                                                                  "the model of --from)."),
     dataset: str = typer.Option("shapes", "--dataset", "-d", help="Dataset loader (see `vheads data list`); "
@@ -55,19 +68,26 @@ def ablate(
     max_new_tokens: int = typer.Option(8, "--max-new-tokens", min=1, help="Answer length limit (greedy)."),
     readout: str = typer.Option("prompt", "--readout", help="prompt, first-generated or generated."),
     seed: int = typer.Option(0, "--seed", help="Seed for --limit sampling."),
+    device: str = typer.Option("auto", "--device", help="Where the model runs: auto, cpu, cuda, cuda:N (default: "
+                               "that of --from)."),
     stages: str = typer.Option(None, "--stages", help="A,B: stage boundaries for late (default: those of --from)."),
     store: str = typer.Option("vheads.duckdb", "--store", help=STORE_HELP),
     fmt: str = typer.Option("table", "--format", help="table, csv or json (csv and json: one row per point, "
-                            "{selector, k, seed, accuracy, low, high, heads})."),
+                            "{selector, k, seed, accuracy, low, high, heads, mode, kept, image_kv_share, "
+                            "fastv_layer, fastv_keep})."),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="More log lines."),
 ) -> None:
-    """Pruning curve: accuracy as the top visual heads, random heads or weak late heads are ablated, K at a time.
+    """Pruning curve: accuracy as the top visual heads, random heads or weak late heads are ablated, K at a time;
+    with --keep, as only K heads keep seeing the image; with --mode fastv, as FastV prunes image tokens.
 
     The points run on the data and options of --from unless given here. Every point is a stored run; running the
-    same curve again reuses finished points.
+    same curve again reuses finished points. image_kv_share: the share of the image's keys and values a point's
+    cache needs (image-blind / flow-blind heads drop them, FastV keeps R of them after layer K).
     """
     setup_logging(verbose)
     from vheads.analysis.ablation import curve
+    from vheads.analysis.pruning import check_pruning
+    from vheads.models import check_device
     from vheads.pipeline.config import RunConfig
 
     with errors():
@@ -78,11 +98,16 @@ def ablate(
                            question_type=question_type, prompt_style=prompt_style, limit=limit,
                            batch_size=batch_size, max_new_tokens=max_new_tokens,
                            readout=check_choice(readout, "readout"), seed=seed, stages=parse_stages_option(stages),
-                           explicit=explicit_options(ctx))
+                           device=device, explicit=explicit_options(ctx))
+        check_device(device)
+        mode = check_mode(ablation)
+        selectors, sets = keep_items(keep) if keep else (_items(select, "--select", str), [])
+        fastv = fastv_points(fastv_layer, fastv_keep)
+        check_pruning(mode, bool(keep), fastv)
         with ProgressView() as view:
-            points = curve(existing_store(store), from_run, selectors=_items(select, "--select", str),
-                           ks=_items(ks, "--k", int), seeds=seeds, ablation=check_choice(ablation, "ablation"),
-                           config=config, progress=lambda label, done, total, correct, scored: view.update(
+            points = curve(existing_store(store), from_run, selectors=selectors, ks=_items(ks, "--k", int),
+                           seeds=seeds, ablation=mode, config=config, keep=bool(keep), sets=sets, fastv=fastv,
+                           progress=lambda label, done, total, correct, scored: view.update(
                                label, done, total, f"acc {correct / scored:.3f}" if scored else ""))
     if fmt == "json":
         rows = [{key: _plain(point[key]) for key in JSON_POINT_KEYS} for point in points]
@@ -90,11 +115,20 @@ def ablate(
     elif fmt == "csv":
         frame = pd.DataFrame([{key: point[key] for key in JSON_POINT_KEYS} for point in points],
                              columns=list(JSON_POINT_KEYS))
-        frame["heads"] = frame["heads"].map(lambda heads: " ".join(heads) if heads else None)
+        for column in ("heads", "kept"):
+            frame[column] = frame[column].map(lambda heads: " ".join(heads) if heads else None)
         emit(frame, "csv")
     else:
-        console.print(frame_table(curve_table(points), title=f"pruning curve ({ablation} ablation, heads of "
-                                  f"{from_run})"))
+        what = f"keep-only {mode}" if keep else "FastV" if mode == "fastv" else f"{mode} ablation"
+        console.print(frame_table(curve_table(points), title=f"pruning curve ({what}, heads of {from_run})"))
+        if keep and points:
+            from vheads.analysis.pruning import keep_summary
+
+            console.print(frame_table(keep_summary(pd.DataFrame(points)).drop(columns=["curve", "mode"]),
+                                      title="how few heads need the image", legend="full: accuracy of the plain "
+                                      "run; k_90: least K reaching 90% of it; k_full: least K whose 95% interval "
+                                      "reaches it; share: image KV kept there; gap_random: mean (max) lead over "
+                                      "random heads at the same K"))
         if points:
             say(f"points stored as runs of curve {points[0]['curve']} in {store}")
 
@@ -203,18 +237,62 @@ def ground(
 
 
 def curve_table(points: list[dict[str, Any]]) -> pd.DataFrame:
-    """The pruning curve for the terminal: one row per selector and K (random: mean over seeds, each seed beside)."""
+    """The pruning curve for the terminal: one row per selector and K (random: mean over seeds, each seed beside);
+    the image KV kept for pruning curves, and the kept heads for keep-only ones."""
     rows = []
     for point in points:
-        if point["selector"] == "random" and point["seed"] is not None and point["k"] > 0:
+        if point["selector"] == "random" and point["seed"] is not None:
             continue
         per_seed = [p for p in points if p["selector"] == "random" and p["k"] == point["k"] and p["seed"] is not None]
         stages = point["stages"] or {}
-        rows.append({"selector": point["selector"], "k": point["k"], "accuracy": point["accuracy"],
+        selector = point["selector"]
+        if point.get("fastv_layer") is not None:
+            selector = f"fastv K={point['fastv_layer']} R={point['fastv_keep']:g}"
+        share = point.get("image_kv_share")
+        rows.append({"selector": selector, "k": point["k"], "accuracy": point["accuracy"],
                      "95% CI": _interval(point["low"], point["high"]), "n": point["n"],
+                     **({} if share is None or _isnan(share) else {"image KV": f"{share:.2f}"}),
                      "stages e/m/l": "/".join(str(stages.get(s, "-")) for s in ("early", "mid", "late")),
                      "heads": _heads(point, per_seed)})
-    return pd.DataFrame(rows)
+    frame = pd.DataFrame(rows)
+    if "image KV" in frame:
+        frame = frame[[c for c in ("selector", "k", "accuracy", "95% CI", "n", "image KV", "stages e/m/l", "heads")]]
+        frame["image KV"] = frame["image KV"].fillna("-")
+    return frame
+
+
+def check_mode(mode: str) -> str:
+    """`--mode` when it is a known ablation mode or fastv; ValueError listing the choices otherwise."""
+    from vheads.capture import ABLATION_MODES
+
+    allowed = (*ABLATION_MODES, "fastv")
+    if mode not in allowed:
+        raise ValueError(f"unknown --mode {mode!r}; expected one of {', '.join(allowed)}")
+    return mode
+
+
+def keep_items(values: list[str]) -> tuple[list[str], list[str]]:
+    """`--keep` values as (selectors, fixed head sets): `top,random` names selectors, `stage:late` and `3.1,4.7`
+    are sets of their own."""
+    selectors: list[str] = []
+    sets: list[str] = []
+    for value in values:
+        if ":" in value or "." in value:
+            sets.append(value.strip())
+        else:
+            selectors += _items(value, "--keep", str)
+    if not selectors and not sets:
+        raise ValueError("--keep is empty")
+    return selectors, sets
+
+
+def fastv_points(layers: str | None, shares: str | None) -> list[tuple[int, float]]:
+    """FastV's (K, R) points: every --fastv-layer with every --fastv-keep."""
+    if layers is None and shares is None:
+        return []
+    if layers is None or shares is None:
+        raise ValueError("--fastv-layer and --fastv-keep go together: FastV needs the layer K and the share R")
+    return [(k, r) for k in _items(layers, "--fastv-layer", int) for r in _items(shares, "--fastv-keep", float)]
 
 
 def register(app: typer.Typer) -> None:
@@ -251,8 +329,15 @@ def _interval(low: float, high: float) -> str:
     return f"[{low:.3f}, {high:.3f}]"
 
 
+def _isnan(value: Any) -> bool:
+    return isinstance(value, float) and math.isnan(value)
+
+
 def _heads(point: dict[str, Any], per_seed: list[dict[str, Any]]) -> str:
-    if point["selector"] == "random" and point["k"] > 0:
+    if point["selector"] == "random" and point["seed"] is None and per_seed:
         return f"{len(per_seed)} seeds: " + " ".join(f"{p['accuracy']:.3f}" for p in per_seed)
-    heads = point["heads"] or []
+    heads = (point.get("kept") if point.get("kept") is not None else point["heads"]) or []
+    if point.get("kept") is not None:
+        return "kept: " + (", ".join(heads[:8]) + (f" (+{len(heads) - 8})" if len(heads) > 8 else "") if heads
+                           else "none")
     return ", ".join(heads[:8]) + (f" (+{len(heads) - 8})" if len(heads) > 8 else "") if heads else "-"

@@ -60,7 +60,8 @@ def demo(
                                 "fastest for the small demo model, above all on a busy machine."),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="More log lines."),
 ) -> None:
-    """The whole study in one command: run, rank heads, ablate top vs random vs late heads, write the report."""
+    """The whole study in one command: run, rank heads, ablate top vs random vs late heads, keep the image only for
+    the top or random heads beside FastV, write the report."""
     setup_logging(verbose)
     import torch
 
@@ -77,6 +78,9 @@ def demo(
         out_folder(out)
         result = run_demo(settings, say=lambda line: say(line, err), on_ranking=show)
     console.print(frame_table(curve_table(result.points), title="pruning curve (zero ablation)"))
+    if result.pruning:
+        console.print(frame_table(curve_table(result.pruning), title="efficiency frontier (keep-only image-blind, "
+                                  "FastV)"))
     timing = ", ".join(f"{step} {value:.0f} s" for step, value in result.seconds.items())
     say(f"store {result.store}; {timing}", err)
     say(str(result.index))

@@ -51,7 +51,13 @@ def run(
                                      "random:K[:seed], stage:early|mid|late."),
     from_run: str = typer.Option(None, "--from", help="Run whose head ranking top:K / late:K select from "
                                  "(default: none)."),
-    ablation: str = typer.Option("zero", "--ablation", help="zero (output zeroed) or uniform (uniform weights)."),
+    ablation: str = typer.Option("zero", "--ablation", help="zero (output zeroed), uniform (uniform weights), "
+                                 "image-blind (image keys leave the head's softmax) or flow-blind (only text rows "
+                                 "lose them)."),
+    fastv_layer: int = typer.Option(None, "--fastv-layer", help="FastV: layers before this one see every image "
+                                    "token; from it on only the --fastv-keep share the last prompt row attended to "
+                                    "most (every head)."),
+    fastv_keep: float = typer.Option(None, "--fastv-keep", help="FastV: the share of image tokens kept, in (0, 1]."),
     store: str = typer.Option("vheads.duckdb", "--store", help=STORE_HELP),
     name: str = typer.Option(None, "--name", help="Run name (default: model-dataset-split, numbered if taken)."),
     shard: str = typer.Option(None, "--shard", help="K/N: run the K-th of N contiguous shards into its own file "
@@ -89,7 +95,8 @@ def run(
                            seed=seed, trust_remote_code=trust_remote_code, stages=bounds, preset=preset,
                            explicit=explicit_options(ctx),
                            tags={"ablate": ablate_heads, "from_run": from_run} if from_run else {},
-                           max_pixels=max_pixels or None)
+                           max_pixels=max_pixels or None, fastv_layer=fastv_layer, fastv_keep=fastv_keep)
+        config.check()
         with ProgressView() as view:
             start, update = run_progress(view)
             view.status(f"loading the model ({model or 'embedded demo'}) and the data ({dataset}) ...")

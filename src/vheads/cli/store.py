@@ -23,7 +23,8 @@ from vheads.cli.output import check_format, emit, err, say
 
 def runs(store: str = typer.Option("vheads.duckdb", "--store", help=STORE_HELP),
          fmt: str = typer.Option("table", "--format", help=FORMAT_HELP)) -> None:
-    """List the runs in the store."""
+    """List the runs in the store (pruning runs with the share of the image's keys and values they keep; which
+    key/value heads keep the image, per layer: `vheads query "SELECT name, tags.image_kv_heads FROM runs"`)."""
     from vheads.store import Store
 
     with errors(), Store(existing_store(store), read_only=True) as db:
@@ -31,11 +32,15 @@ def runs(store: str = typer.Option("vheads.duckdb", "--store", help=STORE_HELP),
         frame = db.runs()
         cols = [c for c in ("run_id", "name", "model", "dataset", "split", "readout", "ablation", "status",
                             "n_samples", "accuracy", "curve") if c in frame.columns]
+        shares = frame["tags"].map(lambda t: t.get("image_kv_share") if isinstance(t, dict) else None)
         frame = frame[cols].copy()
+        if shares.notna().any():
+            frame["image_kv_share"] = shares.astype(float)
         if fmt == "table":
             frame = runs_table(frame)
         emit(frame, fmt, title=f"runs in {store}",
-             legend="data: dataset/split; n: samples; acc: accuracy; —: none" if fmt == "table" else None)
+             legend="data: dataset/split; n: samples; acc: accuracy; image KV: share of the image's keys and values "
+                    "a pruning run keeps (per layer in runs.tags.image_kv_heads); —: none" if fmt == "table" else None)
 
 
 def runs_table(frame: Any) -> Any:
@@ -55,6 +60,8 @@ def runs_table(frame: Any) -> Any:
     table["status"] = frame["status"]
     table["n"] = frame["n_samples"]
     table["acc"] = frame["accuracy"]
+    if "image_kv_share" in frame:
+        table["image KV"] = frame["image_kv_share"]
     if "curve" in frame and frame["curve"].notna().any():
         table["curve"] = frame["curve"]
     return table
@@ -127,16 +134,44 @@ def _has_sql(sql: str) -> bool:
 
 
 def export(run_name: str = typer.Option(None, "--run", "-r", help=RUN_HELP + " Default: all runs."),
-           out: Path = typer.Option(..., "--out", "-o", help="Folder for the Parquet files."),
+           out: Path = typer.Option(..., "--out", "-o", help="Folder for the Parquet files (with --scores: the CSV "
+                                    "file)."),
+           scores: str = typer.Option(None, "--scores", help="Write only this run's per-head visual scores, as a CSV "
+                                      "file with the columns layer,head,score (one row per head of the attention "
+                                      "layers, in layer and head order; empty score: undefined), the file "
+                                      "head-budgeted KV methods such as SparseMM read."),
+           by: str = typer.Option("score", "--by", help="With --scores, the figure written as score: score (the "
+                                  "head score: share of samples with the head in the top K by W), mean_w, mean_c, "
+                                  "mean_region_share or pointing."),
            store: str = typer.Option("vheads.duckdb", "--store", help=STORE_HELP),
-           force: bool = typer.Option(False, "--force", help="Overwrite Parquet files already in --out.")) -> None:
+           force: bool = typer.Option(False, "--force", help="Overwrite files already in --out.")) -> None:
     """Export every table of the store (runs, samples, head figures, groundings, comparisons) to Parquet, one file
-    per table (existing files are kept unless --force)."""
+    per table (existing files are kept unless --force); or, with --scores RUN, one run's per-head visual scores as
+    a layer,head,score CSV."""
     from vheads.store import Store
 
     with errors(), Store(existing_store(store), read_only=True) as db:
+        if scores is not None:
+            say(str(export_scores(db, scores, out, by, force)))
+            return
         for path in db.export(run_name, out_folder(out), overwrite=force):
             say(str(path))
+
+
+def export_scores(db: Any, run: str, out: Path, by: str = "score", force: bool = False) -> Path:
+    """`vheads export --scores RUN --out FILE.csv`: the run's `score_table` written as CSV; the file is kept unless
+    `force`."""
+    from vheads.analysis.ranking import score_table
+
+    if out.is_dir():
+        raise ValueError(f"--out {out} is a folder; with --scores name the CSV file to write")
+    if out.exists() and not force:
+        raise ValueError(f"--out {out} exists; pass --force to overwrite it")
+    if not out.parent.exists():
+        raise ValueError(f"--out {out}: folder {out.parent} does not exist")
+    table = score_table(db, run, by)
+    table.to_csv(out, index=False, float_format="%.6g")
+    return out
 
 
 def merge(files: list[Path] = typer.Argument(..., help="Shard stores written by `vheads run --shard K/N`."),

@@ -1,5 +1,5 @@
 """`vheads demo`: the whole study on the embedded default in one call: run, compare prompt styles, rank, ablate,
-report."""
+prune (only a few heads keep the image, beside FastV), report."""
 
 from __future__ import annotations
 
@@ -20,6 +20,7 @@ from vheads.store import Store
 STORE_NAME = "vheads-demo.duckdb"
 RUN_NAME = "demo"
 SELECTORS = ("top", "random", "late")
+KEEP_SELECTORS = ("top", "random")
 STYLES = ("plain", "none")
 
 
@@ -37,6 +38,9 @@ class DemoSettings:
     model: str | None = None
     batch_size: int = 16
     styles: tuple[str, ...] = STYLES
+    keep_ks: tuple[int, ...] = (8, 24, 48)
+    keep_seeds: int = 2
+    fastv: tuple[tuple[int, float], ...] = ((2, 0.25),)
 
     def store_path(self) -> Path:
         """The store the demo writes: `--store`, else a fresh `vheads-demo.duckdb` inside the output folder."""
@@ -53,6 +57,7 @@ class DemoResult:
     style_runs: dict[str, str]
     ranking: pd.DataFrame
     points: list[dict[str, Any]]
+    pruning: list[dict[str, Any]] = field(default_factory=list)
     seconds: dict[str, float] = field(default_factory=dict)
 
 
@@ -69,10 +74,12 @@ def fresh_store(settings: DemoSettings) -> Path:
 def run_demo(settings: DemoSettings, say: Callable[[str], None] = print,
              on_ranking: Callable[[pd.DataFrame], None] | None = None) -> DemoResult:
     """Run the study: held-out ShapesQA through the model, the same questions in the other prompt styles, head
-    ranking, a small pruning curve, the report.
+    ranking, a small pruning curve, a small efficiency frontier, the report.
 
     The curve ablates the top visual heads, random heads (several seeds) and the weakest late heads, K at a
     time, each point a stored run, on the same questions (or `curve_limit` questions drawn with the same seed).
+    The frontier keeps the image only for the top or random K heads (`keep_ks`, every other head image-blind)
+    and prunes image tokens with FastV (`fastv`), on the same questions as the curve.
     """
     from vheads.analysis.ablation import curve
     from vheads.data import load_dataset
@@ -86,13 +93,13 @@ def run_demo(settings: DemoSettings, say: Callable[[str], None] = print,
     config = RunConfig(model=settings.model, limit=settings.limit, store=str(store), batch_size=settings.batch_size)
     dataset = load_dataset(config.dataset, limit=config.limit, seed=config.seed)
     existing = _names(store)
-    say(f"1/5 running {loaded.name} on {len(dataset.samples)} held-out ShapesQA questions")
+    say(f"1/6 running {loaded.name} on {len(dataset.samples)} held-out ShapesQA questions")
     summary = run(replace(config, name=_free(RUN_NAME, existing)), loaded=loaded, dataset=dataset)
     seconds["run"] = time.time() - began
     step = time.time()
     style_runs = {"visual": summary.name}
     if settings.styles:
-        say(f"2/5 the same questions with the box as text coordinates or left out: {', '.join(settings.styles)}")
+        say(f"2/6 the same questions with the box as text coordinates or left out: {', '.join(settings.styles)}")
     accuracies = {"visual": summary.accuracy}
     for style in settings.styles:
         styled = replace(config, prompt_style=style, name=_free(f"{RUN_NAME}-{style}", existing))
@@ -105,8 +112,8 @@ def run_demo(settings: DemoSettings, say: Callable[[str], None] = print,
     seconds["styles"] = time.time() - step
     with Store(store, read_only=True) as db:
         ranking = head_table(db, summary.name)
-    say(f"3/5 ranked {len(ranking)} heads; accuracy {summary.accuracy:.3f}" if summary.accuracy is not None
-        else f"3/5 ranked {len(ranking)} heads")
+    say(f"3/6 ranked {len(ranking)} heads; accuracy {summary.accuracy:.3f}" if summary.accuracy is not None
+        else f"3/6 ranked {len(ranking)} heads")
     if on_ranking:
         on_ranking(ranking)
     step = time.time()
@@ -114,19 +121,32 @@ def run_demo(settings: DemoSettings, say: Callable[[str], None] = print,
     if settings.curve_limit is not None and settings.curve_limit != settings.limit:
         curve_config = replace(config, limit=settings.curve_limit)
         curve_data = load_dataset(config.dataset, limit=settings.curve_limit, seed=config.seed)
-    say(f"4/5 ablating K = {', '.join(map(str, settings.ks))} heads (top, {settings.seeds} random seeds, late) "
+    say(f"4/6 ablating K = {', '.join(map(str, settings.ks))} heads (top, {settings.seeds} random seeds, late) "
         f"on {len(curve_data.samples)} questions")
     points = curve(store, summary.name, selectors=SELECTORS, ks=settings.ks, seeds=settings.seeds,
                    config=curve_config, loaded=loaded, dataset=curve_data)
     seconds["curve"] = time.time() - step
     step = time.time()
-    say("5/5 writing the report")
+    pruning: list[dict[str, Any]] = []
+    if settings.keep_ks or settings.fastv:
+        say(f"5/6 pruning: only the top or random K = {', '.join(map(str, settings.keep_ks))} heads keep the image "
+            f"(the others image-blind), and FastV " + ", ".join(f"K={k} R={r:g}" for k, r in settings.fastv))
+    if settings.keep_ks:
+        pruning += curve(store, summary.name, selectors=KEEP_SELECTORS, ks=settings.keep_ks,
+                         seeds=settings.keep_seeds, ablation="image-blind", keep=True, config=curve_config,
+                         loaded=loaded, dataset=curve_data)
+    if settings.fastv:
+        pruning += curve(store, summary.name, ablation="fastv", fastv=settings.fastv, config=curve_config,
+                         loaded=loaded, dataset=curve_data)
+    seconds["pruning"] = time.time() - step
+    step = time.time()
+    say("6/6 writing the report")
     index = build_report(store, settings.out, runs=[summary.name], overlays=settings.overlays,
                          styles=style_runs if settings.styles else None)
     seconds["report"] = time.time() - step
     seconds["total"] = time.time() - began
     return DemoResult(index=index, store=store, run=summary, style_runs=style_runs, ranking=ranking, points=points,
-                      seconds=seconds)
+                      pruning=pruning, seconds=seconds)
 
 
 def _free(name: str, existing: set[str]) -> str | None:

@@ -12,10 +12,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from vheads.capture import HeadFigures, HeadRecorder, ablate
+from vheads.capture import HeadFigures, HeadRecorder, ablate, fastv
+from vheads.compat import generate_cache_keyword
 from vheads.data import BadSample, Sample, score
 from vheads.models import GeometryError, Loaded, TokenGrid
 from vheads.pipeline.config import RunConfig
+from vheads.pipeline.pruning import PRUNING_MODES
 
 log = logging.getLogger("vheads.run")
 
@@ -145,13 +147,20 @@ class Runner:
         inputs = self.loaded.on_device(inputs)
         with ExitStack() as stack:
             stack.enter_context(torch.inference_mode())
+            pruning: ablate | fastv | None = None
             if self.config.ablate:
-                stack.enter_context(ablate(model, self.config.ablate, self.config.ablation))
+                heads = stack.enter_context(ablate(model, self.config.ablate, self.config.ablation))
+                pruning = heads if self.config.ablation in PRUNING_MODES else None
+            if self.config.fastv_layer is not None:
+                pruning = stack.enter_context(fastv(model, layer=self.config.fastv_layer,
+                                                    keep=self.config.fastv_keep))
             recorder = stack.enter_context(HeadRecorder(model, self.config.readout, region_mask=region,
                                                         target_mask=layout.target, grids=layout.grids))
+            # a pruning run generates on a cache that does not hold what it took away (the same answers)
+            cache = {generate_cache_keyword(model): pruning.cache()} if pruning is not None else {}
             output = model.generate(**inputs, max_new_tokens=self.config.max_new_tokens, do_sample=False,
                                     pad_token_id=adapter.tokenizer.pad_token_id, output_logits=True,
-                                    return_dict_in_generate=True)
+                                    return_dict_in_generate=True, **cache)
         prompt_len = inputs["input_ids"].shape[1]
         answers = adapter.decode(output.sequences, prompt_len)
         confidence = answer_confidence(output.logits, output.sequences[:, prompt_len:], eos_ids(model))

@@ -22,6 +22,7 @@ from vheads import metrics
 from vheads.data import Dataset, Sample, load_dataset
 from vheads.data.images import DEFAULT_MAX_PIXELS
 from vheads.heads import check_heads, format_heads
+from vheads.pipeline.pruning import run_image_kv
 from vheads.store import Store, StoreError, shard_path
 
 if TYPE_CHECKING:  # torch and transformers load with a run's model, not with its settings (`merge` reads these)
@@ -31,14 +32,16 @@ if TYPE_CHECKING:  # torch and transformers load with a run's model, not with it
 # figures a run holds follow from them).
 DEFINING = ("model", "dataset", "data", "images", "split", "question_type", "prompt_style", "limit", "seed",
             "max_pixels", "max_new_tokens", "readout", "ablate", "ablation", "dtype", "attn", "trust_remote_code",
-            "stages", "preset")
+            "stages", "preset", "fastv_layer", "fastv_keep")
+# Defining settings left out of a run's digest while unset, so runs named before they existed keep their names.
+UNSET_UNDIGESTED = ("fastv_layer", "fastv_keep")
 # How it is computed: free to change on --resume, between shards.
 EXECUTION = ("batch_size", "device", "shard", "curve")
 NOT_STORED = ("store", "name", "resume", "tags", "explicit")
 # Read off the model when a run starts, not chosen by the user.
 DERIVED = ("attention_layers",)
-# What `ablate --from RUN` does not take from RUN: the curve sets its own heads, mode and tag.
-NOT_INHERITED = ("ablate", "ablation", "shard", "curve", *DERIVED)
+# What `ablate --from RUN` does not take from RUN: the curve sets its own heads, mode, FastV point and tag.
+NOT_INHERITED = ("ablate", "ablation", "fastv_layer", "fastv_keep", "shard", "curve", *DERIVED)
 # `--preset paper`: the reference code's choices (stages are set from the model's depth when the run starts).
 PRESETS: dict[str, dict[str, Any]] = {"paper": {"readout": "first-generated", "max_new_tokens": 128}}
 # The least value of each numeric option (a study file's values are held to the same).
@@ -51,8 +54,10 @@ class RunConfig:
     """Everything that defines a run (the command-line options of `vheads run`).
 
     `stages`: the first mid and the first late layer (None: thirds). `preset`: `paper` sets the reference code's
-    choices (`PRESETS`). `explicit`: the options the user gave explicitly, which --resume checks against the stored
-    run and `ablate --from` keeps; None means every field that differs from its default.
+    choices (`PRESETS`). `fastv_layer` / `fastv_keep`: FastV's K and R (after layer K only the R share of image tokens
+    most attended by the last prompt row stays as keys), both or neither. `explicit`: the options the user gave
+    explicitly, which --resume checks against the stored run and `ablate --from` keeps; None means every field that
+    differs from its default.
     """
 
     model: str | None = None
@@ -82,6 +87,8 @@ class RunConfig:
     max_pixels: int | None = DEFAULT_MAX_PIXELS
     stages: tuple[int, int] | None = None
     preset: str | None = None
+    fastv_layer: int | None = None
+    fastv_keep: float | None = None
     explicit: tuple[str, ...] | None = None
 
     @classmethod
@@ -129,6 +136,14 @@ class RunConfig:
             value = getattr(self, name)
             if value is not None and value < low:
                 raise ValueError(f"--{name.replace('_', '-')} {value}: must be at least {low}")
+        if (self.fastv_layer is None) != (self.fastv_keep is None):
+            raise ValueError("--fastv-layer and --fastv-keep go together: FastV needs the layer K and the share R")
+        if self.fastv_keep is not None and not 0 < self.fastv_keep <= 1:
+            raise ValueError(f"--fastv-keep {self.fastv_keep}: the share of image tokens kept must be in (0, 1]")
+        if self.fastv_layer is not None and self.ablate:
+            raise ValueError("--fastv-layer prunes image tokens for every head: run it without --ablate")
+        if self.fastv_layer is not None and self.fastv_layer < 1:
+            raise ValueError(f"--fastv-layer {self.fastv_layer}: must be at least 1 (layers before it see every token)")
         if self.readout == "first-generated" and self.max_new_tokens < 2:
             raise ValueError("--readout first-generated reads the row of the second answer token: --max-new-tokens "
                              f"must be at least 2, got {self.max_new_tokens}")
@@ -159,7 +174,8 @@ class RunConfig:
 
     def digest(self) -> str:
         """Six hex digits of the defining settings: equal settings, equal digest."""
-        settings = {name: plain(getattr(self, name)) for name in DEFINING}
+        settings = {name: plain(getattr(self, name)) for name in DEFINING
+                    if not (name in UNSET_UNDIGESTED and getattr(self, name) is None)}
         return hashlib.sha1(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:6]
 
     def base_name(self, model_label: str, split: str | None) -> str:
@@ -169,7 +185,16 @@ class RunConfig:
             parts.append(self.readout)
         if self.ablate:
             parts.append(f"{self.ablation}{len(self.ablate)}")
+        if self.fastv_layer is not None:
+            parts.append(f"fastv{self.fastv_layer}-{self.fastv_keep:g}")
         return "-".join(parts)
+
+    def ablation_label(self) -> str:
+        """The run's `ablation` column: 'none', 'MODE:L.H,L.H', or FastV's 'fastv:K:R' (after either, with both)."""
+        parts = [f"{self.ablation}:" + format_heads(self.ablate)] if self.ablate else []
+        if self.fastv_layer is not None:
+            parts.append(f"fastv:{self.fastv_layer}:{self.fastv_keep:g}")
+        return " ".join(parts) or "none"
 
     def default_name(self, model_name: str, split: str | None, taken: Collection[str] = ()) -> str:
         """`base_name` and the `digest`, so runs with other data, limit, seed or options never share a name;
@@ -257,8 +282,8 @@ def settle(config: RunConfig, loaded: Loaded, dataset: Dataset, taken: Collectio
     """A prepared config on its model and dataset: the ablated heads and the stages checked against the model's grid
     (ValueError otherwise; `--preset paper` sets the reference's stages), the run named (`default_name` among
     `taken` unless the config names it), its shard's samples, and its row: the run's model and grid, its readout,
-    its ablation ('none', or 'MODE:L.H,L.H'), the settings it keeps with the model's attention layers, its curve,
-    shard and tags."""
+    its ablation (`ablation_label`), the settings it keeps with the model's attention layers, its curve, shard and
+    tags (with, for a pruning run, the image KV it keeps: `pipeline.pruning.run_image_kv`)."""
     from vheads.models.layers import attention_layer_indices
 
     text = loaded.model.config.get_text_config()
@@ -269,12 +294,12 @@ def settle(config: RunConfig, loaded: Loaded, dataset: Dataset, taken: Collectio
         config = replace(config, stages=metrics.check_stages(config.stages, layers))
     elif config.preset == "paper":
         config = replace(config, stages=metrics.paper_stages(layers))
-    ablation = f"{config.ablation}:{format_heads(config.ablate)}" if config.ablate else "none"
     name = config.name or config.default_name(loaded.name, dataset.split, taken)
     row = {"model": loaded.name, "family": loaded.family, "dataset": dataset.name, "split": dataset.split or "",
-           "layers": layers, "heads": heads, "readout": config.readout, "ablation": ablation,
+           "layers": layers, "heads": heads, "readout": config.readout, "ablation": config.ablation_label(),
            "config": {**config.settings(), "attention_layers": attention_layers}, "curve": config.curve,
-           "shard": config.shard, "tags": config.tags or None}
+           "shard": config.shard, "tags": {**(config.tags or {}), **run_image_kv(config, loaded.model.config, heads,
+                                                                                  attention_layers)} or None}
     return PreparedRun(config, dataset, loaded, shard_samples(dataset.samples, config.shard), name, row)
 
 

@@ -109,9 +109,11 @@ def build_report(store_path: str | Path, out_dir: str | Path = "vheads-report", 
         sections.append(_scatter_section(views, out))
         if len(views) > 1:
             sections.append(_correlation_section(store, views, out))
-        ablation = _ablation_section(store, views, out)
-        if ablation is not None:
-            sections.append(ablation)
+        from vheads.report.pruning import pruning_section
+
+        for extra in (_ablation_section(store, views, out), pruning_section(store, views, out)):
+            if extra is not None:
+                sections.append(extra)
         from vheads.report.prediction import prediction_section
 
         prediction = prediction_section(store, out)
@@ -289,6 +291,7 @@ def _seed_label(seed: Any, seeds: Any) -> str:
 
 def _ablation_section(store: Store, views: Sequence[RunView], out: Path) -> h.Section | None:
     from vheads.analysis.ablation import curve_points
+    from vheads.report.pruning import is_pruning
 
     runs = store.runs()
     if runs.empty or not runs["curve"].notna().any():
@@ -296,6 +299,7 @@ def _ablation_section(store: Store, views: Sequence[RunView], out: Path) -> h.Se
     section = h.Section("ablation", "Ablation")
     for view in views:
         points = curve_points(store, from_run=view.name)
+        points = points[~is_pruning(points)] if len(points) else points
         if points.empty:
             continue
         for tag, group in points.groupby("curve", sort=True):

@@ -9,12 +9,14 @@ parity tests on its floor and on the newest release it allows (see the README's 
 
 from __future__ import annotations
 
+import inspect
 import sys
 from collections.abc import Callable
 from typing import Any
 
 from torch import nn
-from transformers import AttentionInterface
+from transformers import AttentionInterface, DynamicCache
+from transformers.cache_utils import DynamicLayer
 from transformers.image_processing_utils import select_best_resolution
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
@@ -22,9 +24,10 @@ from transformers.models.auto.processing_auto import PROCESSOR_MAPPING_NAMES, pr
 from transformers.utils import cached_file, is_torchvision_available
 
 __all__ = [
-    "PROCESSOR_MAPPING_NAMES", "attention_function", "attention_implementation", "eager_kernel", "forward_cache",
-    "is_torchvision_available", "optional_file", "processor_class_from_name", "register_attention",
-    "registered_attention", "select_best_resolution", "set_attention_implementation", "unregister_attention",
+    "PROCESSOR_MAPPING_NAMES", "DynamicCache", "DynamicLayer", "attention_function", "attention_implementation",
+    "eager_kernel", "forward_cache", "generate_cache_keyword", "is_torchvision_available", "optional_file",
+    "processor_class_from_name", "register_attention", "registered_attention", "select_best_resolution",
+    "set_attention_implementation", "unregister_attention",
 ]
 
 CACHE_ARGUMENTS = ("cache", "past_key_values")
@@ -42,6 +45,14 @@ def forward_cache(kwargs: dict[str, Any]) -> Any:
         if value is not None:
             return value
     return None
+
+
+def generate_cache_keyword(model: nn.Module) -> str:
+    """The keyword under which `model.generate` takes a ready KV cache: `cache` from 5.24 on, `past_key_values` up
+    to 5.23 (5.24+ still take it, deprecated). Told by the model's forward, which names its cache argument the same
+    way (`DynamicLayer`, the per-layer class of `DynamicCache`, lives in `transformers.cache_utils` in 5.0 - 5.25)."""
+    parameters = inspect.signature(model.forward).parameters
+    return "cache" if "cache" in parameters else "past_key_values"
 
 
 def optional_file(ref: str, name: str, **hub: Any) -> str | None:

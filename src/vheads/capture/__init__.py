@@ -2,6 +2,8 @@
 
 from vheads.capture.ablation import MODES as ABLATION_MODES
 from vheads.capture.ablation import ablate
+from vheads.capture.fastv import fastv
+from vheads.capture.image_cache import ImageFreeCache, cache_bytes
 from vheads.capture.recorder import READOUTS, RECORDED, HeadFigures, HeadRecorder
 from vheads.capture.session import CaptureError, CaptureSession, Observer
 from vheads.capture.tokens import TokenAttention
@@ -15,10 +17,13 @@ __all__ = [
     "CaptureSession",
     "HeadFigures",
     "HeadRecorder",
+    "ImageFreeCache",
     "Observer",
     "TokenAttention",
     "ablate",
+    "fastv",
     "attention_layer_indices",
+    "cache_bytes",
     "config_attention_layers",
     "language_layers",
 ]

@@ -79,12 +79,13 @@ class Method:
     mode: str
     share: float = 1.0
     layer: int = 0
+    masked: bool = False  # blind modes: the plain KV cache, so the attention masks the image instead of skipping it
 
     @property
     def label(self) -> str:
         if self.mode == "fastv":
             return f"fastv K={self.layer} R={self.share:g}"
-        return self.mode
+        return f"{self.mode}, masked" if self.masked else self.mode
 
 
 @dataclass
@@ -186,12 +187,15 @@ def cost(method: Method, geometry: Geometry, layout: Layout, decode: int, dtype:
     return Cost(flops, text + image_kv, image_kv, keeping)
 
 
-def methods_for(modes: list[str], shares: list[float], fastv_layer: int, fastv_keeps: list[float]) -> list[Method]:
-    """The measured configurations, plain first."""
+def methods_for(modes: list[str], shares: list[float], fastv_layer: int, fastv_keeps: list[float],
+                masked_shares: tuple[float, ...] = ()) -> list[Method]:
+    """The measured configurations, plain first; `masked_shares`: image-blind also without its image-free cache."""
     out = [Method("plain")] if "plain" in modes else []
     for mode in ("image-blind", "flow-blind"):
         if mode in modes:
             out += [Method(mode, share) for share in shares]
+    if "image-blind" in modes:
+        out += [Method("image-blind", share, masked=True) for share in masked_shares]
     if "fastv" in modes:
         out += [Method("fastv", keep, fastv_layer) for keep in fastv_keeps]
     return out
@@ -239,14 +243,14 @@ def method_context(model, method: Method, geometry: Geometry, seed: int):
     return capture.ablate(model, heads, mode=method.mode, image_token_id=IMAGE_ID)
 
 
-def held_bytes(cache) -> dict[str, int]:
-    """KV bytes a cache holds: vheads' own count where it has one (`capture.cache_bytes`), else the keys and
-    values of the cache's layers."""
+def held_bytes(cache, image) -> dict[str, int]:
+    """KV bytes a cache holds, in all and at the `image` positions ([batch, prompt] bool): vheads' own count where it
+    has one (`capture.cache_bytes`), else the keys and values of the cache's layers (total only)."""
     from vheads import capture
 
     counter = getattr(capture, "cache_bytes", None)
     if counter is not None:
-        return dict(counter(cache))
+        return dict(counter(cache, image))
     total = 0
     for layer in cache.layers:
         for tensor in (getattr(layer, "keys", None), getattr(layer, "values", None)):
@@ -277,7 +281,7 @@ def measure(method: Method, geometry: Geometry, images: int, decode: int, repeat
     def once() -> tuple[float, float, dict, str]:
         ctx = method_context(model, method, geometry, seed)
         with ctx if ctx is not None else nullcontext():
-            offered = getattr(ctx, "cache", None)
+            offered = None if method.masked else getattr(ctx, "cache", None)
             cache = offered() if offered is not None else DynamicCache(config=model.config)
             kind = "vheads" if offered is not None else "plain"
             sync()
@@ -289,7 +293,7 @@ def measure(method: Method, geometry: Geometry, images: int, decode: int, repeat
                 model(input_ids=steps[:, step:step + 1], use_cache=True, **{cache_kw: cache})
             sync()
             done = time.perf_counter()
-            held = held_bytes(cache)
+            held = held_bytes(cache, prompt == IMAGE_ID)
         return prefilled - start, (done - prefilled) / max(decode, 1), held, kind
 
     base_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
@@ -305,6 +309,7 @@ def measure(method: Method, geometry: Geometry, images: int, decode: int, repeat
     text = text_kv_bytes(geometry, layout, decode, dtype)
     analytic = cost(method, geometry, layout, decode, dtype, seed)
     return {"images": images, "method": method.label, "mode": method.mode, "share": method.share,
+            "masked": method.masked,
             "fastv_layer": method.layer if method.mode == "fastv" else None,
             "keeping": analytic.keeping, "prefill_s": statistics.median(r[0] for r in runs),
             "decode_ms": 1000 * statistics.median(r[1] for r in runs), "kv_bytes": held["total"],
@@ -355,7 +360,7 @@ def target_lines(rows: list[dict], share: float = 0.1) -> list[str]:
     for images in sorted({r["images"] for r in rows}):
         plain = next((r for r in rows if r["images"] == images and r["mode"] == "plain"), None)
         blind = next((r for r in rows if r["images"] == images and r["mode"] == "image-blind"
-                      and r["share"] == share), None)
+                      and r["share"] == share and not r["masked"]), None)
         if plain is None or blind is None:
             continue
         figures = {"image KV": blind["image_kv_bytes"] / plain["image_kv_bytes"],
@@ -397,6 +402,8 @@ def main() -> None:
     parser.add_argument("--shares", default="1,0.25,0.1,0.05", help="shares of heads keeping the image")
     parser.add_argument("--fastv-layer", type=int, default=0, help="FastV's K (0: 2, or 1 below 3 layers)")
     parser.add_argument("--fastv-keep", default="0.5,0.25", help="FastV's kept shares R")
+    parser.add_argument("--masked", default="0.1", help="shares at which image-blind also runs masked, on the plain KV "
+                        "cache instead of its image-free one ('': none)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the heads that keep the image")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="float32")
@@ -432,6 +439,7 @@ def main() -> None:
                              f"{geometry.kv_heads}: hidden must split into heads, heads into key/value groups")
         shares = floats(args.shares, "--shares", 0, 1)
         keeps = floats(args.fastv_keep, "--fastv-keep", 0, 1, low_open=True)
+        masked = floats(args.masked, "--masked", 0, 1)
         fastv_layer = args.fastv_layer or (2 if args.layers > 2 else 1)
         if "fastv" in modes and not 1 <= fastv_layer < args.layers:
             raise ValueError(f"--fastv-layer {fastv_layer}: FastV's K lies in [1, layers) and --layers is "
@@ -442,7 +450,7 @@ def main() -> None:
         import torch
 
         torch.set_num_threads(args.threads)
-    methods = methods_for(modes, shares, fastv_layer, keeps)
+    methods = methods_for(modes, shares, fastv_layer, keeps, tuple(masked))
     rows = []
     for count in images:
         for method in methods:
@@ -475,6 +483,12 @@ def main() -> None:
           f"{PREFIX} + image + {QUESTION} text tokens, {args.decode} decode steps, median of {args.repeats}; "
           f"FastV K={fastv_layer}\n")
     print("\n".join(table(rows, geometry.heads)))
+    for row in rows:
+        plain = next((r for r in rows if r["images"] == row["images"] and r["mode"] == "plain"), None)
+        if plain and row["analytic_image_kv_bytes"] != row["image_kv_bytes"]:
+            print(f"- {row['images']} image tokens, {row['method']}: its cache holds the image KV of plain "
+                  f"({row['cache']} cache); the method as defined needs "
+                  f"{row['analytic_image_kv_bytes'] / plain['image_kv_bytes']:.2f}x plain's image KV")
     checks = target_lines(rows)
     if checks:
         print("\nTargets (image-blind, 10% of heads keeping the image, against plain):")

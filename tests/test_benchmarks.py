@@ -141,9 +141,13 @@ def test_the_pruning_benchmark_prints_its_table_at_a_tiny_geometry(monkeypatch, 
     assert "2 layers, hidden 32, 4 heads (4 key/value), MLP 32, float32 on cpu, 1 torch thread(s)" in out
     assert "| image tokens | method | heads keeping the image | prefill s |" in out
     assert "| 24 | plain | all |" in out
-    rows = json.loads((tmp_path / "rows.json").read_text())["rows"]
-    plain = rows[0]
+    stored = json.loads((tmp_path / "rows.json").read_text())["rows"]
+    rows = {row["method"] + f" {row['share']:g}": row for row in stored}
+    plain, blind = rows["plain 1"], rows["image-blind 0.25"]
     assert plain["kv_bytes"] == plain["analytic_kv_bytes"] and plain["image_kv_bytes"] == 24 * 2 * 4 * 8 * 4 * 2
+    assert blind["cache"] == "vheads" and blind["image_kv_bytes"] * 4 == plain["image_kv_bytes"]
+    assert rows["image-blind, masked 0.1"]["kv_bytes"] == plain["kv_bytes"]  # masked: the plain cache holds it all
+    assert "| 24 | image-blind | 1/4 |" in out and "| 24 | fastv K=1 R=0.5 | all |" in out
 
 
 def test_the_pruning_benchmark_names_the_bad_option(monkeypatch, capsys):

@@ -428,8 +428,16 @@ def main() -> None:
     parser.add_argument("--in-process", action="store_true", help="measure every configuration in this process "
                         "(quick; peak memory then not per configuration)")
     parser.add_argument("--json", help="also write the rows to this file")
+    parser.add_argument("--rows", help="print the tables of rows stored by --json in these files (comma-separated) "
+                        "instead of measuring")
     parser.add_argument("--one", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.rows:
+        try:
+            reprint([name for name in args.rows.split(",") if name])
+        except (OSError, ValueError, KeyError) as error:
+            parser.error(f"--rows {args.rows}: {error}")
+        return
     geometry = Geometry(args.layers, args.hidden, args.heads, args.kv_heads or args.heads, args.mlp)
     if args.one:
         if args.threads:
@@ -492,28 +500,45 @@ def main() -> None:
             row = rows[-1]
             print(f"  {count:5d} image tokens, {method.label:12s} {method.share:4g}: prefill {row['prefill_s']:.3f} s,"
                   f" decode {row['decode_ms']:.1f} ms/token ({row['cache']} cache)", file=sys.stderr)
-    threads = f", {args.threads} torch thread(s)" if args.threads else ", torch's default threads"
-    print(f"\n{geometry.layers} layers, hidden {geometry.hidden}, {geometry.heads} heads ({geometry.kv_heads} "
-          f"key/value), MLP {geometry.mlp}, {args.dtype} on {args.device}{threads}; "
-          f"{PREFIX} + image + {QUESTION} text tokens, {args.decode} decode steps, median of {args.repeats}; "
-          f"FastV K={fastv_layer}\n")
-    print("\n".join(table(rows, geometry.heads)))
+    settings = {"geometry": asdict(geometry), "dtype": args.dtype, "device": args.device, "threads": args.threads,
+                "decode": args.decode, "repeats": args.repeats, "fastv_layer": fastv_layer}
+    print("\n".join(report(settings, rows)))
+    if args.json:
+        with open(args.json, "w") as handle:
+            json.dump({**settings, "rows": rows}, handle, indent=1)
+
+
+def report(settings: dict, rows: list[dict]) -> list[str]:
+    """The conditions line, the table, notes on caches that hold more than their method needs, and the targets."""
+    geometry = Geometry(**settings["geometry"])
+    threads = settings["threads"]
+    threads = f", {threads} torch thread(s)" if threads else ", torch's default threads"
+    lines = [f"\n{geometry.layers} layers, hidden {geometry.hidden}, {geometry.heads} heads ({geometry.kv_heads} "
+             f"key/value), MLP {geometry.mlp}, {settings['dtype']} on {settings['device']}{threads}; {PREFIX} + image "
+             f"+ {QUESTION} text tokens, {settings['decode']} decode steps, median of {settings['repeats']}\n",
+             *table(rows, geometry.heads)]
     for row in rows:
         plain = next((r for r in rows if r["images"] == row["images"] and r["mode"] == "plain"), None)
         if plain and row["analytic_image_kv_bytes"] != row["image_kv_bytes"]:
-            print(f"- {row['images']} image tokens, {row['method']}: its cache holds the image KV of plain "
-                  f"({row['cache']} cache); the method as defined needs "
-                  f"{row['analytic_image_kv_bytes'] / plain['image_kv_bytes']:.2f}x plain's image KV")
+            lines.append(f"- {row['images']} image tokens, {row['method']}: its cache holds the image KV of plain "
+                         f"({row['cache']} cache); the method as defined needs "
+                         f"{row['analytic_image_kv_bytes'] / plain['image_kv_bytes']:.2f}x plain's image KV")
     checks = target_lines(rows)
     if checks:
-        print("\nTargets (image-blind, 10% of heads keeping the image, against plain):")
-        print("\n".join(checks))
-    if args.json:
-        with open(args.json, "w") as handle:
-            json.dump({"geometry": asdict(geometry), "dtype": args.dtype, "device": args.device,
-                       "threads": args.threads, "decode": args.decode, "repeats": args.repeats, "rows": rows},
-                      handle, indent=1)
+        lines += ["\nTargets (image-blind, 10% of heads keeping the image, against plain):", *checks]
+    return lines
 
+
+def reprint(files: list[str]) -> None:
+    """The report of rows stored by `--json`, the files measured under the same conditions in one table."""
+    groups: dict[str, tuple[dict, list[dict]]] = {}
+    for name in files:
+        with open(name) as handle:
+            stored = json.load(handle)
+        rows = stored.pop("rows")
+        groups.setdefault(json.dumps(stored, sort_keys=True), (stored, []))[1].extend(rows)
+    for settings, rows in groups.values():
+        print("\n".join(report(settings, rows)))
 
 if __name__ == "__main__":
     main()

@@ -149,6 +149,9 @@ def test_the_pruning_benchmark_prints_its_table_at_a_tiny_geometry(monkeypatch, 
     assert rows["image-blind, masked 0.1"]["kv_bytes"] == plain["kv_bytes"]  # masked: the plain cache holds it all
     assert "| 24 | image-blind | 1/4 |" in out and "| 24 | fastv K=1 R=0.5 | all |" in out
     assert blind["paired_prefill_s"] > 0 and plain["paired_prefill_s"] is None  # plain timed beside each method
+    again = run_script("prune.py", ["--rows", str(tmp_path / "rows.json")], monkeypatch, capsys)
+    table = [line for line in out.splitlines() if line.startswith("| 24 |")]
+    assert len(table) == len(stored) and [line for line in again.splitlines() if line.startswith("| 24 |")] == table
 
 
 def test_the_pruning_benchmark_names_the_bad_option(monkeypatch, capsys):

@@ -335,7 +335,7 @@ def greedy_with_cache(model, inputs, cache, steps: int = 3):
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_image_free_cache_generates_what_the_masked_eager_reference_generates(loaded, family):
+def test_pruned_cache_generates_what_the_masked_eager_reference_generates(loaded, family):
     fast, eager = loaded(family), loaded(family, "eager")
     inputs = padded_batch(fast)
     heads = chosen_heads(fast.model)
@@ -349,7 +349,7 @@ def test_image_free_cache_generates_what_the_masked_eager_reference_generates(lo
             ref_tokens, ref_logits = greedy(eager.model, inputs)
         assert torch.equal(tokens, ref_tokens), mode
         torch.testing.assert_close(logits, ref_logits, atol=1e-4, rtol=1e-4, msg=mode)
-        assert cache.image_free, "every test family has full-attention layers whose image the cache can drop"
+        assert cache.pruned, "every test family has full-attention layers whose image the cache can drop"
         held = cache_bytes(cache)
         image = (inputs["input_ids"] == fast.adapter.image_token_id) & inputs["attention_mask"].bool()
         plain = DynamicCache(config=fast.model.config)
@@ -358,12 +358,12 @@ def test_image_free_cache_generates_what_the_masked_eager_reference_generates(lo
                                 **{generate_cache_keyword(fast.model): plain})
         full = cache_bytes(plain, image)
         per_token = 2 * text.head_dim * 4  # keys and values of one key/value head at one position, fp32
-        dropped = sum(text.num_key_value_heads - len(cache.layers[layer].keep) for layer in cache.image_free)
+        dropped = sum(text.num_key_value_heads - len(cache.layers[layer].keep) for layer in cache.pruned)
         assert full["image"] - held["image"] == per_token * dropped * int(n_image.sum())
         assert held["total"] < full["total"]
 
 
-def test_recorder_figures_are_the_same_with_the_image_free_cache(loaded):
+def test_recorder_figures_are_the_same_with_the_pruned_cache(loaded):
     fast = loaded("llava")
     inputs = padded_batch(fast)
     heads = chosen_heads(fast.model)
@@ -374,21 +374,62 @@ def test_recorder_figures_are_the_same_with_the_image_free_cache(loaded):
             extra = {generate_cache_keyword(fast.model): ctx.cache()} if use_cache else {}
             fast.model.generate(**inputs, max_new_tokens=3, min_new_tokens=3, do_sample=False, **extra)
         results.append(rec.result())
-    plain, image_free = results
+    plain, pruned = results
     for name in ("visual_weight", "text_weight", "sink_weight", "concentration"):
-        np.testing.assert_allclose(image_free.values[name], plain.values[name], atol=1e-5, equal_nan=True,
+        np.testing.assert_allclose(pruned.values[name], plain.values[name], atol=1e-5, equal_nan=True,
                                    err_msg=name)
     for layer, head in heads:
-        np.testing.assert_allclose(image_free.visual_weight[:, layer, head], 0.0, atol=1e-7)
+        np.testing.assert_allclose(pruned.visual_weight[:, layer, head], 0.0, atol=1e-7)
 
 
-def test_image_free_cache_is_refused_outside_its_context_and_for_other_modes(loaded):
+def test_pruned_cache_is_refused_outside_its_context_and_for_other_modes(loaded):
     fast = loaded("llava")
     inputs = padded_batch(fast)
     with ablate(fast.model, [(0, 0), (0, 1)], mode="image-blind") as ctx:
         cache = ctx.cache()
-    with pytest.raises(Exception, match="only inside the ablate context"), torch.no_grad():
+    with pytest.raises(Exception, match="works only inside the ablate"), torch.no_grad():
         fast.model.generate(**inputs, max_new_tokens=2, **{generate_cache_keyword(fast.model): cache})
     with pytest.raises(ValueError, match="image-blind or flow-blind"), ablate(fast.model, [(0, 0)]) as ctx:
         ctx.cache()
     assert generate_cache_keyword(fast.model) in ("cache", "past_key_values")
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_fastv_cache_generates_what_the_masked_eager_reference_generates(loaded, family):
+    fast, eager = loaded(family), loaded(family, "eager")
+    inputs = padded_batch(fast)
+    k = fastv_layer(fast.model)
+    with fastv(fast.model, layer=k, keep=0.5) as ctx:
+        cache = ctx.cache()
+        tokens, logits = greedy_with_cache(fast.model, inputs, cache)
+    with MaskedEager(eager, "fastv", layer=k, keep=0.5) as reference:
+        ref_tokens, ref_logits = greedy(eager.model, inputs)
+    assert torch.equal(tokens, ref_tokens)
+    torch.testing.assert_close(logits, ref_logits, atol=1e-4, rtol=1e-4)
+    assert cache.pruned and min(cache.pruned) >= k
+    text = fast.model.config.get_text_config()
+    image = (inputs["input_ids"] == fast.adapter.image_token_id) & inputs["attention_mask"].bool()
+    per_token = 2 * text.head_dim * 4 * text.num_key_value_heads
+    dropped = int(image.sum()) - sum(reference.kept_counts)
+    plain = DynamicCache(config=fast.model.config)
+    with torch.no_grad():
+        fast.model.generate(**inputs, max_new_tokens=3, min_new_tokens=3, do_sample=False,
+                            **{generate_cache_keyword(fast.model): plain})
+    assert cache_bytes(plain, image)["image"] - cache_bytes(cache)["image"] == per_token * dropped * len(cache.pruned)
+
+
+def test_recorder_figures_under_fastv_are_those_of_the_masked_eager_attention(loaded):
+    from test_capture import assert_figures_close, eager_rows, reference_figures
+
+    fast, eager = loaded("llava_next"), loaded("llava_next", "eager")
+    inputs = padded_batch(fast)
+    with torch.no_grad(), fastv(fast.model, layer=1, keep=0.25), HeadRecorder(fast.model) as rec:
+        fast.model(**inputs)
+    with MaskedEager(eager, "fastv", layer=1, keep=0.25):
+        rows = eager_rows(eager, inputs)
+    expected = reference_figures(rows, inputs["input_ids"], inputs["attention_mask"], fast.adapter.image_token_id)
+    figures = rec.result()
+    assert_figures_close(figures, expected)
+    with torch.no_grad(), HeadRecorder(fast.model) as plain:
+        fast.model(**inputs)
+    assert not np.allclose(plain.result().concentration[:, 1:], figures.concentration[:, 1:], equal_nan=True)

@@ -3,7 +3,7 @@
 from vheads.capture.ablation import MODES as ABLATION_MODES
 from vheads.capture.ablation import ablate
 from vheads.capture.fastv import fastv
-from vheads.capture.image_cache import ImageFreeCache, cache_bytes
+from vheads.capture.pruned_cache import PrunedCache, cache_bytes
 from vheads.capture.recorder import READOUTS, RECORDED, HeadFigures, HeadRecorder
 from vheads.capture.session import CaptureError, CaptureSession, Observer
 from vheads.capture.tokens import TokenAttention
@@ -17,7 +17,7 @@ __all__ = [
     "CaptureSession",
     "HeadFigures",
     "HeadRecorder",
-    "ImageFreeCache",
+    "PrunedCache",
     "Observer",
     "TokenAttention",
     "ablate",

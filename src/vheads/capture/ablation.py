@@ -8,18 +8,17 @@ from typing import Any
 
 from torch import nn
 
-from vheads.capture.image_cache import ImageFreeCache, ImageFreeLayer, cache_bytes
 from vheads.capture.masked import KeyMask
 from vheads.capture.positions import ImagePositions, resolve_image_token_id
-from vheads.capture.session import AttentionCall, CaptureSession
-from vheads.compat import forward_cache
+from vheads.capture.pruned_cache import PrunedCache, PrunedLayer
+from vheads.capture.session import Ablation, AttentionCall, CaptureSession
 from vheads.heads import image_kv_heads, missing_heads
 
 MODES = ("zero", "uniform", "image-blind", "flow-blind")
 IMAGE_MODES = ("image-blind", "flow-blind")
 
 
-class ablate:  # noqa: N801 - used as a context manager, like torch.no_grad
+class ablate(Ablation):  # noqa: N801 - used as a context manager, like torch.no_grad
     """Context manager that ablates `heads` ((layer, head) pairs) of the language model.
 
     `zero`: the head's attention output is zero at every position and step (the same as zeroing its slice
@@ -32,7 +31,7 @@ class ablate:  # noqa: N801 - used as a context manager, like torch.no_grad
     Composes with `HeadRecorder` in either order; a recorder reports the attention the model used (the uniform
     distribution of uniform-ablated heads, no image weight for image-blind ones).
 
-    For image-blind and flow-blind heads, `cache()` gives a KV cache (`ImageFreeCache`) that does not hold the
+    For image-blind and flow-blind heads, `cache()` gives a KV cache (`PrunedCache`) that does not hold the
     image's keys and values of the key/value heads whose query heads are all blind; passed to `generate` (under
     `compat.generate_cache_keyword(model)`) those heads' attention then runs on the text keys alone. The
     answers are the same with or without it; only the memory and the attention's work differ.
@@ -51,7 +50,7 @@ class ablate:  # noqa: N801 - used as a context manager, like torch.no_grad
         self.positions = (ImagePositions(resolve_image_token_id(model, image_token_id, f"ablate({mode!r})"))
                           if mode in IMAGE_MODES else None)
         self.session: CaptureSession | None = None
-        self._cache: ImageFreeCache | None = None
+        self._cache: PrunedCache | None = None
         self._cache_live = False
 
     def __enter__(self) -> ablate:
@@ -78,42 +77,35 @@ class ablate:  # noqa: N801 - used as a context manager, like torch.no_grad
             session.ablations.remove(self)
             session.detach()
 
-    def cache(self) -> ImageFreeCache:
+    def cache(self) -> PrunedCache:
         """A new KV cache for one `generate` call inside this context that does not hold the image's keys and values
         of the key/value heads whose query heads are all blind (`heads.image_kv_heads`). Sliding-window and
         linear-attention layers keep transformers' own cache layers."""
         if self.positions is None:
-            raise ValueError(f"ablate: an image-free cache needs mode image-blind or flow-blind, not {self.mode!r}")
+            raise ValueError(f"ablate: a pruned cache needs mode image-blind or flow-blind, not {self.mode!r}")
         if self.session is None:
             raise ValueError("ablate: cache() is made inside the `with ablate(...)` block that uses it")
         config = self.session.configs[0]
         heads = int(config.num_attention_heads)
         kv_heads = int(getattr(config, "num_key_value_heads", None) or heads)
         keep = image_kv_heads(self.heads, heads, kv_heads, self.session.attention_layers)
-        self._cache = ImageFreeCache(self.model.config, keep, kv_heads)
+        self._cache = PrunedCache(self.model.config, keep, kv_heads, hides="image")
         self._cache.prompt.active = True
         return self._cache
-
-    @staticmethod
-    def cache_bytes(cache: Any, image: Any = None) -> dict[str, int]:
-        """Bytes of keys and values `cache` holds, in all and at image positions (`image_cache.cache_bytes`)."""
-        return cache_bytes(cache, image)
 
     def on_forward(self, session: CaptureSession, kwargs: dict[str, Any]) -> None:
         """Called before each forward of the model: image positions on prefill, one more text step on decode."""
         if self.positions is None:
             return
         self.positions.on_forward(kwargs)
-        self._cache_live = self._cache is not None and forward_cache(kwargs) is self._cache
+        self._cache_live = self._cache is not None and self._cache.runs(kwargs)
         if self._cache_live and self.positions.prefill:
             self._cache.prompt.image = self.positions.image
+            self._cache.prompt.hidden["image"] = self.positions.image
 
-    def cache_layer(self, call: AttentionCall) -> ImageFreeLayer | None:
-        """The image-free cache layer behind this call's keys, when the forward runs on this context's cache."""
-        if not self._cache_live:
-            return None
-        layer = self._cache.layers[call.layer]
-        return layer if isinstance(layer, ImageFreeLayer) else None
+    def cache_layer(self, call: AttentionCall) -> PrunedLayer | None:
+        """The pruned cache layer behind this call's keys, when the forward runs on this context's cache."""
+        return self._cache.pruned_layer(call.layer) if self._cache_live else None
 
     def key_masks(self, call: AttentionCall) -> list[KeyMask]:
         """The keys this ablation takes out of the call's heads: the image's, for image-blind and flow-blind heads
@@ -126,7 +118,3 @@ class ablate:  # noqa: N801 - used as a context manager, like torch.no_grad
             return [(heads, keys)]
         text_rows = ~self.positions.rows(call.query.shape[2], call.key.device)
         return [(heads, keys & text_rows[:, :, None])]
-
-    def after(self, call: AttentionCall) -> None:
-        """Called after each attention call (nothing to do: the masks are fixed per forward)."""
-

@@ -11,7 +11,8 @@ from torch import nn
 
 from vheads.capture.masked import KeyMask
 from vheads.capture.positions import ImagePositions, resolve_image_token_id
-from vheads.capture.session import AttentionCall, CaptureSession
+from vheads.capture.pruned_cache import PrunedCache, PrunedLayer
+from vheads.capture.session import Ablation, AttentionCall, CaptureSession
 
 
 def top_image_tokens(attention: torch.Tensor, image: torch.Tensor, keep: float) -> torch.Tensor:
@@ -29,7 +30,7 @@ def top_image_tokens(attention: torch.Tensor, image: torch.Tensor, keep: float) 
     return kept
 
 
-class fastv:  # noqa: N801 - used as a context manager, like torch.no_grad and ablate
+class fastv(Ablation):  # noqa: N801 - used as a context manager, like torch.no_grad and ablate
     """Context manager that prunes image tokens the FastV way while the model runs.
 
     Layers 0..layer-1 see every token. At layer `layer`-1 (in hybrid models, the last softmax-attention layer
@@ -38,6 +39,10 @@ class fastv:  # noqa: N801 - used as a context manager, like torch.no_grad and a
     n_image) image tokens stay as keys, for all heads. For the rows that stay this equals dropping the others from
     the sequence, as FastV does (the linear-attention layers of hybrid models still read every token). `kept`
     holds, per sample run inside the context, the positions of the image tokens kept.
+
+    `cache()` gives a KV cache (`PrunedCache`) whose full-attention layers from `layer` on hold only the kept image
+    tokens; passed to `generate` (under `compat.generate_cache_keyword(model)`) those layers' attention runs on
+    the kept keys alone. The answers are the same with or without it.
     """
 
     mode = "fastv"
@@ -55,6 +60,8 @@ class fastv:  # noqa: N801 - used as a context manager, like torch.no_grad and a
         self.rank_layer = -1
         self.kept: list[torch.Tensor] = []
         self._dropped: torch.Tensor | None = None
+        self._cache: PrunedCache | None = None
+        self._cache_live = False
         self.session: CaptureSession | None = None
 
     def __enter__(self) -> fastv:
@@ -73,6 +80,8 @@ class fastv:  # noqa: N801 - used as a context manager, like torch.no_grad and a
         return self
 
     def __exit__(self, *exc: Any) -> None:
+        if self._cache is not None:
+            self._cache.prompt.active = False
         session, self.session = self.session, None
         if session is not None:
             session.ablations.remove(self)
@@ -82,11 +91,26 @@ class fastv:  # noqa: N801 - used as a context manager, like torch.no_grad and a
         """Image tokens kept, per sample run inside the context."""
         return [len(k) for k in self.kept]
 
+    def cache(self) -> PrunedCache:
+        """A new KV cache for one `generate` call inside this context, whose full-attention layers from `layer` on
+        hold only the kept image tokens (sliding-window and linear-attention layers keep transformers' own)."""
+        if self.session is None:
+            raise ValueError("fastv: cache() is made inside the `with fastv(...)` block that uses it")
+        config = self.session.configs[0]
+        kv_heads = int(getattr(config, "num_key_value_heads", None) or config.num_attention_heads)
+        later = {layer: [] for layer in self.session.attention_layers if layer >= self.layer}
+        self._cache = PrunedCache(self.model.config, later, kv_heads, hides="dropped")
+        self._cache.prompt.active = True
+        return self._cache
+
     def on_forward(self, session: CaptureSession, kwargs: dict[str, Any]) -> None:
         """Called before each forward: a prefill forgets the last ranking."""
         self.positions.on_forward(kwargs)
+        self._cache_live = self._cache is not None and self._cache.runs(kwargs)
         if self.positions.prefill:
             self._dropped = None
+            if self._cache_live:
+                self._cache.prompt.image = self.positions.image
 
     def after(self, call: AttentionCall) -> None:
         """At the ranking layer of a prefill, rank each row's image tokens by its last prompt row's attention."""
@@ -97,11 +121,13 @@ class fastv:  # noqa: N801 - used as a context manager, like torch.no_grad and a
         attention = call.probabilities(last[:, None])[:, :, 0].mean(dim=1)  # [batch, kv]
         kept = top_image_tokens(attention, image, self.keep)
         self._dropped = image & ~kept
+        if self._cache_live:
+            self._cache.prompt.hidden["dropped"] = self._dropped
         self.kept.extend(torch.nonzero(row).squeeze(1).cpu() for row in kept)
 
-    def cache_layer(self, call: AttentionCall) -> None:
-        """FastV keeps the model's own cache (the pruned tokens' keys and values stay in it, masked)."""
-        return None
+    def cache_layer(self, call: AttentionCall) -> PrunedLayer | None:
+        """The pruned cache layer behind this call's keys, when the forward runs on this context's cache."""
+        return self._cache.pruned_layer(call.layer) if self._cache_live else None
 
     def key_masks(self, call: AttentionCall) -> list[KeyMask]:
         """From layer `layer` on, every head loses the image tokens that were not kept."""

@@ -79,81 +79,83 @@ def attend_blocked(module: torch.nn.Module, query: torch.Tensor, key: torch.Tens
     return out, weights
 
 
-def apply_key_masks(call: Any, base: str, out: torch.Tensor | None, weights: Any,
-                    kernel: Callable) -> tuple[torch.Tensor, Any]:
-    """The layer's output with `call.key_masks` applied: each group of heads sharing blocked keys recomputed on its
-    whole key/value groups with the explicit mask, spliced into the base kernel's output (`out`, [batch, q, h, d];
-    None: not run yet, and not run at all when one group covers every head)."""
+def apply_key_masks(call: Any, base: str, kernel: Callable) -> tuple[torch.Tensor, Any]:
+    """The layer's output [batch, q, h, d] with `call.key_masks` applied: the base `kernel`'s output, with each group
+    of heads that share blocked keys recomputed on its whole key/value groups under the explicit mask and spliced
+    in (the base kernel is not run at all when one group covers every head)."""
     b, h, q_len, _ = call.query.shape
     groups = blocked_by_head(call.key_masks, h)
-    if not groups:
-        if out is None:
-            out, weights = kernel(call.module, call.query, call.key, call.value, call.mask, **call.kwargs)
-        return out, weights
-    if out is None and not (len(groups) == 1 and len(groups[0][0]) == h):
+    out = weights = None
+    if not (len(groups) == 1 and len(groups[0][0]) == h):
         out, weights = kernel(call.module, call.query, call.key, call.value, call.mask, **call.kwargs)
+    if not groups:
+        return out, weights
     rows = torch.arange(q_len, device=call.query.device).expand(b, -1)
     visible, bias = call.visible(rows)
     group = h // call.key.shape[1]
-    spliced = False
+    if out is not None:
+        out = out.clone()
+        weights = weights.clone() if isinstance(weights, torch.Tensor) else weights
     for heads, blocked in groups:
         kv, q_heads = whole_groups(heads, group)
         part, part_weights = attend_blocked(call.module, call.query[:, q_heads], call.key[:, kv], call.value[:, kv],
                                             visible & ~blocked, bias, base, call.kwargs)
         pick = [q_heads.index(head) for head in heads]
         if out is None:
-            out = part[:, :, pick]
-            weights = part_weights[:, pick] if isinstance(part_weights, torch.Tensor) else part_weights
-            continue
-        if not spliced:
-            out, spliced = out.clone(), True
-            weights = weights.clone() if isinstance(weights, torch.Tensor) else weights
+            return part[:, :, pick], part_weights[:, pick] if isinstance(part_weights, torch.Tensor) else None
         out[:, :, heads] = part[:, :, pick].to(out.dtype)
         if isinstance(weights, torch.Tensor) and weights.dim() == 4 and isinstance(part_weights, torch.Tensor):
             weights[:, heads] = part_weights[:, pick].to(weights.dtype)
     return out, weights
 
 
-def _sub_call(call: Any, heads: list[int], key: torch.Tensor, value: torch.Tensor) -> Any:
-    """The call restricted to query heads `heads` (whole key/value groups) and their keys, its key masks renumbered."""
+def _sub_call(call: Any, heads: list[int], key: torch.Tensor, value: torch.Tensor, mask: Any = None,
+              index: torch.Tensor | None = None) -> Any:
+    """The call restricted to query heads `heads` (whole key/value groups) and keys `key` / `value`, its key masks
+    renumbered (and gathered at key positions `index` [batch, slots] when the keys are a gathered subset)."""
     masks = []
     for names, blocked in call.key_masks:
-        if names is None:
-            masks.append((None, blocked))
+        local = None if names is None else [heads.index(name) for name in names if name in heads]
+        if local == []:
             continue
-        local = [heads.index(name) for name in names if name in heads]
-        if local:
-            masks.append((local, blocked))
-    return type(call)(call.layer, call.module, call.query[:, heads], key, value, call.mask, call.kwargs, [], masks)
+        if index is not None:
+            blocked = torch.gather(blocked, 2, index[:, None, :].expand(-1, blocked.shape[1], -1))
+        masks.append((local, blocked))
+    return type(call)(call.layer, call.module, call.query[:, heads], key, value,
+                      call.mask if index is None else mask, call.kwargs, [], masks)
 
 
-def attend_image_free(call: Any, layer: Any, base: str, kernel: Callable) -> tuple[torch.Tensor, None]:
-    """The layer's output when its cache (`image_cache.ImageFreeLayer`) holds some key/value heads without the image:
-    the query heads of the whole key/value heads run the base kernel (their image-blind heads, if any, with the key
-    mask); the others run on the text keys alone, gathered with the layer's mask, so they never touch the image.
-    On prefill a mask that differs by row (flow-blind: image rows still see the image) runs on the dense keys."""
+def attend_pruned(call: Any, layer: Any, base: str, kernel: Callable) -> tuple[torch.Tensor, None]:
+    """The layer's output when its cache (`pruned_cache.PrunedLayer`) holds some key/value heads without some prompt
+    positions (the image's, or FastV's dropped tokens): the query heads of the whole key/value heads run the base
+    kernel (with their key masks, if any); the others run on the held keys alone, with the layer's mask and the key
+    masks gathered the same way, so they never touch the hidden tokens. On prefill a key mask that differs by row
+    (flow-blind: image rows still see the image) runs those heads on the dense keys."""
     b, h, q_len, d = call.query.shape
     group = h // layer.kv_heads
     prefill = layer.length == q_len
     out = call.query.new_empty(b, q_len, h, d)
     _, whole = whole_groups([k * group for k in layer.keep], group)
-    _, text_only = whole_groups([k * group for k in layer.drop], group)
+    _, pruned = whole_groups([k * group for k in layer.drop], group)
     if whole:
         keys, values = (call.key[:, layer.keep], call.value[:, layer.keep]) if prefill else (layer.keys, layer.values)
-        part, _ = apply_key_masks(_sub_call(call, whole, keys, values), base, None, None, kernel)
+        part, _ = apply_key_masks(_sub_call(call, whole, keys, values), base, kernel)
         out[:, :, whole] = part.to(out.dtype)
     by_row = any(blocked.shape[1] > 1 for names, blocked in call.key_masks
-                 if names is None or set(names) & set(text_only))
+                 if names is None or set(names) & set(pruned))
     if prefill and by_row:
-        sub = _sub_call(call, text_only, call.key[:, layer.drop], call.value[:, layer.drop])
-        part, _ = apply_key_masks(sub, base, None, None, kernel)
+        sub = _sub_call(call, pruned, call.key[:, layer.drop], call.value[:, layer.drop])
+        part, _ = apply_key_masks(sub, base, kernel)
     else:
         rows = torch.arange(q_len, device=call.query.device).expand(b, -1)
         visible, bias = call.visible(rows)
-        index = layer.text_index[:, None, :].expand(-1, q_len, -1)
-        allowed = torch.gather(visible, 2, index) & layer.text_valid[:, None, :]
+        index = layer.held_index[:, None, :].expand(-1, q_len, -1)
+        allowed = torch.gather(visible, 2, index) & layer.held_valid[:, None, :]
         bias = None if bias is None else torch.gather(bias, 2, index)
-        part, _ = attend_blocked(call.module, call.query[:, text_only], layer.text_keys, layer.text_values, allowed,
-                                 bias, base, call.kwargs)
-    out[:, :, text_only] = part.to(out.dtype)
+        explicit, additive = explicit_kernel(call.module, base, call.kwargs)
+        mask = kernel_mask(allowed, bias, call.query.dtype, additive)
+        sub = _sub_call(call, pruned, layer.held_keys, layer.held_values, mask, layer.held_index)
+        part, _ = apply_key_masks(sub, base, explicit)
+        part = part.masked_fill(~allowed.any(dim=-1)[:, :, None, None], 0.0)
+    out[:, :, pruned] = part.to(out.dtype)
     return out, None

@@ -2,7 +2,8 @@
 
 A `CaptureSession` is the callable registered in `AttentionInterface` (under a name unique to the session)
 while any recorder or ablation is active on a model. It runs the kernel the language model was loaded
-with (sdpa, flash attention, eager, ...), then applies head ablations and hands the layer's query / key
+with (sdpa, flash attention, eager, ...), with the keys the active ablations take out of some heads'
+softmax (`capture.masked`), then zeroes or flattens ablated heads and hands the layer's query / key
 to the active recorders, which recompute only the rows they read. The language model's config is pointed
 at the session's name on entry and restored on exit; the vision tower is never touched. A mask function
 is registered under the same name, so padded batches keep their masks.
@@ -17,7 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from vheads.capture.masked import apply_key_masks, attend_image_free
+from vheads.capture.masked import apply_key_masks, attend_pruned
 from vheads.compat import (
     attention_function,
     attention_implementation,
@@ -179,6 +180,33 @@ class Observer:
         raise NotImplementedError
 
 
+class Ablation:
+    """What a session asks of each active ablation (`ablate`, `fastv`): `mode`, the heads it zeroes or flattens
+    (`heads_by_layer`, for modes `zero` / `uniform`), and four calls, each a no-op here.
+
+    `on_forward` before every forward (with its keyword arguments); `key_masks(call)` the keys it takes out of
+    which heads' softmax in this call (`capture.masked.KeyMask`s); `cache_layer(call)` the `PrunedLayer` behind the
+    call's keys when the forward runs on a cache the ablation made; `after(call)` once the call's output exists.
+    """
+
+    mode: str = ""
+    heads_by_layer: dict[int, list[int]]
+
+    def on_forward(self, session: CaptureSession, kwargs: dict[str, Any]) -> None:
+        """Called before each forward of the model."""
+
+    def key_masks(self, call: AttentionCall) -> list[tuple[list[int] | None, torch.Tensor]]:
+        """Keys taken out of some heads' softmax in this call: (heads or None for all, blocked [batch, 1 or q, kv])."""
+        return []
+
+    def cache_layer(self, call: AttentionCall) -> Any:
+        """The pruned cache layer holding this call's keys, or None."""
+        return None
+
+    def after(self, call: AttentionCall) -> None:
+        """Called with each attention call once its output is computed."""
+
+
 class CaptureSession:
     """The attention function registered for one model while vheads contexts are active on it."""
 
@@ -192,7 +220,7 @@ class CaptureSession:
             raise CaptureError("the model is already routed through another vheads session")
         self.name = f"{PREFIX}{self.base}_{next(_ids)}"
         self.observers: list[Observer] = []
-        self.ablations: list[Any] = []
+        self.ablations: list[Ablation] = []
         self.users = 0
         self._hook = None
 
@@ -276,11 +304,12 @@ class CaptureSession:
         split = None
         for ablation in self.ablations:
             call.key_masks.extend(ablation.key_masks(call))
-            split = split or ablation.cache_layer(call)
+            if split is None:
+                split = ablation.cache_layer(call)
         if split is None:
-            out, weights = apply_key_masks(call, self.base, None, None, kernel)
+            out, weights = apply_key_masks(call, self.base, kernel)
         else:
-            out, weights = attend_image_free(call, split, self.base, kernel)
+            out, weights = attend_pruned(call, split, self.base, kernel)
             if (self.observers or uniform) and split.length != query.shape[2]:
                 call.key, call.value = split.dense()
         if zero or uniform:

@@ -9,8 +9,10 @@ tokens, in one prefill, then takes `--decode` steps (16) of one token each with 
                random choice per layer, `--seed`) loses the image keys, prefill and decode
   flow-blind   the same heads, but only their text rows lose the image keys (image rows attend as usual)
   fastv        `capture.fastv(layer=K, keep=R)`: from layer K on only the R share of image tokens stays
-Blind methods use the KV cache their ablation context offers (`ctx.cache()`), which holds no image keys and values
-for key/value heads whose query heads are all blind; where the installed vheads has none, the plain cache.
+Each vheads method runs on the pruned KV cache its context offers (`ablate.cache()`, `fastv.cache()`): no image keys
+and values for key/value heads whose query heads are all blind, none of FastV's dropped tokens from layer K on; with
+it the blind heads' attention runs on the text keys alone. `--masked` shares also run image-blind on the plain cache,
+where the attention masks the image keys instead of skipping them.
 Columns: prefill seconds (median of `--repeats`), decode ms per token (median), KV-cache bytes held after the last
 step (total, and the image part: the total less the text positions every method holds in full), peak memory
 (CPU: peak resident set size over the loaded model; CUDA: max_memory_allocated over the loaded model) and
@@ -79,7 +81,7 @@ class Method:
     mode: str
     share: float = 1.0
     layer: int = 0
-    masked: bool = False  # blind modes: the plain KV cache, so the attention masks the image instead of skipping it
+    masked: bool = False  # the plain KV cache, not the pruned one: the attention masks the image instead of skipping it
 
     @property
     def label(self) -> str:
@@ -189,7 +191,7 @@ def cost(method: Method, geometry: Geometry, layout: Layout, decode: int, dtype:
 
 def methods_for(modes: list[str], shares: list[float], fastv_layer: int, fastv_keeps: list[float],
                 masked_shares: tuple[float, ...] = ()) -> list[Method]:
-    """The measured configurations, plain first; `masked_shares`: image-blind also without its image-free cache."""
+    """The measured configurations, plain first; `masked_shares`: image-blind also on the plain cache (masked)."""
     out = [Method("plain")] if "plain" in modes else []
     for mode in ("image-blind", "flow-blind"):
         if mode in modes:
@@ -418,7 +420,7 @@ def main() -> None:
     parser.add_argument("--fastv-layer", type=int, default=0, help="FastV's K (0: 2, or 1 below 3 layers)")
     parser.add_argument("--fastv-keep", default="0.5,0.25", help="FastV's kept shares R")
     parser.add_argument("--masked", default="0.1", help="shares at which image-blind also runs masked, on the plain KV "
-                        "cache instead of its image-free one ('': none)")
+                        "cache instead of its pruned one ('': none)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the heads that keep the image")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="float32")

@@ -14,11 +14,13 @@ and values for key/value heads whose query heads are all blind, none of FastV's 
 it the blind heads' attention runs on the text keys alone. `--masked` shares also run image-blind on the plain cache,
 where the attention masks the image keys instead of skipping them.
 Columns: prefill seconds (median of `--repeats`), decode ms per token (median), KV-cache bytes held after the last
-step (total, and the image part: the total less the text positions every method holds in full), peak memory
-(CPU: peak resident set size over the loaded model; CUDA: max_memory_allocated over the loaded model) and
-attention FLOPs counted analytically (QK^T and AV over the pairs of query row and key each method computes, prefill
-and decode; FastV as FastV computes it, the dropped tokens gone from layer K on), each with its ratio to plain.
-Each (image tokens, method) runs in its own process, so peak memory is clean.
+step (total, and at image positions: `capture.cache_bytes`), peak memory (CPU: peak resident set size over the loaded
+model; CUDA: max_memory_allocated over the loaded model) and attention FLOPs counted analytically (QK^T and AV over
+the pairs of query row and key each method computes, prefill and decode; FastV as FastV computes it, the dropped
+tokens gone from layer K on), each with its ratio to plain. Each (image tokens, method) runs in its own process, so
+peak memory is clean; the process also times plain, alternating with the method, and the time ratios are to those
+runs (a shared machine's load drifts between processes). Image tokens are given as counts, not as capture.py's prompt
+lengths: 8,000 is no whole number of 576-token grids.
 
     python benchmarks/prune.py [--images 576,2880,8000] [--layers 2] [--decode 16] [--repeats 3] [--threads 1]
                                [--device cpu|cuda] [--dtype float32|bfloat16] [--json FILE]

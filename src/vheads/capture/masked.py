@@ -80,31 +80,36 @@ def attend_blocked(module: torch.nn.Module, query: torch.Tensor, key: torch.Tens
 
 
 def apply_key_masks(call: Any, base: str, kernel: Callable) -> tuple[torch.Tensor, Any]:
-    """The layer's output [batch, q, h, d] with `call.key_masks` applied: the base `kernel`'s output, with each group
-    of heads that share blocked keys recomputed on its whole key/value groups under the explicit mask and spliced
-    in (the base kernel is not run at all when one group covers every head)."""
-    b, h, q_len, _ = call.query.shape
+    """The layer's output [batch, q, h, d] with `call.key_masks` applied: the heads no mask names run the base
+    `kernel` (on their whole key/value groups only), each group of heads that share blocked keys runs on its whole
+    key/value groups under the explicit mask, and the outputs are put together (weights where kernels return them)."""
+    b, h, q_len, d = call.query.shape
     groups = blocked_by_head(call.key_masks, h)
-    out = weights = None
-    if not (len(groups) == 1 and len(groups[0][0]) == h):
-        out, weights = kernel(call.module, call.query, call.key, call.value, call.mask, **call.kwargs)
     if not groups:
-        return out, weights
+        return kernel(call.module, call.query, call.key, call.value, call.mask, **call.kwargs)
+    group = h // call.key.shape[1]
+    masked = {head for heads, _ in groups for head in heads}
+    plain = [head for head in range(h) if head not in masked]
+    parts = []
+    if plain:
+        kv, q_heads = whole_groups(plain, group)
+        part, part_weights = kernel(call.module, call.query[:, q_heads], call.key[:, kv], call.value[:, kv], call.mask,
+                                    **call.kwargs)
+        parts.append((plain, q_heads, part, part_weights))
     rows = torch.arange(q_len, device=call.query.device).expand(b, -1)
     visible, bias = call.visible(rows)
-    group = h // call.key.shape[1]
-    if out is not None:
-        out = out.clone()
-        weights = weights.clone() if isinstance(weights, torch.Tensor) else weights
     for heads, blocked in groups:
         kv, q_heads = whole_groups(heads, group)
         part, part_weights = attend_blocked(call.module, call.query[:, q_heads], call.key[:, kv], call.value[:, kv],
                                             visible & ~blocked, bias, base, call.kwargs)
+        parts.append((heads, q_heads, part, part_weights))
+    out = parts[0][2].new_empty(b, q_len, h, d)
+    with_weights = all(isinstance(w, torch.Tensor) and w.dim() == 4 for *_, w in parts)
+    weights = parts[0][3].new_zeros(b, h, q_len, parts[0][3].shape[-1]) if with_weights else None
+    for heads, q_heads, part, part_weights in parts:
         pick = [q_heads.index(head) for head in heads]
-        if out is None:
-            return part[:, :, pick], part_weights[:, pick] if isinstance(part_weights, torch.Tensor) else None
-        out[:, :, heads] = part[:, :, pick].to(out.dtype)
-        if isinstance(weights, torch.Tensor) and weights.dim() == 4 and isinstance(part_weights, torch.Tensor):
+        out[:, :, heads] = part[:, :, pick]
+        if weights is not None:
             weights[:, heads] = part_weights[:, pick].to(weights.dtype)
     return out, weights
 

@@ -34,6 +34,7 @@ lint: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python benchmarks/capture.py
 	$(BIN)/python benchmarks/run.py
+	$(BIN)/python benchmarks/prune.py
 
 # Re-resolve pyproject's ranges (with the test extras) plus requirements/pins.in to the newest releases they
 # allow, and write the lock. Local labels (torch's +cpu) are dropped so a GPU machine's wheel satisfies it.

@@ -267,6 +267,29 @@ def test_cli_fastv_points_land_in_the_same_store_with_their_share(kept):
     assert info["ablation"] == "fastv:1:0.5" and info["config"]["fastv_keep"] == 0.5
 
 
+def test_a_fastv_run_is_replayed_with_its_pruning_for_overlays_and_grounding(kept):
+    """Overlays and grounding run a stored run's samples again: a FastV run's heads after layer K must show
+    attention on the kept image tokens only, as they had in the run."""
+    from vheads.pipeline.replay import attention_maps, reload_samples, run_ablation
+
+    store, _, loaded, _ = kept
+    runner.invoke(app, ["ablate", "--from", "source", "--mode", "fastv", "--fastv-layer", "1", "--fastv-keep",
+                        "0.25", "--limit", "6", "--max-new-tokens", "2", "--store", store])
+    with Store(store, read_only=True) as db:
+        info = db.run(curve_points(db, from_run="source").query("fastv_keep == 0.25")["run"].iloc[0])
+        ids = list(db.samples(info["name"])["sample_id"].astype(str))[:2]
+    heads, mode, point = run_ablation(info)
+    assert (heads, point) == ([], (1, 0.25))
+    samples = reload_samples(info, ids)
+    late = [(2, head) for head in range(4)]
+    pruned = attention_maps(loaded, samples, late, ablate_heads=heads, ablation=mode, fastv_point=point)
+    plain = attention_maps(loaded, samples, late)
+    for before, after in zip(plain, pruned):
+        image_tokens = before.maps.shape[1]
+        assert (np.count_nonzero(after.maps, axis=1) <= -(-image_tokens // 4)).all()
+        assert (np.count_nonzero(before.maps, axis=1) > -(-image_tokens // 4)).all()
+
+
 def test_keep_only_on_the_demo_model_needs_the_image_and_the_visual_heads_help(tmp_path):
     """End to end on the embedded model: with every head blind the model loses what the image told it."""
     from vheads.pipeline import run as pipeline

@@ -117,10 +117,10 @@ def ground(store_path: str | Path, run: str | int, selectors: Sequence[str], hea
         loaded = loaded if loaded is not None else run_model(info, device)
         union = sorted({head for _, heads in sets for head in heads})
         slots = [[union.index(head) for head in heads] for _, heads in sets]
-        ablate_heads, ablation = run_ablation(info)
+        ablate_heads, ablation, fastv_point = run_ablation(info)
         results: list[list[tuple[str, Grounded, list]]] = [[] for _ in sets]
         maps = iter_attention_maps(loaded, samples, union, str(info.get("readout") or "prompt"), ablate_heads,
-                                   ablation)
+                                   ablation, fastv_point)
         for done, item in enumerate(maps, start=1):
             targets = item.sample.targets()
             width, height = item.image.size

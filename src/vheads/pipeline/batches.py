@@ -79,6 +79,20 @@ def answer_confidence(logits: Sequence[torch.Tensor], tokens: torch.Tensor, eos:
     return Confidence(logp[:, 0].exp().cpu().numpy().astype(np.float64), mean.cpu().numpy().astype(np.float64))
 
 
+
+def enter_ablation(stack: ExitStack, model: Any, heads: Sequence[tuple[int, int]], mode: str,
+                   fastv_point: tuple[int, float] | None = None) -> ablate | fastv | None:
+    """Enter a run's head ablation (`heads` in `mode`) and FastV point (K, R) on `model`, as the run had them; returns
+    the pruning context (image-blind / flow-blind heads, or FastV) whose cache a generate may use, else None. The one
+    place runs and their replays (overlays, grounding) switch them on."""
+    pruning: ablate | fastv | None = None
+    if heads:
+        context = stack.enter_context(ablate(model, heads, mode))
+        pruning = context if mode in PRUNING_MODES else None
+    if fastv_point is not None:
+        pruning = stack.enter_context(fastv(model, layer=fastv_point[0], keep=fastv_point[1]))
+    return pruning
+
 class Runner:
     """Runs batches of samples through a loaded model with capture (and ablation) on."""
 
@@ -147,13 +161,8 @@ class Runner:
         inputs = self.loaded.on_device(inputs)
         with ExitStack() as stack:
             stack.enter_context(torch.inference_mode())
-            pruning: ablate | fastv | None = None
-            if self.config.ablate:
-                heads = stack.enter_context(ablate(model, self.config.ablate, self.config.ablation))
-                pruning = heads if self.config.ablation in PRUNING_MODES else None
-            if self.config.fastv_layer is not None:
-                pruning = stack.enter_context(fastv(model, layer=self.config.fastv_layer,
-                                                    keep=self.config.fastv_keep))
+            fastv_point = (self.config.fastv_layer, self.config.fastv_keep) if self.config.fastv_layer else None
+            pruning = enter_ablation(stack, model, self.config.ablate, self.config.ablation, fastv_point)
             recorder = stack.enter_context(HeadRecorder(model, self.config.readout, region_mask=region,
                                                         target_mask=layout.target, grids=layout.grids))
             # a pruning run generates on a cache that does not hold what it took away (the same answers)

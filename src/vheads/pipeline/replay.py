@@ -20,10 +20,11 @@ import pandas as pd
 import torch
 from PIL import Image
 
-from vheads.capture import TokenAttention, ablate
+from vheads.capture import TokenAttention
 from vheads.data import Sample
 from vheads.heads import Head
 from vheads.models import Loaded, TokenGrid
+from vheads.pipeline.batches import enter_ablation
 from vheads.pipeline.config import RunConfig
 
 
@@ -43,17 +44,20 @@ class SampleAttention:
 
 
 def attention_maps(loaded: Loaded, samples: Sequence[Sample], heads: Sequence[Head], readout: str = "prompt",
-                   ablate_heads: Sequence[Head] = (), ablation: str = "zero") -> list[SampleAttention]:
+                   ablate_heads: Sequence[Head] = (), ablation: str = "zero",
+                   fastv_point: tuple[int, float] | None = None) -> list[SampleAttention]:
     """Run the model on each sample (one at a time) and return the attention maps of `heads` over its image.
 
-    Ablated heads (`ablate_heads`, `ablation`) are switched off as in the run being drawn. Raises
+    Ablated heads (`ablate_heads`, `ablation`) and FastV's pruning (`fastv_point`: K, R) apply as in the run being
+    drawn. Raises
     `GeometryError` when the family's image tokens cannot be mapped back to patches.
     """
-    return list(iter_attention_maps(loaded, samples, heads, readout, ablate_heads, ablation))
+    return list(iter_attention_maps(loaded, samples, heads, readout, ablate_heads, ablation, fastv_point))
 
 
 def iter_attention_maps(loaded: Loaded, samples: Sequence[Sample], heads: Sequence[Head], readout: str = "prompt",
-                        ablate_heads: Sequence[Head] = (), ablation: str = "zero") -> Iterator[SampleAttention]:
+                        ablate_heads: Sequence[Head] = (), ablation: str = "zero",
+                        fastv_point: tuple[int, float] | None = None) -> Iterator[SampleAttention]:
     """`attention_maps` one sample at a time, so a long run's images are not all held at once."""
     adapter, model = loaded.adapter, loaded.model
     for sample in samples:
@@ -63,8 +67,7 @@ def iter_attention_maps(loaded: Loaded, samples: Sequence[Sample], heads: Sequen
         inputs = loaded.on_device(inputs)
         with ExitStack() as stack:
             stack.enter_context(torch.inference_mode())
-            if ablate_heads:
-                stack.enter_context(ablate(model, ablate_heads, ablation))
+            enter_ablation(stack, model, ablate_heads, ablation, fastv_point)
             recorder = stack.enter_context(TokenAttention(model, heads, readout))
             if readout == "prompt":
                 model(**inputs)
@@ -114,7 +117,8 @@ def run_model(run: Mapping[str, Any], device: str = "auto") -> Loaded:
     return replace(RunConfig.of_run(run), device=device).load_model()
 
 
-def run_ablation(run: Mapping[str, Any]) -> tuple[list[Head], str]:
-    """The heads a run ablated and how (so its samples run again as they ran)."""
+def run_ablation(run: Mapping[str, Any]) -> tuple[list[Head], str, tuple[int, float] | None]:
+    """The heads a run ablated, how, and its FastV point (K, R) or None, so its samples run again as they ran."""
     config = RunConfig.of_run(run)
-    return list(config.ablate), config.ablation
+    fastv_point = (config.fastv_layer, config.fastv_keep) if config.fastv_layer is not None else None
+    return list(config.ablate), config.ablation, fastv_point

@@ -54,8 +54,8 @@ def overlay_block(store: Any, view: Any, out: Path, n: int, device: str,
     try:
         samples = reload_samples(info, list(chosen["sample_id"]))
         loaded = _model(info, device, models)
-        ablate_heads, ablation = run_ablation(info)
-        items = attention_maps(loaded, samples, heads, readout, ablate_heads, ablation)
+        ablate_heads, ablation, fastv_point = run_ablation(info)
+        items = attention_maps(loaded, samples, heads, readout, ablate_heads, ablation, fastv_point)
     except (DataError, ModelError, GeometryError, CaptureError, OSError, ValueError) as exc:
         reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         log.warning("no overlays for run %s: %s", view.name, reason)

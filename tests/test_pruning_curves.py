@@ -284,7 +284,7 @@ def test_a_fastv_run_is_replayed_with_its_pruning_for_overlays_and_grounding(kep
     late = [(2, head) for head in range(4)]
     pruned = attention_maps(loaded, samples, late, ablate_heads=heads, ablation=mode, fastv_point=point)
     plain = attention_maps(loaded, samples, late)
-    for before, after in zip(plain, pruned):
+    for before, after in zip(plain, pruned, strict=True):
         image_tokens = before.maps.shape[1]
         assert (np.count_nonzero(after.maps, axis=1) <= -(-image_tokens // 4)).all()
         assert (np.count_nonzero(before.maps, axis=1) > -(-image_tokens // 4)).all()

@@ -1,6 +1,6 @@
 """Pruning curves: ablate the top visual heads, random heads or the weakest late heads, K at a time, and record
 accuracy with a 95% interval (DESIGN.md, Ablation); or keep only K heads seeing the image (keep-only), or prune
-image tokens with FastV (`analysis.pruning`).
+image tokens with FastV (`analysis.pruning`); or ablate each head alone (`analysis.costs`).
 
 Every point is an ordinary run in the store, tagged with the curve (runs.curve) and with its selector, K, seed,
 source run, mode and heads (runs.tags). Point names are derived from the curve, so running the same curve again
@@ -21,8 +21,9 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from vheads.analysis.costs import EACH, each_plan, head_costs, with_costs
 from vheads.analysis.points import BASELINE, Point
-from vheads.analysis.pruning import FASTV, check_pruning, fastv_plan, keep_plan
+from vheads.analysis.pruning import FASTV, all_heads, check_pruning, fastv_plan, keep_plan
 from vheads.analysis.ranking import head_table
 from vheads.analysis.selectors import CURVE_SELECTORS, DEFAULT_CURVE, check_ranked, resolve_heads, select_heads
 from vheads.analysis.stats import bootstrap_mean_ci, t_interval
@@ -42,16 +43,18 @@ __all__ = ["POINT_COLUMNS", "Point", "plan", "resolve_heads", "curve", "curve_po
 
 def curve_tag(from_run: str, config: RunConfig, kind: str | None = None) -> str:
     """`ablate-<source run>-<kind>-<digest of model, data and readout options>`: equal settings, equal tag. The
-    kind is the ablation mode, `keep-<mode>` for keep-only curves, `fastv` for FastV's."""
+    kind is the ablation mode, `keep-<mode>` for keep-only curves, `each-<mode>` for each-head ones, `fastv` for
+    FastV's."""
     settings = {name: getattr(config, name) for name in _DIGEST_FIELDS}
     digest = hashlib.sha1(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:8]
     return f"ablate-{from_run}-{kind or config.ablation}-{digest}"
 
 
 def plan(ranking: pd.DataFrame, tag: str, selectors: Sequence[str] = DEFAULT_CURVE,
-         ks: Sequence[int] = (0, 4, 8, 16), seeds: int = 5, mode: str = "zero") -> list[Point]:
+         ks: Sequence[int] = (0, 4, 8, 16), seeds: int = 5, mode: str = "zero",
+         stems: dict[str, str] | None = None) -> list[Point]:
     """The points of a curve over a ranking (`head_table` of the source run); K = 0 once, random once per seed.
-    Every point ablates its K heads in `mode`."""
+    Every point ablates its K heads in `mode`. `stems` renames a selector's points (`{tag}-{stem}{K}`)."""
     unknown = [s for s in selectors if s not in CURVE_SELECTORS]
     if unknown:
         raise ValueError(f"unknown selector {unknown[0]!r} for a curve; expected {', '.join(CURVE_SELECTORS)}")
@@ -70,7 +73,7 @@ def plan(ranking: pd.DataFrame, tag: str, selectors: Sequence[str] = DEFAULT_CUR
                                  f"{tag}-random{k}-s{seed}", mode) for seed in range(seeds)]
             else:
                 points.append(Point(selector, k, None, select_heads(f"{selector}:{k}", ranking, layers, heads),
-                                    f"{tag}-{selector}{k}", mode))
+                                    f"{tag}-{(stems or {}).get(selector, selector)}{k}", mode))
     return points
 
 
@@ -78,12 +81,14 @@ def curve(store_path: str | Path, from_run: str | int, selectors: Sequence[str] 
           ks: Sequence[int] = (0, 4, 8, 16), seeds: int = 5, ablation: str = "zero", config: RunConfig | None = None,
           loaded: Any = None, dataset: Any = None, progress: Callable[[str, int, int, int, int], None] | None = None,
           n_boot: int = 1000, keep: bool = False, sets: Sequence[str] = (),
-          fastv: Sequence[tuple[int, float]] = ()) -> list[dict[str, Any]]:
+          fastv: Sequence[tuple[int, float]] = (), each: bool = False) -> list[dict[str, Any]]:
     """Run (or reuse) every point of a pruning curve and return its points, as `curve_points` rows.
 
     `ablation` is the mode: zero or uniform (ablate K heads), image-blind or flow-blind (with `keep`: only K heads
     keep the image, chosen by `selectors` or the fixed `sets`, see `pruning.keep_plan`), or fastv (one point per
-    (layer, share) of `fastv`; selectors and K unused).
+    (layer, share) of `fastv`; selectors and K unused). `each`: one point per head, that head alone ablated in
+    the mode, beside one unablated point: the heads' ablation costs (`analysis.costs`), which the `cost` selector
+    ranks by (costs in the curve's own mode; their each-head curve's name goes into the cost points' names).
 
     The points reuse the source run's stored settings (model, data, images, split, question type, prompt style,
     limit, seed, readout, max-new-tokens, dtype, attention kernel, stages, ...); an option `config` gives explicitly
@@ -101,14 +106,23 @@ def curve(store_path: str | Path, from_run: str | int, selectors: Sequence[str] 
         ranking = head_table(store, from_run, stages=base.stages)
         check_ranked(ranking, source["name"])
         base = replace(base, model=base.model or source["model"])
-        kind = f"keep-{ablation}" if keep else ablation
+        kind = f"keep-{ablation}" if keep else f"each-{ablation}" if each else ablation
         tag = base.curve or curve_tag(source["name"], base, kind)
+        stems = {}
+        if "cost" in selectors and not each and ablation != FASTV:
+            costs = head_costs(store, source["name"], ablation)
+            ranking = with_costs(ranking, costs)
+            stems["cost"] = f"cost-{hashlib.sha1(costs.attrs['curve'].encode()).hexdigest()[:6]}-"
         if ablation == FASTV:
             points = fastv_plan(tag, fastv)
+        elif each:
+            if keep:
+                raise ValueError("--each ablates one head at a time; it does not go with --keep")
+            points = each_plan(all_heads(ranking), tag, ablation)
         elif keep:
-            points = keep_plan(ranking, tag, ablation, selectors, ks, seeds, sets)
+            points = keep_plan(ranking, tag, ablation, selectors, ks, seeds, sets, stems)
         else:
-            points = plan(ranking, tag, selectors, ks, seeds, ablation)
+            points = plan(ranking, tag, selectors, ks, seeds, ablation, stems)
         status = dict(store.query("SELECT name, status FROM runs WHERE curve = ?", [tag]).itertuples(index=False))
     finished = {name for name, state in status.items() if state == "done"}
     todo = [p for p in points if p.name not in finished]
@@ -166,12 +180,16 @@ def _prepare(config: RunConfig, loaded: Any, dataset: Any, grid: tuple[int, int]
 
 
 def _curve_runs(store: Store, curve: str | None, from_run: str | None) -> pd.DataFrame:
-    """Finished runs that are curve points, with their tags decoded."""
+    """Finished runs that are curve points, with their tags decoded (each-head curves only when named: they are
+    costs, not curves)."""
     runs = store.runs()
     runs = runs[runs["curve"].notna() & (runs["status"] == "done")]
     runs = runs[runs["tags"].map(lambda t: isinstance(t, dict) and "selector" in t).astype(bool)]
     if curve is not None:
         runs = runs[runs["curve"] == curve]
+    else:
+        each_curves = {c for c, t in zip(runs["curve"], runs["tags"], strict=True) if t["selector"] == EACH}
+        runs = runs[~runs["curve"].isin(each_curves)]
     if from_run is not None:
         runs = runs[runs["tags"].map(lambda t: t.get("from_run") == from_run).astype(bool)]
     return runs

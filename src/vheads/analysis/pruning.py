@@ -45,13 +45,14 @@ def all_heads(ranking: pd.DataFrame) -> list[Head]:
 
 
 def keep_plan(ranking: pd.DataFrame, tag: str, mode: str, selectors: Sequence[str] = ("top", "random"),
-              ks: Sequence[int] = (4, 8, 16), seeds: int = 3, sets: Sequence[str] = ()) -> list[Point]:
+              ks: Sequence[int] = (4, 8, 16), seeds: int = 3, sets: Sequence[str] = (),
+              stems: dict[str, str] | None = None) -> list[Point]:
     """Keep-only points over a ranking (`head_table` of the source run): for each selector and K, the K heads it
     picks keep the image and every other head is `mode` (image-blind or flow-blind); random once per seed.
 
     The ends are always there, shared by every selector: K = 0 (every head blind, a check that the image matters)
     and K = all heads (no head blind: the plain run). `sets` adds fixed head sets, one point each at K = their
-    size: `stage:NAME` or an `L.H,...` list."""
+    size: `stage:NAME` or an `L.H,...` list. `stems` renames a selector's points (`{tag}-{stem}{K}`)."""
     check_pruning(mode, True, ())
     unknown = [s for s in selectors if s not in CURVE_SELECTORS]
     if unknown:
@@ -80,7 +81,7 @@ def keep_plan(ranking: pd.DataFrame, tag: str, mode: str, selectors: Sequence[st
                                  f"{tag}-random{k}-s{seed}", seed) for seed in range(seeds)]
             else:
                 points.append(point(selector, select_heads(f"{selector}:{k}", ranking, layers, per_layer),
-                                    f"{tag}-{selector}{k}"))
+                                    f"{tag}-{(stems or {}).get(selector, selector)}{k}"))
     for spec in dict.fromkeys(canonical(s) for s in sets):
         if is_selector(spec) and not spec.startswith("stage:"):
             raise ValueError(f"--keep {spec}: a fixed head set is stage:NAME or L.H,...; selectors with K go "

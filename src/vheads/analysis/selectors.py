@@ -3,7 +3,8 @@
 `top:K` the K best heads of a run's ranking; `random:K[:seed]` K heads drawn from all heads with the seed;
 `late:K` the K lowest-scoring heads of the late stage; `stage:early|mid|late` every head of a stage;
 `pointing:K` the K heads of a run that most often point at a target; `region:K` the K heads with the highest mean
-region share (the share of their image attention on the asked-about box); `localization:K` Kang et al.'s
+region share (the share of their image attention on the asked-about box); `cost:K` the K heads whose ablation alone
+costs the most accuracy (`analysis.costs`, from a stored `vheads ablate --each` curve); `localization:K` Kang et al.'s
 localization heads of a run (`analysis.localization`); `L.H,L.H` an explicit list. Random sets are nested: for
 one seed, the K = 4 set is part of the K = 8 set.
 """
@@ -21,10 +22,10 @@ from vheads.store import Store
 
 # The selectors a curve runs by default, and every selector a curve can run (one head set per K).
 DEFAULT_CURVE = ("top", "random", "late")
-CURVE_SELECTORS = (*DEFAULT_CURVE, "pointing", "region")
-NEEDS_RUN = ("top", "late", "pointing", "region", "localization")
+CURVE_SELECTORS = (*DEFAULT_CURVE, "pointing", "region", "cost")
+NEEDS_RUN = ("top", "late", "pointing", "region", "cost", "localization")
 SELECTORS = (*CURVE_SELECTORS, "stage", "localization")
-EXPECTED = "top:K, random:K[:seed], late:K, stage:NAME, pointing:K, region:K, localization:K or L.H,..."
+EXPECTED = "top:K, random:K[:seed], late:K, stage:NAME, pointing:K, region:K, cost:K, localization:K or L.H,..."
 
 
 def is_selector(spec: str | None) -> bool:
@@ -57,14 +58,16 @@ def canonical(spec: str) -> str:
 
 def resolve_heads(spec: str, store: Store | None = None, from_run: str | int | None = None,
                   layers: int | None = None, heads: int | None = None,
-                  stages: tuple[int, int] | None = None, attention_layers: list[int] | None = None) -> list[Head]:
+                  stages: tuple[int, int] | None = None, attention_layers: list[int] | None = None,
+                  mode: str | None = None) -> list[Head]:
     """The heads a selector or `L.H` list names, for a model of `layers` x `heads` heads.
 
     `attention_layers` (default: every layer; a run's own list with `from_run`) limits `random` and `stage` to
     the layers with softmax attention, as a hybrid decoder's other layers have no heads to ablate.
 
     `top` and `late` rank the heads of `from_run` (read from `store`); with a run, the grid defaults to its own and
-    the stages to its stored `--stages` (`stages` overrides them). Raises ValueError saying what is wrong.
+    the stages to its stored `--stages` (`stages` overrides them). `cost` reads the run's each-head costs in
+    ablation `mode` (any, if only one was measured). Raises ValueError saying what is wrong.
     """
     text = (spec or "").strip()
     if not text:
@@ -79,6 +82,10 @@ def resolve_heads(spec: str, store: Store | None = None, from_run: str | int | N
         if kind in NEEDS_RUN:
             table = head_table(store, from_run, stages=stages)
             check_ranked(table, from_run)
+            if kind == "cost":
+                from vheads.analysis.costs import head_costs, with_costs
+
+                table = with_costs(table, head_costs(store, from_run, mode, strict=False))
         elif stages is None:
             stages = head_table(store, from_run).attrs["stages"]
         if kind == "localization":
@@ -148,6 +155,8 @@ def select_heads(spec: str, ranking: pd.DataFrame | None, layers: int | None, he
         return pointing_heads(ranking, _count(text, args[0], len(ranked)), text)
     if kind == "region":
         return region_heads(ranking, _count(text, args[0], len(ranked)), text)
+    if kind == "cost":
+        return cost_heads(ranking, _count(text, args[0], len(ranked)), text)
     late = [h for h in ranked if metrics.stage_of(h[0], layers, stages) == "late"]
     return late[::-1][:_count(text, args[0], len(late))]
 
@@ -172,6 +181,21 @@ def region_heads(ranking: pd.DataFrame, k: int, spec: str = "region") -> list[He
                          "tokens have no patch layout)")
     ordered = known.sort_values(["mean_region_share", "mean_w", "layer", "head"],
                                 ascending=[False, False, True, True])
+    return [(int(r.layer), int(r.head)) for r in ordered.head(k).itertuples()]
+
+
+def cost_heads(ranking: pd.DataFrame, k: int, spec: str = "cost") -> list[Head]:
+    """The K heads of a ranking whose ablation alone costs the most accuracy (ties: more confidence lost, then
+    lower layer and head); the ranking must carry `analysis.costs.with_costs`'s columns, unmeasured heads are
+    left out."""
+    if "ablation_cost" not in ranking:
+        raise ValueError(f"{spec}: cost ranks heads by what each costs when ablated alone; run `vheads ablate "
+                         "--from RUN --each --mode MODE` first")
+    known = ranking[np.isfinite(ranking["ablation_cost"].to_numpy(dtype=float))]
+    if known.empty:
+        raise ValueError(f"{spec}: no head of the run has a measured ablation cost")
+    ordered = known.assign(_p=known["confidence_cost"].fillna(-np.inf)).sort_values(
+        ["ablation_cost", "_p", "layer", "head"], ascending=[False, False, True, True])
     return [(int(r.layer), int(r.head)) for r in ordered.head(k).itertuples()]
 
 
@@ -225,7 +249,8 @@ def _explicit(text: str, layers: int | None, heads: int | None) -> list[Head]:
 
 
 def run_option_heads(spec: str | None, from_run: str | None, store_path: str, model: str | None,
-                     trust_remote_code: bool = False, stages: tuple[int, int] | None = None) -> list[Head]:
+                     trust_remote_code: bool = False, stages: tuple[int, int] | None = None,
+                     mode: str | None = None) -> list[Head]:
     """`vheads run --ablate SPEC [--from RUN]`: an `L.H` list, or a selector resolved on the source run's ranking
     (or, for random / stage without --from, on the model's layers x heads read from its config)."""
     if not spec:
@@ -234,7 +259,7 @@ def run_option_heads(spec: str | None, from_run: str | None, store_path: str, mo
         return []
     if from_run:
         with Store(store_path, read_only=True) as store:
-            return resolve_heads(spec, store, from_run, stages=stages)
+            return resolve_heads(spec, store, from_run, stages=stages, mode=mode)
     if is_selector(spec) and spec.split(":")[0] not in NEEDS_RUN:
         layers, heads, attention = model_layers(model, trust_remote_code)
         return resolve_heads(spec, None, None, layers, heads, stages=stages, attention_layers=attention)

@@ -38,7 +38,8 @@ def ablate(
     from_run: str = typer.Option(..., "--from", help="Run whose head ranking picks the top / late heads, and whose "
                                  "stored options (model, data, limit, seed, readout, ...) the points reuse."),
     select: str = typer.Option("top,random,late", "--select", help="Selectors, comma-separated: top (top-K visual "
-                               "heads), random (K random heads, several seeds), late (K lowest-scoring late heads)."),
+                               "heads), random (K random heads, several seeds), late (K lowest-scoring late heads), "
+                               "pointing, region, cost (the K heads costliest to ablate alone, from --each)."),
     ks: str = typer.Option("0,4,8,16", "--k", help="Numbers of heads to ablate, comma-separated (0 = baseline)."),
     seeds: int = typer.Option(5, "--seeds", min=1, help="Random head sets per K (seeds 0..N-1)."),
     ablation: str = typer.Option("zero", "--mode", "--ablation", help="zero (output zeroed), uniform (uniform "
@@ -48,8 +49,11 @@ def ablate(
     keep: list[str] = typer.Option(None, "--keep", help="Keep-only (with --mode image-blind or flow-blind): only "
                                    "the heads chosen keep the image, every other head is blind; K counts the kept "
                                    "heads, and K = 0 (all blind) and K = all heads (the plain run) are added. "
-                                   "Selectors, comma-separated: top, random, late, pointing, region; or a fixed set: "
-                                   "stage:NAME or L.H,.... Repeat for several."),
+                                   "Selectors, comma-separated: top, random, late, pointing, region, cost; or a "
+                                   "fixed set: stage:NAME or L.H,.... Repeat for several."),
+    each: bool = typer.Option(False, "--each", help="Ablation cost: one point per head, that head alone ablated in "
+                              "--mode (zero, uniform, image-blind or flow-blind), and one unablated point; prints "
+                              "the heads costliest to lose. The `cost` selector then ranks heads by it."),
     fastv_layer: str = typer.Option(None, "--fastv-layer", help="FastV's K, comma-separated: layers before it see "
                                     "every image token (with --mode fastv)."),
     fastv_keep: str = typer.Option(None, "--fastv-keep", help="FastV's R, comma-separated, each in (0, 1]: the share "
@@ -78,7 +82,8 @@ def ablate(
     verbose: bool = typer.Option(False, "--verbose", "-v", help="More log lines."),
 ) -> None:
     """Pruning curve: accuracy as the top visual heads, random heads or weak late heads are ablated, K at a time;
-    with --keep, as only K heads keep seeing the image; with --mode fastv, as FastV prunes image tokens.
+    with --keep, as only K heads keep seeing the image; with --mode fastv, as FastV prunes image tokens; with
+    --each, what each head costs when ablated alone.
 
     The points run on the data and options of --from unless given here. Every point is a stored run; running the
     same curve again reuses finished points. image_kv_share: the share of the image's keys and values a point's
@@ -104,11 +109,16 @@ def ablate(
         selectors, sets = keep_items(keep) if keep else (_items(select, "--select", str), [])
         fastv = fastv_points(fastv_layer, fastv_keep)
         check_pruning(mode, bool(keep), fastv)
+        if each and (keep or fastv):
+            raise ValueError("--each ablates one head at a time; it goes without --keep and FastV")
         with ProgressView() as view:
             points = curve(existing_store(store), from_run, selectors=selectors, ks=_items(ks, "--k", int),
                            seeds=seeds, ablation=mode, config=config, keep=bool(keep), sets=sets, fastv=fastv,
-                           progress=lambda label, done, total, correct, scored: view.update(
+                           each=each, progress=lambda label, done, total, correct, scored: view.update(
                                label, done, total, f"acc {correct / scored:.3f}" if scored else ""))
+        if each:
+            _print_costs(existing_store(store), from_run, mode, fmt, points[0]["curve"])
+            return
     if fmt == "json":
         rows = [{key: _plain(point[key]) for key in JSON_POINT_KEYS} for point in points]
         sys.stdout.write(json.dumps(rows, indent=2) + "\n")
@@ -131,6 +141,27 @@ def ablate(
                                       "random heads at the same K"))
         if points:
             say(f"points stored as runs of curve {points[0]['curve']} in {store}")
+
+
+def _print_costs(store: str, from_run: str, mode: str, fmt: str, curve: str, shown: int = 20) -> None:
+    """The heads' ablation costs of an each-head curve, costliest first (the table: the first `shown`)."""
+    from vheads.analysis.costs import cost_table, head_costs
+    from vheads.analysis.ranking import head_table
+    from vheads.store import Store
+
+    with Store(store, read_only=True) as db:
+        costs = head_costs(db, from_run, mode, curve=curve)
+        table = cost_table(costs, head_table(db, from_run))
+    if fmt != "table":
+        emit(table, fmt)
+        return
+    legend = (f"accuracy: with the head ablated (unablated {costs.attrs['accuracy']:.3f} on {costs.attrs['n']} "
+              f"questions of {costs.attrs['data']}); cost: accuracy lost; confidence cost: mean probability of the "
+              "right first answer token lost; score / pointing rank: the head's rank by the paper's score and by "
+              "pointing")
+    console.print(frame_table(table.head(shown), title=f"heads costliest to {mode} alone (of {len(table)}, run "
+                              f"{from_run})", legend=legend))
+    say(f"points stored as runs of curve {costs.attrs['curve']} in {store}; rank by it with the cost selector")
 
 
 def compare(

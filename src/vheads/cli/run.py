@@ -47,8 +47,9 @@ def run(
     readout: str = typer.Option("prompt", "--readout", help="Query rows measured: prompt (last prompt position), "
                                 "first-generated, or generated (all generated tokens, averaged)."),
     ablate_heads: str = typer.Option(None, "--ablate", help="Heads to ablate (default: none): a LAYER.HEAD list "
-                                     "(3.1,4.7) or a selector: top:K, late:K (rank the heads of --from), "
-                                     "random:K[:seed], stage:early|mid|late."),
+                                     "(3.1,4.7) or a selector: top:K, late:K, pointing:K, region:K, cost:K (rank the "
+                                     "heads of --from; cost: by a stored `vheads ablate --each`), random:K[:seed], "
+                                     "stage:early|mid|late."),
     from_run: str = typer.Option(None, "--from", help="Run whose head ranking top:K / late:K select from "
                                  "(default: none)."),
     ablation: str = typer.Option("zero", "--ablation", help="zero (output zeroed), uniform (uniform weights), "
@@ -89,7 +90,8 @@ def run(
                            question_type=question_type, prompt_style=prompt_style, limit=limit,
                            batch_size=batch_size, max_new_tokens=max_new_tokens,
                            readout=check_choice(readout, "readout"),
-                           ablate=run_option_heads(ablate_heads, from_run, store, model, trust_remote_code, bounds),
+                           ablate=run_option_heads(ablate_heads, from_run, store, model, trust_remote_code, bounds,
+                                                   ablation),
                            ablation=check_choice(ablation, "ablation"), store=store,
                            name=name, shard=parse_shard(shard), dtype=dtype, device=device, attn=attn, resume=resume,
                            seed=seed, trust_remote_code=trust_remote_code, stages=bounds, preset=preset,

@@ -156,7 +156,7 @@ def run_config(options: dict[str, Any], store: str, given: set[str] | None = Non
     values["stages"] = parse_stages_option(stages) if isinstance(stages, str) else stages
     values["max_pixels"] = values.get("max_pixels") or None
     heads = run_option_heads(spec, from_run, store, values.get("model"), bool(values.get("trust_remote_code")),
-                             values["stages"])
+                             values["stages"], values["ablation"])
     tags = {"ablate": spec, **({"from_run": from_run} if from_run else {})} if spec else {}
     explicit = None if given is None else tuple(sorted({RUN_FIELDS.get(k, k) for k in given} & known))
     return RunConfig(**values, ablate=heads, store=store, tags=tags, explicit=explicit)

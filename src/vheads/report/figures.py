@@ -30,7 +30,7 @@ from matplotlib.ticker import MaxNLocator  # noqa: E402
 DPI = 110
 STAGE_COLORS = {"early": "#4C72B0", "mid": "#55A868", "late": "#C44E52"}
 SELECTOR_COLORS = {"top": "#C44E52", "random": "#4C72B0", "late": "#8172B2", "stage": "#937860", "pointing": "#55A868",
-                   "region": "#DD8452"}
+                   "region": "#DD8452", "cost": "#DA8BC3"}
 VISUAL_EDGE = "black"
 
 

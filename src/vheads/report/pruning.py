@@ -1,6 +1,6 @@
 """The report's "Pruning" section: the efficiency frontier, accuracy against the share of the image's keys and
 values kept, one line per selector of the keep-only curves (image-blind solid, flow-blind dashed) and one for
-FastV, with 95% interval bands."""
+FastV, with 95% interval bands; and the heads costliest to lose, from each-head curves."""
 
 from __future__ import annotations
 
@@ -58,16 +58,16 @@ def frontier_figure(points: pd.DataFrame, title: str) -> figures.Figure:
 
 
 def pruning_section(store: Store, views: Sequence[Any], out: Path) -> h.Section | None:
-    """The section, or None when no reported run has keep-only or FastV points."""
+    """The section, or None when no reported run has keep-only, FastV or each-head points."""
     from vheads.analysis.ablation import curve_points
 
     section = h.Section("pruning", "Pruning")
     for view in views:
         points = curve_points(store, from_run=view.name)
+        points = points[is_pruning(points)] if len(points) else points
+        costs = cost_sections(store, view.name)
         if points.empty:
-            continue
-        points = points[is_pruning(points)]
-        if points.empty:
+            section.body += costs
             continue
         path = figures.save(frontier_figure(points, f"efficiency frontier of {view.name}"),
                             out / f"pruning-frontier-{view.stem}.png")
@@ -90,7 +90,33 @@ def pruning_section(store: Store, views: Sequence[Any], out: Path) -> h.Section 
                 "max_gap_random": _signed, "k_90": _int, "k_full": _int}))
         section.body.append(h.table(frontier_table(points), {"accuracy": _pct, "low": _pct, "high": _pct,
                                                             "image KV": _share}))
+        section.body += costs
     return section if section.body else None
+
+
+def cost_sections(store: Store, run: str, shown: int = 12) -> list[str]:
+    """Per mode with an each-head curve of `run`: the heads costliest to lose, beside their rank by the paper's
+    score and by pointing (what the `cost` selector keeps)."""
+    from vheads.analysis.costs import cost_modes, cost_table, head_costs
+    from vheads.analysis.ranking import head_table
+
+    body = []
+    for mode in cost_modes(store, run):
+        try:
+            costs = head_costs(store, run, mode)
+        except ValueError:  # an unfinished each-head curve: nothing to show yet
+            continue
+        table = cost_table(costs, head_table(store, run))
+        free = int((costs["cost"].abs() < 1e-12).sum())
+        body.append(f"<h3>{h.esc(run)}: heads costliest to lose ({h.esc(mode)})</h3>")
+        body.append(h.paragraph(
+            f"Each head {mode} alone, on {costs.attrs['n']} questions of {costs.attrs['data']} (accuracy "
+            f"{_pct(costs.attrs['accuracy'])} "
+            f"with none): the accuracy lost (cost) and the mean probability of the right first answer lost "
+            f"(confidence cost), beside the head's rank by the paper's score and by pointing. {free} of {len(costs)} "
+            "heads cost no answer on their own. The cost selector keeps or ablates the heads in this order."))
+        body.append(h.table(table.head(shown), {"accuracy": _pct, "cost": _signed, "confidence cost": _signed}))
+    return body
 
 
 def frontier_table(points: pd.DataFrame) -> pd.DataFrame:

@@ -102,6 +102,25 @@ def test_the_report_lists_the_heads_costliest_to_lose(measured, tmp_path):
     assert 'id="ablation"' not in page  # an each-head curve is no pruning curve
 
 
+def test_costs_measured_anew_make_new_points_named_for_their_questions(measured):
+    from vheads.analysis.costs import cost_label
+    from vheads.analysis.pruning import keep_plan
+
+    again = "ablate-source-each-image-blind-y"
+    each_point(measured, "y-k0", again, "none", [], "image-blind", [True] * 8)
+    each_point(measured, "y-h2.1", again, "each", ["2.1"], "image-blind", [False] * 8)
+    newest = head_costs(measured, "source", "image-blind")
+    assert newest.attrs["curve"] == again and list(newest["cost"]) == [1.0]
+    first = head_costs(measured, "source", "image-blind", curve="ablate-source-each-image-blind-x")
+    (label_1, stem_1), (label_2, stem_2) = cost_label(first), cost_label(newest)
+    assert (label_1, label_2) == ("cost (shapes test, 4 questions)", "cost (shapes test, 8 questions)")
+    assert stem_1 != stem_2
+    ranking = head_table(measured, "source")
+    points = keep_plan(with_costs(ranking, newest), "t", "image-blind", ["cost"], [1],
+                       renamed={"cost": (label_2, stem_2)})
+    assert (points[-1].selector, points[-1].kept, points[-1].name) == (label_2, [(2, 1)], f"t-{stem_2}1")
+
+
 def test_each_plan_has_one_point_per_head_after_the_unablated_one():
     points = each_plan([(0, 0), (2, 3)], "t", "zero")
     assert [(p.selector, p.k, p.heads, p.name) for p in points] == [
@@ -137,7 +156,8 @@ def test_cost_selectors_keep_or_ablate_the_heads_the_each_head_curve_found_costl
                                  "--batch-size", "12", "--store", store, "--format", "json"])
     assert result.exit_code == 0, result.output
     points = {(r["selector"], r["k"]): r for r in json.loads(result.stdout)}
-    assert set(points[("cost", 4)]["kept"]) == {row["head"] for row in rows[:4]}
+    cost = points[("cost (shapes test, 12 questions)", 4)]  # the selector names the questions costs came from
+    assert set(cost["kept"]) == {row["head"] for row in rows[:4]}
     # `vheads run --ablate cost:1` blinds the costliest head again: the same answers as its each-head point
     run = runner.invoke(app, ["run", "--from", "demo", "--ablate", "cost:1", "--ablation", "image-blind", "--limit",
                               "12", "--batch-size", "12", "--store", store, "--name", "costliest"])

@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from vheads.analysis.costs import EACH, each_plan, head_costs, with_costs
+from vheads.analysis.costs import EACH, cost_label, each_plan, head_costs, with_costs
 from vheads.analysis.points import BASELINE, Point
 from vheads.analysis.pruning import FASTV, all_heads, check_pruning, fastv_plan, keep_plan
 from vheads.analysis.ranking import head_table
@@ -52,9 +52,10 @@ def curve_tag(from_run: str, config: RunConfig, kind: str | None = None) -> str:
 
 def plan(ranking: pd.DataFrame, tag: str, selectors: Sequence[str] = DEFAULT_CURVE,
          ks: Sequence[int] = (0, 4, 8, 16), seeds: int = 5, mode: str = "zero",
-         stems: dict[str, str] | None = None) -> list[Point]:
+         renamed: dict[str, tuple[str, str]] | None = None) -> list[Point]:
     """The points of a curve over a ranking (`head_table` of the source run); K = 0 once, random once per seed.
-    Every point ablates its K heads in `mode`. `stems` renames a selector's points (`{tag}-{stem}{K}`)."""
+    Every point ablates its K heads in `mode`. `renamed` maps a selector to the (label, stem) its points record as
+    their selector and take as their names (`{tag}-{stem}{K}`)."""
     unknown = [s for s in selectors if s not in CURVE_SELECTORS]
     if unknown:
         raise ValueError(f"unknown selector {unknown[0]!r} for a curve; expected {', '.join(CURVE_SELECTORS)}")
@@ -72,8 +73,9 @@ def plan(ranking: pd.DataFrame, tag: str, selectors: Sequence[str] = DEFAULT_CUR
                 points += [Point(selector, k, seed, select_heads(f"random:{k}:{seed}", ranking, layers, heads),
                                  f"{tag}-random{k}-s{seed}", mode) for seed in range(seeds)]
             else:
-                points.append(Point(selector, k, None, select_heads(f"{selector}:{k}", ranking, layers, heads),
-                                    f"{tag}-{(stems or {}).get(selector, selector)}{k}", mode))
+                label, stem = (renamed or {}).get(selector, (selector, selector))
+                points.append(Point(label, k, None, select_heads(f"{selector}:{k}", ranking, layers, heads),
+                                    f"{tag}-{stem}{k}", mode))
     return points
 
 
@@ -88,7 +90,8 @@ def curve(store_path: str | Path, from_run: str | int, selectors: Sequence[str] 
     keep the image, chosen by `selectors` or the fixed `sets`, see `pruning.keep_plan`), or fastv (one point per
     (layer, share) of `fastv`; selectors and K unused). `each`: one point per head, that head alone ablated in
     the mode, beside one unablated point: the heads' ablation costs (`analysis.costs`), which the `cost` selector
-    ranks by (costs in the curve's own mode; their each-head curve's name goes into the cost points' names).
+    ranks by (costs in the curve's own mode; the cost points record which each-head curve ranked them, see
+    `costs.cost_label`).
 
     The points reuse the source run's stored settings (model, data, images, split, question type, prompt style,
     limit, seed, readout, max-new-tokens, dtype, attention kernel, stages, ...); an option `config` gives explicitly
@@ -108,11 +111,11 @@ def curve(store_path: str | Path, from_run: str | int, selectors: Sequence[str] 
         base = replace(base, model=base.model or source["model"])
         kind = f"keep-{ablation}" if keep else f"each-{ablation}" if each else ablation
         tag = base.curve or curve_tag(source["name"], base, kind)
-        stems = {}
+        renamed = {}
         if "cost" in selectors and not each and ablation != FASTV:
             costs = head_costs(store, source["name"], ablation)
             ranking = with_costs(ranking, costs)
-            stems["cost"] = f"cost-{hashlib.sha1(costs.attrs['curve'].encode()).hexdigest()[:6]}-"
+            renamed["cost"] = cost_label(costs)
         if ablation == FASTV:
             points = fastv_plan(tag, fastv)
         elif each:
@@ -120,9 +123,9 @@ def curve(store_path: str | Path, from_run: str | int, selectors: Sequence[str] 
                 raise ValueError("--each ablates one head at a time; it does not go with --keep")
             points = each_plan(all_heads(ranking), tag, ablation)
         elif keep:
-            points = keep_plan(ranking, tag, ablation, selectors, ks, seeds, sets, stems)
+            points = keep_plan(ranking, tag, ablation, selectors, ks, seeds, sets, renamed)
         else:
-            points = plan(ranking, tag, selectors, ks, seeds, ablation, stems)
+            points = plan(ranking, tag, selectors, ks, seeds, ablation, renamed)
         status = dict(store.query("SELECT name, status FROM runs WHERE curve = ?", [tag]).itertuples(index=False))
     finished = {name for name, state in status.items() if state == "done"}
     todo = [p for p in points if p.name not in finished]

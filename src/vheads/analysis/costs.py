@@ -8,6 +8,8 @@ counted as 0 where the answer is wrong. The `cost:K` selector keeps or ablates t
 
 from __future__ import annotations
 
+import hashlib
+
 import numpy as np
 import pandas as pd
 
@@ -78,6 +80,14 @@ def head_costs(store: Store, from_run: str | int, mode: str | None = None, stric
     return order_costs(frame)
 
 
+def cost_label(costs: pd.DataFrame) -> tuple[str, str]:
+    """What the points a `cost` ranking chose record: the selector label, naming the questions the costs were
+    measured on (`cost (shapes train, 300 questions)`), and a name stem unique to their each-head curve, so
+    costs measured anew make new points rather than reuse old ones."""
+    digest = hashlib.sha1(str(costs.attrs["curve"]).encode()).hexdigest()[:6]
+    return f"cost ({costs.attrs['data']}, {costs.attrs['n']} questions)", f"cost-{digest}-"
+
+
 def cost_modes(store: Store, from_run: str | int) -> list[str]:
     """The ablation modes in which `from_run` has each-head points."""
     runs = _each_runs(store, store.run(from_run)["name"])
@@ -140,5 +150,5 @@ def _figures(store: Store, run_ids: list[int]) -> dict[int, tuple[float, float, 
             for r in frame.itertuples()}
 
 
-__all__ = ["EACH", "EACH_MODES", "COST_COLUMNS", "each_plan", "head_costs", "cost_modes", "order_costs", "with_costs",
-           "cost_table"]
+__all__ = ["EACH", "EACH_MODES", "COST_COLUMNS", "each_plan", "head_costs", "cost_label", "cost_modes",
+           "order_costs", "with_costs", "cost_table"]

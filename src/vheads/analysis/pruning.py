@@ -46,13 +46,14 @@ def all_heads(ranking: pd.DataFrame) -> list[Head]:
 
 def keep_plan(ranking: pd.DataFrame, tag: str, mode: str, selectors: Sequence[str] = ("top", "random"),
               ks: Sequence[int] = (4, 8, 16), seeds: int = 3, sets: Sequence[str] = (),
-              stems: dict[str, str] | None = None) -> list[Point]:
+              renamed: dict[str, tuple[str, str]] | None = None) -> list[Point]:
     """Keep-only points over a ranking (`head_table` of the source run): for each selector and K, the K heads it
     picks keep the image and every other head is `mode` (image-blind or flow-blind); random once per seed.
 
     The ends are always there, shared by every selector: K = 0 (every head blind, a check that the image matters)
     and K = all heads (no head blind: the plain run). `sets` adds fixed head sets, one point each at K = their
-    size: `stage:NAME` or an `L.H,...` list. `stems` renames a selector's points (`{tag}-{stem}{K}`)."""
+    size: `stage:NAME` or an `L.H,...` list. `renamed` maps a selector to the (label, stem) its points record as
+    their selector and take as their names (`{tag}-{stem}{K}`)."""
     check_pruning(mode, True, ())
     unknown = [s for s in selectors if s not in CURVE_SELECTORS]
     if unknown:
@@ -80,8 +81,9 @@ def keep_plan(ranking: pd.DataFrame, tag: str, mode: str, selectors: Sequence[st
                 points += [point(selector, select_heads(f"random:{k}:{seed}", ranking, layers, per_layer),
                                  f"{tag}-random{k}-s{seed}", seed) for seed in range(seeds)]
             else:
-                points.append(point(selector, select_heads(f"{selector}:{k}", ranking, layers, per_layer),
-                                    f"{tag}-{(stems or {}).get(selector, selector)}{k}"))
+                label, stem = (renamed or {}).get(selector, (selector, selector))
+                points.append(point(label, select_heads(f"{selector}:{k}", ranking, layers, per_layer),
+                                    f"{tag}-{stem}{k}"))
     for spec in dict.fromkeys(canonical(s) for s in sets):
         if is_selector(spec) and not spec.startswith("stage:"):
             raise ValueError(f"--keep {spec}: a fixed head set is stage:NAME or L.H,...; selectors with K go "
@@ -121,7 +123,7 @@ def keep_summary(points: pd.DataFrame, fraction: float = 0.9) -> pd.DataFrame:
         full = float(plain.iloc[0]) if len(plain) else float("nan")
         random = group[group["selector"] == "random"].set_index("k")["accuracy"]
         for selector, line in group.groupby("selector", sort=False):
-            line = line.sort_values("k")
+            line = line.drop_duplicates("k", keep="last").sort_values("k")
             reach = line[line["accuracy"] >= fraction * full]
             whole = line[line["high"] >= full]
             inner = [k for k in line["k"] if 0 < k < total and k in random.index]

@@ -34,6 +34,12 @@ SELECTOR_COLORS = {"top": "#C44E52", "random": "#4C72B0", "late": "#8172B2", "st
 VISUAL_EDGE = "black"
 
 
+def selector_color(selector: object) -> str | None:
+    """The colour of a selector's line: `stage:late` as stage, `cost (shapes train, ...)` as cost; None for the
+    rest (matplotlib's cycle)."""
+    return SELECTOR_COLORS.get(str(selector).split(":")[0].split(" (")[0])
+
+
 @dataclass
 class Panel:
     """One heatmap panel of a saved figure: its label and its cells' extent as image fractions (x0, y0, x1, y1)."""
@@ -180,7 +186,7 @@ def pruning_curves(points: pd.DataFrame, title: str) -> Figure:
     for selector, line_rows in points[~seeds].groupby("selector", sort=False):
         line_rows = line_rows.sort_values("k")
         line = ax.plot(line_rows["k"], line_rows["accuracy"], marker="o", label=str(selector),
-                       color=SELECTOR_COLORS.get(str(selector)))[0]
+                       color=selector_color(selector))[0]
         ax.fill_between(line_rows["k"].to_numpy(dtype=float), line_rows["low"].to_numpy(dtype=float),
                         line_rows["high"].to_numpy(dtype=float), color=line.get_color(), alpha=0.15, linewidth=0)
         dots = points[seeds & (points["selector"] == selector)]

@@ -26,10 +26,16 @@ def is_pruning(points: pd.DataFrame) -> pd.Series:
     return points["mode"].isin(FRONTIER_MODES) & points["image_kv_share"].notna()
 
 
+def is_fixed_set(selector: str) -> bool:
+    """Whether a keep-only selector is a fixed head set (`stage:late`, `3.13,2.14`) rather than a ranking."""
+    return selector.startswith("stage:") or all(part.strip().replace(".", "", 1).isdigit()
+                                                for part in selector.split(","))
+
+
 def frontier_figure(points: pd.DataFrame, title: str) -> figures.Figure:
     """Accuracy against the image KV kept: a line per (mode, selector) through its points (random: the mean over
     seeds, single seeds as dots), FastV as a dotted line per layer K through its shares R, each with its 95%
-    interval band."""
+    interval band; a fixed head set as one diamond with its interval."""
     fig, ax = figures.plt.subplots(figsize=(8.6, 4.6), layout="constrained")
     seeded = points["seed"].map(lambda s: s is not None and not pd.isna(s))
     lines = points.assign(line=[f"FastV K={int(r.fastv_layer)}" if r.mode == FASTV else f"{r.selector} ({r.mode})"
@@ -39,7 +45,15 @@ def frontier_figure(points: pd.DataFrame, title: str) -> figures.Figure:
     for (mode, selector, label), rows in lines[~seeded].groupby(["mode", "selector", "line"], sort=False):
         rows = rows.sort_values("image_kv_share")
         color = fastv_shades.get(rows["fastv_layer"].iloc[0], FASTV_COLOR) if mode == FASTV else \
-            figures.SELECTOR_COLORS.get(str(selector).split(":")[0])
+            figures.selector_color(selector)
+        if mode != FASTV and is_fixed_set(str(selector)):  # one point, not a line through the shared ends
+            inner = rows[(rows["image_kv_share"] > 0) & (rows["image_kv_share"] < 1)]
+            inner = inner if len(inner) else rows
+            accuracy = inner["accuracy"].to_numpy(dtype=float)
+            spread = [accuracy - inner["low"].to_numpy(dtype=float), inner["high"].to_numpy(dtype=float) - accuracy]
+            ax.errorbar(inner["image_kv_share"], accuracy, yerr=spread, fmt="D", markersize=5, capsize=3,
+                        label=label, color=color, zorder=4)
+            continue
         line = ax.plot(rows["image_kv_share"], rows["accuracy"], marker="o", markersize=4, label=label, color=color,
                        linestyle=LINE_STYLES.get(str(mode), "-"))[0]
         ax.fill_between(rows["image_kv_share"].to_numpy(dtype=float), rows["low"].to_numpy(dtype=float),

@@ -34,19 +34,25 @@ def each_point(store: Store, name: str, curve: str, selector: str, heads: list[s
     store.finish_run(handle, "done", accuracy=float(np.mean(correct)))
 
 
-@pytest.fixture
-def measured(tmp_path):
+def measured_store(path) -> Store:
     """A source run and an image-blind each-head curve: without 1.0 half the answers go, without 0.1 one in four;
     the others cost no answer, but without 1.1 the model is less sure of the right ones."""
     w = np.broadcast_to(np.array([[0.6, 0.5], [0.4, 0.3], [0.2, 0.1]]), (4, LAYERS, HEADS)).copy()
-    with Store(tmp_path / "s.duckdb") as store:
-        synthetic_run(store, "source", w, correct=[True] * 4)
-        curve = "ablate-source-each-image-blind-x"
-        each_point(store, "k0", curve, "none", [], "image-blind", [True] * 4)
-        for head, correct, prob in [("0.0", [True] * 4, 0.9), ("0.1", [True, True, True, False], 0.9),
-                                    ("1.0", [True, True, False, False], 0.9), ("1.1", [True] * 4, 0.5),
-                                    ("2.0", [True] * 4, 0.9), ("2.1", [True] * 4, 0.9)]:
-            each_point(store, f"h{head}", curve, "each", [head], "image-blind", correct, prob)
+    store = Store(path)
+    synthetic_run(store, "source", w, correct=[True] * 4)
+    curve = "ablate-source-each-image-blind-x"
+    each_point(store, "k0", curve, "none", [], "image-blind", [True] * 4)
+    for head, correct, prob in [("0.0", [True] * 4, 0.9), ("0.1", [True, True, True, False], 0.9),
+                                ("1.0", [True, True, False, False], 0.9), ("1.1", [True] * 4, 0.5),
+                                ("2.0", [True] * 4, 0.9), ("2.1", [True] * 4, 0.9)]:
+        each_point(store, f"h{head}", curve, "each", [head], "image-blind", correct, prob)
+    return store
+
+
+@pytest.fixture(scope="module")
+def measured(tmp_path_factory):
+    """`measured_store`, shared by the tests that only read it."""
+    with measured_store(tmp_path_factory.mktemp("costs") / "s.duckdb") as store:
         yield store
 
 
@@ -102,23 +108,25 @@ def test_the_report_lists_the_heads_costliest_to_lose(measured, tmp_path):
     assert 'id="ablation"' not in page  # an each-head curve is no pruning curve
 
 
-def test_costs_measured_anew_make_new_points_named_for_their_questions(measured):
+def test_costs_measured_anew_make_new_points_named_for_their_questions(tmp_path):
     from vheads.analysis.costs import cost_label
     from vheads.analysis.pruning import keep_plan
 
-    again = "ablate-source-each-image-blind-y"
-    each_point(measured, "y-k0", again, "none", [], "image-blind", [True] * 8)
-    each_point(measured, "y-h2.1", again, "each", ["2.1"], "image-blind", [False] * 8)
-    newest = head_costs(measured, "source", "image-blind")
-    assert newest.attrs["curve"] == again and list(newest["cost"]) == [1.0]
-    first = head_costs(measured, "source", "image-blind", curve="ablate-source-each-image-blind-x")
-    (label_1, stem_1), (label_2, stem_2) = cost_label(first), cost_label(newest)
-    assert (label_1, label_2) == ("cost (shapes test, 4 questions)", "cost (shapes test, 8 questions)")
-    assert stem_1 != stem_2
-    ranking = head_table(measured, "source")
-    points = keep_plan(with_costs(ranking, newest), "t", "image-blind", ["cost"], [1],
-                       renamed={"cost": (label_2, stem_2)})
-    assert (points[-1].selector, points[-1].kept, points[-1].name) == (label_2, [(2, 1)], f"t-{stem_2}1")
+    with measured_store(tmp_path / "s.duckdb") as measured:
+
+        again = "ablate-source-each-image-blind-y"
+        each_point(measured, "y-k0", again, "none", [], "image-blind", [True] * 8)
+        each_point(measured, "y-h2.1", again, "each", ["2.1"], "image-blind", [False] * 8)
+        newest = head_costs(measured, "source", "image-blind")
+        assert newest.attrs["curve"] == again and list(newest["cost"]) == [1.0]
+        first = head_costs(measured, "source", "image-blind", curve="ablate-source-each-image-blind-x")
+        (label_1, stem_1), (label_2, stem_2) = cost_label(first), cost_label(newest)
+        assert (label_1, label_2) == ("cost (shapes test, 4 questions)", "cost (shapes test, 8 questions)")
+        assert stem_1 != stem_2
+        ranking = head_table(measured, "source")
+        points = keep_plan(with_costs(ranking, newest), "t", "image-blind", ["cost"], [1],
+                           renamed={"cost": (label_2, stem_2)})
+        assert (points[-1].selector, points[-1].kept, points[-1].name) == (label_2, [(2, 1)], f"t-{stem_2}1")
 
 
 def test_each_plan_has_one_point_per_head_after_the_unablated_one():
@@ -129,25 +137,25 @@ def test_each_plan_has_one_point_per_head_after_the_unablated_one():
 
 @pytest.fixture(scope="module")
 def demo_costs(tmp_path_factory):
-    """The embedded demo model's image-blind costs on 12 questions (97 short runs)."""
+    """The embedded demo model's image-blind costs on 12 questions, for the 32 heads of its mid stage (33 runs)."""
     from vheads.pipeline import run as pipeline
     from vheads.pipeline.config import RunConfig
 
     store = str(tmp_path_factory.mktemp("costs") / "s.duckdb")
     pipeline.run(RunConfig(limit=12, batch_size=12, store=store, name="demo"))
-    result = runner.invoke(app, ["ablate", "--from", "demo", "--each", "--mode", "image-blind", "--batch-size", "12",
-                                 "--store", store, "--format", "json"])
+    result = runner.invoke(app, ["ablate", "--from", "demo", "--each-of", "stage:mid", "--mode", "image-blind",
+                                 "--batch-size", "12", "--store", store, "--format", "json"])
     assert result.exit_code == 0, result.output
     return store, json.loads(result.stdout)
 
 
 def test_on_the_demo_model_one_head_is_nearly_necessary_and_most_cost_nothing(demo_costs):
     _, rows = demo_costs
-    assert len(rows) == 96
+    assert len(rows) == 32 and {row["head"].split(".")[0] for row in rows} == {"2", "3"}
     costs = np.array([row["cost"] for row in rows])
     assert (np.diff(costs) <= 1e-12).all()  # costliest first
     assert costs[0] >= 0.4  # blinding one head loses almost half the answers
-    assert np.mean(np.abs(costs) < 1e-12) >= 0.7  # most heads are free to blind, one at a time
+    assert np.mean(np.abs(costs) < 1e-12) >= 0.6  # most heads are free to blind, one at a time
 
 
 def test_cost_selectors_keep_or_ablate_the_heads_the_each_head_curve_found_costliest(demo_costs):
@@ -167,3 +175,6 @@ def test_cost_selectors_keep_or_ablate_the_heads_the_each_head_curve_found_costl
     zero = runner.invoke(app, ["ablate", "--from", "demo", "--mode", "zero", "--select", "cost", "--k", "2",
                                "--store", store])
     assert zero.exit_code == 2 and "--each --mode zero` first (it has image-blind)" in zero.output
+    beyond = runner.invoke(app, ["ablate", "--from", "demo", "--mode", "image-blind", "--keep", "cost", "--k", "33",
+                                 "--store", store])
+    assert beyond.exit_code == 2 and "cost:33: only 32 heads have a measured ablation cost" in beyond.output

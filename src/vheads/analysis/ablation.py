@@ -83,13 +83,15 @@ def curve(store_path: str | Path, from_run: str | int, selectors: Sequence[str] 
           ks: Sequence[int] = (0, 4, 8, 16), seeds: int = 5, ablation: str = "zero", config: RunConfig | None = None,
           loaded: Any = None, dataset: Any = None, progress: Callable[[str, int, int, int, int], None] | None = None,
           n_boot: int = 1000, keep: bool = False, sets: Sequence[str] = (),
-          fastv: Sequence[tuple[int, float]] = (), each: bool = False) -> list[dict[str, Any]]:
+          fastv: Sequence[tuple[int, float]] = (), each: bool = False,
+          each_of: str | None = None) -> list[dict[str, Any]]:
     """Run (or reuse) every point of a pruning curve and return its points, as `curve_points` rows.
 
     `ablation` is the mode: zero or uniform (ablate K heads), image-blind or flow-blind (with `keep`: only K heads
     keep the image, chosen by `selectors` or the fixed `sets`, see `pruning.keep_plan`), or fastv (one point per
     (layer, share) of `fastv`; selectors and K unused). `each`: one point per head, that head alone ablated in
-    the mode, beside one unablated point: the heads' ablation costs (`analysis.costs`), which the `cost` selector
+    the mode (only the heads `each_of` names, a selector or `L.H` list, when given), beside one unablated point:
+    the heads' ablation costs (`analysis.costs`), which the `cost` selector
     ranks by (costs in the curve's own mode; the cost points record which each-head curve ranked them, see
     `costs.cost_label`).
 
@@ -121,7 +123,11 @@ def curve(store_path: str | Path, from_run: str | int, selectors: Sequence[str] 
         elif each:
             if keep:
                 raise ValueError("--each ablates one head at a time; it does not go with --keep")
-            points = each_plan(all_heads(ranking), tag, ablation)
+            heads = all_heads(ranking)
+            if each_of:
+                chosen = set(select_heads(each_of, ranking, int(source["layers"]), int(source["heads"])))
+                heads = [head for head in heads if head in chosen]
+            points = each_plan(heads, tag, ablation)
         elif keep:
             points = keep_plan(ranking, tag, ablation, selectors, ks, seeds, sets, renamed)
         else:

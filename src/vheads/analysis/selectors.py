@@ -194,6 +194,9 @@ def cost_heads(ranking: pd.DataFrame, k: int, spec: str = "cost") -> list[Head]:
     known = ranking[np.isfinite(ranking["ablation_cost"].to_numpy(dtype=float))]
     if known.empty:
         raise ValueError(f"{spec}: no head of the run has a measured ablation cost")
+    if k > len(known):
+        raise ValueError(f"{spec}: only {len(known)} heads have a measured ablation cost (`vheads ablate --each` "
+                         "without --each-of measures every head)")
     ordered = known.assign(_p=known["confidence_cost"].fillna(-np.inf)).sort_values(
         ["ablation_cost", "_p", "layer", "head"], ascending=[False, False, True, True])
     return [(int(r.layer), int(r.head)) for r in ordered.head(k).itertuples()]

@@ -54,6 +54,9 @@ def ablate(
     each: bool = typer.Option(False, "--each", help="Ablation cost: one point per head, that head alone ablated in "
                               "--mode (zero, uniform, image-blind or flow-blind), and one unablated point; prints "
                               "the heads costliest to lose. The `cost` selector then ranks heads by it."),
+    each_of: str = typer.Option(None, "--each-of", help="With --each (implied): only these heads, as a selector "
+                                "(top:64, stage:late, pointing:32, ...) or an L.H list; a later --each reuses "
+                                "their points. Default: every head."),
     fastv_layer: str = typer.Option(None, "--fastv-layer", help="FastV's K, comma-separated: layers before it see "
                                     "every image token (with --mode fastv)."),
     fastv_keep: str = typer.Option(None, "--fastv-keep", help="FastV's R, comma-separated, each in (0, 1]: the share "
@@ -109,12 +112,13 @@ def ablate(
         selectors, sets = keep_items(keep) if keep else (_items(select, "--select", str), [])
         fastv = fastv_points(fastv_layer, fastv_keep)
         check_pruning(mode, bool(keep), fastv)
+        each = each or bool(each_of)
         if each and (keep or fastv):
             raise ValueError("--each ablates one head at a time; it goes without --keep and FastV")
         with ProgressView() as view:
             points = curve(existing_store(store), from_run, selectors=selectors, ks=_items(ks, "--k", int),
                            seeds=seeds, ablation=mode, config=config, keep=bool(keep), sets=sets, fastv=fastv,
-                           each=each, progress=lambda label, done, total, correct, scored: view.update(
+                           each=each, each_of=each_of, progress=lambda label, done, total, correct, scored: view.update(
                                label, done, total, f"acc {correct / scored:.3f}" if scored else ""))
         if each:
             _print_costs(existing_store(store), from_run, mode, fmt, points[0]["curve"])

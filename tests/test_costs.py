@@ -80,6 +80,13 @@ def test_the_cost_table_sets_each_head_beside_its_rank_by_score(measured):
     assert list(table["score rank"]) == [3, 2, 4, 1, 5, 6]
 
 
+def test_vheads_heads_lists_each_head_s_cost_beside_its_score(measured):
+    result = runner.invoke(app, ["heads", "--run", "source", "--store", str(measured.path), "--format", "json"])
+    assert result.exit_code == 0, result.output
+    costs = {(row["layer"], row["head"]): row["cost_image_blind"] for row in json.loads(result.stdout)}
+    assert costs[(1, 0)] == pytest.approx(0.5) and costs[(0, 1)] == pytest.approx(0.25) and costs[(0, 0)] == 0
+
+
 def test_each_head_curves_are_costs_not_pruning_curves(measured):
     assert curve_points(measured, from_run="source").empty
     assert len(curve_points(measured, curve="ablate-source-each-image-blind-x")) == 7

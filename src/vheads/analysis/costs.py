@@ -112,6 +112,21 @@ def with_costs(ranking: pd.DataFrame, costs: pd.DataFrame) -> pd.DataFrame:
     return merged
 
 
+def with_mode_costs(ranking: pd.DataFrame, store: Store, run: str | int) -> pd.DataFrame:
+    """A `head_table` ranking with a `cost_MODE` column (accuracy lost with the head alone ablated) for each mode
+    in which `run` has a finished each-head curve; the ranking as it is when it has none."""
+    out = ranking
+    for mode in cost_modes(store, run):
+        try:
+            costs = head_costs(store, run, mode)
+        except ValueError:  # an unfinished each-head curve
+            continue
+        column = costs[["layer", "head", "cost"]].rename(columns={"cost": f"cost_{mode.replace('-', '_')}"})
+        out = out.merge(column, on=["layer", "head"], how="left")
+    out.attrs = dict(ranking.attrs)
+    return out
+
+
 def cost_table(costs: pd.DataFrame, ranking: pd.DataFrame | None = None) -> pd.DataFrame:
     """The costs as a table to read: head `L.H`, its rank by cost, accuracy without it, cost, confidence cost, and
     beside them (with a ranking) its rank by the paper's score and by pointing."""
@@ -151,4 +166,4 @@ def _figures(store: Store, run_ids: list[int]) -> dict[int, tuple[float, float, 
 
 
 __all__ = ["EACH", "EACH_MODES", "COST_COLUMNS", "each_plan", "head_costs", "cost_label", "cost_modes",
-           "order_costs", "with_costs", "cost_table"]
+           "order_costs", "with_costs", "with_mode_costs", "cost_table"]

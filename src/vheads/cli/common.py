@@ -163,4 +163,7 @@ def head_legend() -> str:
 
 def print_heads(table: Any, title: str, fmt: str = "table") -> None:
     """A head ranking: short headers and a legend in a table, the full column names in CSV and JSON."""
-    emit(table, fmt, title=title, headers=head_headers(), legend=head_legend())
+    legend = head_legend()
+    if any(str(column).startswith("cost_") for column in table.columns):
+        legend += "; cost MODE: accuracy lost with the head alone ablated in MODE (vheads ablate --each)"
+    emit(table, fmt, title=title, headers=head_headers(), legend=legend)

@@ -78,7 +78,8 @@ def heads(
 ) -> None:
     """Rank the heads of a run: score (share of the samples with the readout row that have the head in the top K
     by W; undefined when none has it), mean W, mean C, pointing (share of samples whose most-attended image token
-    lies on a target), stage."""
+    lies on a target), stage; and, where `vheads ablate --each` measured it, each head's ablation cost per mode."""
+    from vheads.analysis.costs import with_mode_costs
     from vheads.analysis.ranking import head_table, no_readout_hint
     from vheads.store import Store
 
@@ -87,7 +88,7 @@ def heads(
         at_least(top, "--top", 0)
         run = run_name or latest_run(db)
         name = db.run(run)["name"]
-        table = head_table(db, run, k=k, stages=parse_stages_option(stages))
+        table = with_mode_costs(head_table(db, run, k=k, stages=parse_stages_option(stages)), db, run)
         hint = no_readout_hint(table)
         if hint:
             say(f"note: {hint}", err)

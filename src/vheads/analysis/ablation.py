@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from vheads.analysis.costs import EACH, cost_label, each_plan, head_costs, with_costs
+from vheads.analysis.costs import cost_label, each_curves, each_plan, head_costs, with_costs
 from vheads.analysis.points import BASELINE, Point
 from vheads.analysis.pruning import FASTV, all_heads, check_pruning, fastv_plan, keep_plan
 from vheads.analysis.ranking import head_table
@@ -101,6 +101,8 @@ def curve(store_path: str | Path, from_run: str | int, selectors: Sequence[str] 
     point. `progress(point_name, done, total, correct, scored)` follows each point's run (see `pipeline.run`).
     """
     check_pruning(ablation, keep, fastv)
+    if (each or each_of) and (keep or fastv):
+        raise ValueError("--each ablates one head at a time; it goes without --keep and FastV")
     config = config or RunConfig()
     with Store(store_path, read_only=True) as store:
         source = store.run(from_run)
@@ -121,8 +123,6 @@ def curve(store_path: str | Path, from_run: str | int, selectors: Sequence[str] 
         if ablation == FASTV:
             points = fastv_plan(tag, fastv)
         elif each:
-            if keep:
-                raise ValueError("--each ablates one head at a time; it does not go with --keep")
             heads = all_heads(ranking)
             if each_of:
                 chosen = set(select_heads(each_of, ranking, int(source["layers"]), int(source["heads"])))
@@ -197,8 +197,7 @@ def _curve_runs(store: Store, curve: str | None, from_run: str | None) -> pd.Dat
     if curve is not None:
         runs = runs[runs["curve"] == curve]
     else:
-        each_curves = {c for c, t in zip(runs["curve"], runs["tags"], strict=True) if t["selector"] == EACH}
-        runs = runs[~runs["curve"].isin(each_curves)]
+        runs = runs[~runs["curve"].isin(each_curves(runs))]
     if from_run is not None:
         runs = runs[runs["tags"].map(lambda t: t.get("from_run") == from_run).astype(bool)]
     return runs

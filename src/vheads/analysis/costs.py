@@ -14,6 +14,7 @@ import numpy as np
 import pandas as pd
 
 from vheads.analysis.points import BASELINE, Point
+from vheads.analysis.ranking import by_pointing
 from vheads.heads import Head, format_head, parse_heads
 from vheads.store import Store
 
@@ -46,7 +47,7 @@ def head_costs(store: Store, from_run: str | int, mode: str | None = None, stric
     runs = _each_runs(store, source)
     if curve is not None:
         runs = runs[runs["curve"] == curve]
-    modes = sorted({str(t.get("mode")) for t in runs["tags"]})
+    modes = _modes(runs)
     if mode is not None and not strict and mode not in modes:
         mode = None
     if mode is not None:
@@ -90,8 +91,7 @@ def cost_label(costs: pd.DataFrame) -> tuple[str, str]:
 
 def cost_modes(store: Store, from_run: str | int) -> list[str]:
     """The ablation modes in which `from_run` has each-head points."""
-    runs = _each_runs(store, store.run(from_run)["name"])
-    return sorted({str(t.get("mode")) for t in runs["tags"]})
+    return _modes(_each_runs(store, store.run(from_run)["name"]))
 
 
 def order_costs(costs: pd.DataFrame) -> pd.DataFrame:
@@ -104,10 +104,11 @@ def order_costs(costs: pd.DataFrame) -> pd.DataFrame:
 
 
 def with_costs(ranking: pd.DataFrame, costs: pd.DataFrame) -> pd.DataFrame:
-    """A `head_table` ranking with each head's `ablation_cost` and `confidence_cost` (NaN where unmeasured), what
-    the `cost:K` selector reads."""
-    merged = ranking.merge(costs[["layer", "head", "cost", "confidence_cost"]], on=["layer", "head"], how="left")
-    merged = merged.rename(columns={"cost": "ablation_cost"})
+    """A `head_table` ranking with each head's `ablation_cost` and its `cost_rank` in `order_costs`'s order (NaN
+    where unmeasured), what the `cost:K` selector reads."""
+    ranked = order_costs(costs)
+    ranked = ranked.assign(cost_rank=np.arange(1, len(ranked) + 1))[["layer", "head", "cost", "cost_rank"]]
+    merged = ranking.merge(ranked.rename(columns={"cost": "ablation_cost"}), on=["layer", "head"], how="left")
     merged.attrs = dict(ranking.attrs)
     return merged
 
@@ -137,12 +138,16 @@ def cost_table(costs: pd.DataFrame, ranking: pd.DataFrame | None = None) -> pd.D
         key = [(int(r.layer), int(r.head)) for r in costs.itertuples()]
         score_rank = {(int(r.layer), int(r.head)): int(r.rank) for r in ranking.itertuples()}
         frame["score rank"] = [score_rank.get(h) for h in key]
-        if "pointing" in ranking and np.isfinite(ranking["pointing"].to_numpy(dtype=float)).any():
-            known = ranking[np.isfinite(ranking["pointing"].to_numpy(dtype=float))]
-            known = known.sort_values(["pointing", "mean_w", "layer", "head"], ascending=[False, False, True, True])
-            pointing_rank = {(int(r.layer), int(r.head)): i for i, r in enumerate(known.itertuples(), start=1)}
+        ordered = by_pointing(ranking) if "pointing" in ranking else ranking.iloc[:0]
+        if len(ordered):
+            pointing_rank = {(int(r.layer), int(r.head)): i for i, r in enumerate(ordered.itertuples(), start=1)}
             frame["pointing rank"] = [pointing_rank.get(h) for h in key]
     return frame
+
+
+def each_curves(runs: pd.DataFrame) -> set[str]:
+    """The each-head curves among curve-point runs (rows with `curve` and decoded `tags`)."""
+    return {c for c, t in zip(runs["curve"], runs["tags"], strict=True) if t.get("selector") == EACH}
 
 
 def _each_runs(store: Store, source: str) -> pd.DataFrame:
@@ -150,8 +155,12 @@ def _each_runs(store: Store, source: str) -> pd.DataFrame:
     runs = store.runs()
     runs = runs[runs["curve"].notna() & (runs["status"] == "done")]
     runs = runs[runs["tags"].map(lambda t: isinstance(t, dict) and t.get("from_run") == source).astype(bool)]
-    each_curves = {c for c, t in zip(runs["curve"], runs["tags"], strict=True) if t.get("selector") == EACH}
-    return runs[runs["curve"].isin(each_curves)]
+    return runs[runs["curve"].isin(each_curves(runs))]
+
+
+def _modes(runs: pd.DataFrame) -> list[str]:
+    """The ablation modes of each-head runs."""
+    return sorted({str(t.get("mode")) for t in runs["tags"]})
 
 
 def _figures(store: Store, run_ids: list[int]) -> dict[int, tuple[float, float, int]]:
@@ -165,5 +174,5 @@ def _figures(store: Store, run_ids: list[int]) -> dict[int, tuple[float, float, 
             for r in frame.itertuples()}
 
 
-__all__ = ["EACH", "EACH_MODES", "COST_COLUMNS", "each_plan", "head_costs", "cost_label", "cost_modes",
+__all__ = ["EACH", "EACH_MODES", "COST_COLUMNS", "each_plan", "each_curves", "head_costs", "cost_label", "cost_modes",
            "order_costs", "with_costs", "with_mode_costs", "cost_table"]

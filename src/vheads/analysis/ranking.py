@@ -120,6 +120,13 @@ def no_readout_hint(table: pd.DataFrame) -> str | None:
     return f"head scores are undefined: none of the {table.attrs['samples']} samples has a {readout} row{extra}"
 
 
+def by_pointing(table: pd.DataFrame) -> pd.DataFrame:
+    """The heads of a ranking measured on a target, most often pointing at one first (ties: higher mean W, then
+    lower layer and head): the order of the `pointing:K` selector."""
+    known = table[np.isfinite(table["pointing"].to_numpy(dtype=float))]
+    return known.sort_values(["pointing", "mean_w", "layer", "head"], ascending=[False, False, True, True])
+
+
 def top_heads(table: pd.DataFrame, k: int) -> list[tuple[int, int]]:
     """The first K heads of a ranking."""
     return [(int(r.layer), int(r.head)) for r in table.head(k).itertuples()]

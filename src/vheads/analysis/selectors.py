@@ -16,7 +16,7 @@ import pandas as pd
 
 from vheads import metrics
 from vheads.analysis.localization import localization_heads
-from vheads.analysis.ranking import attention_heads, head_table, no_readout_hint, weights_array
+from vheads.analysis.ranking import attention_heads, by_pointing, head_table, no_readout_hint, weights_array
 from vheads.heads import Head, format_heads, missing_heads, parse_heads
 from vheads.store import Store
 
@@ -164,11 +164,10 @@ def select_heads(spec: str, ranking: pd.DataFrame | None, layers: int | None, he
 def pointing_heads(ranking: pd.DataFrame, k: int, spec: str = "pointing") -> list[Head]:
     """The K heads of a ranking with the highest pointing accuracy (ties: higher mean W, then lower layer and head);
     heads never measured on a target are left out."""
-    known = ranking[np.isfinite(ranking["pointing"].to_numpy(dtype=float))]
-    if known.empty:
+    ordered = by_pointing(ranking)
+    if ordered.empty:
         raise ValueError(f"{spec}: the run has no pointing figures (its samples have no box, or the model's image "
                          "tokens have no patch layout)")
-    ordered = known.sort_values(["pointing", "mean_w", "layer", "head"], ascending=[False, False, True, True])
     return [(int(r.layer), int(r.head)) for r in ordered.head(k).itertuples()]
 
 
@@ -185,10 +184,9 @@ def region_heads(ranking: pd.DataFrame, k: int, spec: str = "region") -> list[He
 
 
 def cost_heads(ranking: pd.DataFrame, k: int, spec: str = "cost") -> list[Head]:
-    """The K heads of a ranking whose ablation alone costs the most accuracy (ties: more confidence lost, then
-    lower layer and head); the ranking must carry `analysis.costs.with_costs`'s columns, unmeasured heads are
-    left out."""
-    if "ablation_cost" not in ranking:
+    """The K heads of a ranking whose ablation alone costs the most accuracy, in `analysis.costs.order_costs`'s
+    order (the `cost_rank` that `with_costs` adds); unmeasured heads are left out."""
+    if "cost_rank" not in ranking:
         raise ValueError(f"{spec}: cost ranks heads by what each costs when ablated alone; run `vheads ablate "
                          "--from RUN --each --mode MODE` first")
     known = ranking[np.isfinite(ranking["ablation_cost"].to_numpy(dtype=float))]
@@ -197,9 +195,7 @@ def cost_heads(ranking: pd.DataFrame, k: int, spec: str = "cost") -> list[Head]:
     if k > len(known):
         raise ValueError(f"{spec}: only {len(known)} heads have a measured ablation cost (`vheads ablate --each` "
                          "without --each-of measures every head)")
-    ordered = known.assign(_p=known["confidence_cost"].fillna(-np.inf)).sort_values(
-        ["ablation_cost", "_p", "layer", "head"], ascending=[False, False, True, True])
-    return [(int(r.layer), int(r.head)) for r in ordered.head(k).itertuples()]
+    return [(int(r.layer), int(r.head)) for r in known.sort_values("cost_rank").head(k).itertuples()]
 
 
 def random_heads(k: int, layers: int, heads: int, seed: int = 0,

@@ -113,8 +113,6 @@ def ablate(
         fastv = fastv_points(fastv_layer, fastv_keep)
         check_pruning(mode, bool(keep), fastv)
         each = each or bool(each_of)
-        if each and (keep or fastv):
-            raise ValueError("--each ablates one head at a time; it goes without --keep and FastV")
         with ProgressView() as view:
             points = curve(existing_store(store), from_run, selectors=selectors, ks=_items(ks, "--k", int),
                            seeds=seeds, ablation=mode, config=config, keep=bool(keep), sets=sets, fastv=fastv,

@@ -115,12 +115,14 @@ def cost_sections(store: Store, run: str, shown: int = 12) -> list[str]:
     from vheads.analysis.ranking import head_table
 
     body = []
-    for mode in cost_modes(store, run):
+    modes = cost_modes(store, run)
+    ranking = head_table(store, run) if modes else None
+    for mode in modes:
         try:
             costs = head_costs(store, run, mode)
         except ValueError:  # an unfinished each-head curve: nothing to show yet
             continue
-        table = cost_table(costs, head_table(store, run))
+        table = cost_table(costs, ranking)
         free = int((costs["cost"].abs() < 1e-12).sum())
         body.append(f"<h3>{h.esc(run)}: heads costliest to lose ({h.esc(mode)})</h3>")
         body.append(h.paragraph(

@@ -11,6 +11,7 @@ from typing import Any
 import pandas as pd
 
 from vheads.analysis.pruning import FASTV, keep_summary
+from vheads.heads import parse_heads
 from vheads.pipeline.pruning import PRUNING_MODES
 from vheads.report import figures
 from vheads.report import html as h
@@ -28,8 +29,13 @@ def is_pruning(points: pd.DataFrame) -> pd.Series:
 
 def is_fixed_set(selector: str) -> bool:
     """Whether a keep-only selector is a fixed head set (`stage:late`, `3.13,2.14`) rather than a ranking."""
-    return selector.startswith("stage:") or all(part.strip().replace(".", "", 1).isdigit()
-                                                for part in selector.split(","))
+    if selector.startswith("stage:"):
+        return True
+    try:
+        parse_heads(selector)
+    except ValueError:
+        return False
+    return True
 
 
 def frontier_figure(points: pd.DataFrame, title: str) -> figures.Figure:
